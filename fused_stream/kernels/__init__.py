@@ -1,0 +1,1 @@
+"""Triton kernels and their torch twins (the fused cross-entropy arrives here)."""

@@ -1,0 +1,158 @@
+"""Build or load a Moshi-architecture `LMModel`: named presets with seeded random weights, or a local checkpoint.
+
+Checkpoints load through moshi's own loader (`moshi.models.loaders.get_moshi_lm`), never the network.
+A checkpoint is either a `.safetensors` file (with an optional `config.json` beside it) or a directory holding
+`config.json` and the weights file it names (`moshi_name`, default `model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+
+# Moshi's stream layout: text, 8 Moshi audio codebooks, 8 user audio codebooks; acoustic codebooks delayed by 1.
+MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+
+# Same structure as Moshi 7B (rope, SiLU gating, RMS norms, multi-linear depformer with weights per step),
+# so the small presets run the exact code paths of the real model.
+_MOSHI_LIKE: dict[str, Any] = {
+    "n_q": 16,
+    "dep_q": 8,
+    "causal": True,
+    "layer_scale": None,
+    "max_period": 10000,
+    "gating": "silu",
+    "norm": "rms_norm_f32",
+    "positional_embedding": "rope",
+    "depformer_multi_linear": True,
+    "depformer_context": 8,
+    "depformer_max_period": 10000,
+    "depformer_gating": "silu",
+    "depformer_pos_emb": "none",
+    "depformer_weights_per_step": True,
+    "depformer_layer_scale": None,
+    "existing_text_padding_id": 3,
+    "delays": MOSHI_DELAYS,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test-sized: a context of 16 frames makes "longer than the attention window" cheap to reach.
+    "tiny": _MOSHI_LIKE | {
+        "dim": 32, "num_heads": 4, "num_layers": 2, "hidden_scale": 2, "context": 16,
+        "card": 64, "text_card": 96,
+        "depformer_dim": 32, "depformer_num_heads": 4, "depformer_num_layers": 1,
+        "depformer_dim_feedforward": 64,
+    },
+    # ~40M parameters with Moshi's vocabularies and 3000-frame context: the CPU benchmark model.
+    "small": _MOSHI_LIKE | {
+        "dim": 256, "num_heads": 8, "num_layers": 4, "hidden_scale": 4.125, "context": 3000,
+        "card": 2048, "text_card": 32000,
+        "depformer_dim": 128, "depformer_num_heads": 4, "depformer_num_layers": 2,
+        "depformer_dim_feedforward": int(4.125 * 128),
+    },
+    # moshi's own 7B configuration (random init): 7.7B parameters, 31 GB in fp32.
+    "moshi-7b": dict(loaders._lm_kwargs),
+}
+
+# Keys of a moshi `config.json` that describe files or generation, not the LMModel (as moshi's CheckpointInfo).
+_NON_LM_CONFIG_KEYS = (
+    "moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
+    "lm_gen_config", "tts_config", "stt_config", "model_id",
+)
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A copy of the LMModel keyword arguments of preset `name`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (what Moshi runs in), fp32 elsewhere (CPU bf16 matmuls are slow and inexact)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    spec: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> LMModel:
+    """A preset name (`tiny`, `small`, `moshi-7b`) with weights drawn from `seed`, or a local checkpoint path.
+
+    The model is returned in eval mode on `device` (default: CUDA if available) in `dtype`
+    (default: bf16 on CUDA, fp32 otherwise).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    if isinstance(spec, str) and spec in PRESETS:
+        return _build_preset(spec, device, dtype, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model spec {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path"
+        )
+    weights, lm_kwargs = _resolve_checkpoint(path)
+    try:
+        model = loaders.get_moshi_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+    except Exception as exc:  # a corrupt file or a config that does not match the weights
+        raise ValueError(f"could not load the moshi checkpoint {str(weights)!r}: {exc}") from exc
+    return model.eval()
+
+
+def save_checkpoint(model: LMModel, directory: str | Path, lm_kwargs: dict[str, Any]) -> Path:
+    """Write `model` in moshi's format (`model.safetensors` + `config.json`) so `load_model(directory)` reads it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(lm_kwargs | {"moshi_name": "model.safetensors"}, indent=1))
+    return directory
+
+
+def _build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> LMModel:
+    if name == "moshi-7b" and device.type == "cpu":
+        raise ValueError(
+            "the moshi-7b preset has 7.7B parameters (31 GB in fp32): build it on a GPU in bf16 "
+            "(device='cuda') or on the 'meta' device to inspect its configuration"
+        )
+    # Fork the RNG so building a model does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = LMModel(**preset_config(name), device=device, dtype=dtype)
+    return model.eval()
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """(weights file, LMModel kwargs or None for moshi's 7B default) of a checkpoint file or directory."""
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    lm_kwargs = None
+    weights_name = "model.safetensors"
+    if config_path.exists():
+        try:
+            raw = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"unreadable checkpoint config {str(config_path)!r}: {exc}") from exc
+        weights_name = raw.get("moshi_name", weights_name)
+        lm_kwargs = {k: v for k, v in raw.items() if k not in _NON_LM_CONFIG_KEYS}
+    weights = path / weights_name if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint weights {str(weights)!r} not found")
+    return weights, lm_kwargs
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,199 @@
+"""The streaming driver against `LMModel.forward`: frame and chunk mode, ragged batches, state, no host sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_ce import assert_losses_close, forward_losses
+
+from fused_stream import driver as driver_module
+from fused_stream.driver import EvalConfig, StreamingEvaluator
+from fused_stream.reference import batch_losses
+
+CHUNKS = [1, 3, 8, 32]
+
+
+def evaluate(model, codes, **config):
+    return StreamingEvaluator(model, EvalConfig(**config)).evaluate(codes)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("frames", [10, 64], ids=["T<context", "T>=3xcontext"])
+def test_matches_lmmodel_forward(tiny_model, make_codes, chunk, frames):
+    assert frames < tiny_model.context or frames >= 3 * tiny_model.context
+    codes = torch.cat([make_codes(tiny_model, frames, seed=s) for s in range(2)])  # [2, K, T]
+    codes[0, 3, 5] = tiny_model.zero_token_id  # a zero token in an audio stream is masked, not scored
+    codes[1, 0, 7] = tiny_model.zero_token_id  # and in the text stream
+    audio, text, mask, text_mask = forward_losses(tiny_model, codes)
+    result = evaluate(tiny_model, codes, chunk_size=chunk)
+    assert torch.equal(result.valid, mask)
+    assert torch.equal(result.text_valid, text_mask)
+    assert_losses_close(result.losses, audio)
+    assert_losses_close(result.text_losses, text)
+    assert result.losses.dtype == torch.float32 and result.losses.shape == (2, tiny_model.dep_q, frames)
+    assert result.text_losses.shape == (2, 1, frames)
+    assert result.lengths.tolist() == [frames, frames]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_ragged_batch_equals_each_sequence_alone(tiny_model, make_codes, chunk):
+    lengths = [70, 5, 33]  # B = 3; one shorter than the largest delay + a chunk, one > 3 x context
+    sequences = make_codes(tiny_model, lengths, seed=1)
+    result = evaluate(tiny_model, sequences, chunk_size=chunk)
+    assert result.lengths.tolist() == lengths
+    for b, seq in enumerate(sequences):
+        T = seq.shape[1]
+        audio, text, mask, text_mask = forward_losses(tiny_model, seq[None])
+        # The padded batch computes logits at the last delays[1+k] positions of a short sequence; alone,
+        # LMModel.forward masks them. The result must follow the alone semantics, and nothing past T is valid.
+        assert torch.equal(result.valid[b, :, :T], mask[0])
+        assert torch.equal(result.text_valid[b, :, :T], text_mask[0])
+        assert not result.valid[b, :, T:].any() and result.losses[b, :, T:].isnan().all()
+        assert_losses_close(result.losses[b, :, :T], audio[0])
+        assert_losses_close(result.text_losses[b, :, :T], text[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_batch_size_splits_do_not_change_results(tiny_model, make_codes, chunk):
+    sequences = make_codes(tiny_model, [40, 12, 25, 40, 3], seed=2)
+    whole = evaluate(tiny_model, sequences, chunk_size=chunk)
+    split = evaluate(tiny_model, sequences, chunk_size=chunk, batch_size=2)
+    assert split.report["batches"] == 3
+    assert torch.equal(whole.valid, split.valid)
+    assert_losses_close(split.losses, whole.losses, atol=1e-5)
+    assert_losses_close(split.text_losses, whole.text_losses, atol=1e-5)
+
+
+def test_chunk_mode_needs_the_enlarged_ring(tiny_model, make_codes, monkeypatch):
+    """Without `context + C - 1` ring slots the first queries of a chunk lose keys: the parity tests would see it."""
+    codes = make_codes(tiny_model, 64, seed=3)
+    audio, _, _, _ = forward_losses(tiny_model, codes)
+    monkeypatch.setattr(driver_module, "enlarge_kv_caches", lambda model, context_extra: None)
+    broken = evaluate(tiny_model, codes, chunk_size=8)
+    diff = (broken.losses.double() - audio).abs().nan_to_num(0.0).max()
+    assert diff > 1e-3, "moshi's context-sized ring should make chunk mode inexact"
+
+
+def test_state_bytes_do_not_grow_with_length(tiny_model, make_codes):
+    short, long = make_codes(tiny_model, 100, seed=4), make_codes(tiny_model, 2000, seed=5)
+    for chunk in (1, 8):
+        a = evaluate(tiny_model, short, chunk_size=chunk).report["state_bytes"]
+        b = evaluate(tiny_model, long, chunk_size=chunk).report["state_bytes"]
+        assert a == b > 0
+
+
+def test_chunk_mode_ring_holds_context_plus_chunk_minus_one(tiny_model, make_codes):
+    codes = make_codes(tiny_model, 40, seed=6)
+    frame = evaluate(tiny_model, codes, chunk_size=1).report["state_bytes"]
+    chunk = evaluate(tiny_model, codes, chunk_size=8).report["state_bytes"]
+    heads = tiny_model.transformer.layers[0].self_attn.num_heads
+    dim_per_head = tiny_model.dim // heads
+    layers = len(tiny_model.transformer.layers)
+    extra_kv = layers * 2 * 1 * heads * (8 - 1) * dim_per_head * 4  # layers x (k, v) x B x H x (C-1) x D x fp32
+    extra_step = (8 - 1) * 8 + (8 - 1) * (tiny_model.dep_q + 1) * 8  # window + write offsets, int64
+    assert chunk - frame == extra_kv + extra_step
+
+
+def test_every_evaluate_starts_from_fresh_state(tiny_model, make_codes):
+    first, second = make_codes(tiny_model, 50, seed=7), make_codes(tiny_model, 50, seed=8)
+    evaluator = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4))
+    alone = evaluator.evaluate(second)
+    evaluator.evaluate(first)
+    again = evaluator.evaluate(second)
+    torch.testing.assert_close(again.losses, alone.losses, rtol=0, atol=0, equal_nan=True)
+
+
+def test_model_mode_restored_and_no_autograd(tiny_model, make_codes):
+    codes = make_codes(tiny_model, 20, seed=9)
+    tiny_model.train()
+    try:
+        result = evaluate(tiny_model, codes)
+        assert tiny_model.training
+        assert not result.losses.requires_grad
+        assert all(p.grad is None for p in tiny_model.parameters())
+    finally:
+        tiny_model.eval()
+    assert not tiny_model.training
+
+
+def test_progress_callback_counts_host_steps(tiny_model, make_codes):
+    calls = []
+    sequences = make_codes(tiny_model, [20, 9, 17], seed=10)
+    evaluate(
+        tiny_model, sequences, chunk_size=4, batch_size=2, progress=lambda done, total: calls.append((done, total))
+    )
+    total = 5 + 3  # batches {20, 17} and {9}: ceil(20/4) + ceil(9/4) steps
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_progress_bar_runs(tiny_model, make_codes, capsys):
+    evaluate(tiny_model, make_codes(tiny_model, 10, seed=11), progress=True)
+    assert "streaming" in capsys.readouterr().err
+
+
+def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
+    """Every way of reading a device value on the host raises while a step runs."""
+    in_step = {"on": False}
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if in_step["on"]:
+                raise AssertionError(f"host sync Tensor.{name} inside the step loop")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+        forbid(name)
+    original_call = driver_module._Step.__call__
+
+    def guarded_step(self):
+        in_step["on"] = True
+        try:
+            original_call(self)
+        finally:
+            in_step["on"] = False
+
+    monkeypatch.setattr(driver_module._Step, "__call__", guarded_step)
+    codes = make_codes(tiny_model, 30, seed=12)
+    for chunk in (1, 8):
+        result = evaluate(tiny_model, codes, chunk_size=chunk)
+        assert result.valid.any()
+
+
+def test_config_moves_and_casts_the_model(make_codes):
+    from fused_stream.models import load_model
+
+    model = load_model("tiny", device="cpu", dtype=torch.float32)
+    codes = make_codes(model, 24, seed=13)
+    reference = batch_losses(model, codes)
+    evaluator = StreamingEvaluator(model, EvalConfig(device="cpu", dtype="float64"))
+    assert model.dtype == torch.float64
+    result = evaluator.evaluate(codes)
+    assert_losses_close(result.losses, reference.losses)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
+    from fused_stream.models import load_model
+
+    model = load_model("tiny", device="cuda", dtype=torch.float32)
+    sequences = make_codes(model, [64, 20, 45], seed=14)
+    reference = batch_losses(model, sequences)
+    original_call = driver_module._Step.__call__
+
+    def step_that_must_not_sync(self):
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
+        try:
+            original_call(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(driver_module._Step, "__call__", step_that_must_not_sync)
+    result = evaluate(model, sequences, chunk_size=chunk)
+    assert torch.equal(result.valid, reference.valid)
+    assert_losses_close(result.losses, reference.losses)
+    assert_losses_close(result.text_losses, reference.text_losses)

@@ -1,0 +1,44 @@
+"""`python -m fused_stream.eval`: the default job runs end to end and checks itself against the batch path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fused_stream.eval import main
+
+
+def test_main_reports_parity_for_frame_and_chunk_mode(capsys):
+    assert main(["--generate", "2", "--frames", "40", "--chunk-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "streaming C=1" in out and "streaming C=8" in out
+    assert out.count("masks identical: True") == 2
+
+
+def test_main_fails_when_streaming_disagrees(monkeypatch, capsys):
+    import fused_stream.eval as cli
+
+    real = cli.batch_losses
+
+    def shifted(model, codes):
+        result = real(model, codes)
+        result.losses += 0.5
+        return result
+
+    monkeypatch.setattr(cli, "batch_losses", shifted)
+    assert main(["--generate", "1", "--frames", "20", "--chunk-size", "1"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_module_runs_with_no_arguments():
+    proc = subprocess.run([sys.executable, "-m", "fused_stream.eval"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "parity C=16: masks identical: True" in proc.stdout
+
+
+def test_unknown_model_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fused_stream.eval", "--model", "/no/such/ckpt"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "error:" in proc.stderr and "/no/such/ckpt" in proc.stderr
