@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from .data import generate_codes
 from .driver import EvalConfig, StreamingEvaluator
 from .models import PRESETS, load_model
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fused_stream.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or a moshi checkpoint path")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--generate", type=int, default=4, metavar="N", help="number of synthetic sequences")
     p.add_argument("--frames", type=int, default=200, help="frames per synthetic sequence")
     p.add_argument("--chunk-size", type=int, default=16, help="frames per step of the chunk-mode run (1 = frame only)")
@@ -34,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = load_model(args.model, device=args.device, seed=args.seed)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = load_model(args.model, device=args.device, dtype=dtype, seed=args.seed)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = max(diff, float((result.text_losses - reference.text_losses).abs().nan_to_num(0).max()))
         print(f"parity C={chunk}: masks identical: {same_mask}, max |streaming - batch| = {diff:.2e}")
         worst = max(worst, diff if same_mask else float("inf"))
-    tolerance = 1e-4 if model.dtype.itemsize == 4 else 5e-2
+    # Frame and chunk steps round differently from one whole-sequence forward in half precision.
+    tolerance = 1e-4 if model.dtype.itemsize >= 4 else 1e-1
     if worst > tolerance:
         print(f"FAILED: streaming differs from the batch path by more than {tolerance}", file=sys.stderr)
         return 1
