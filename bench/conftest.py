@@ -1,6 +1,7 @@
 """Shared set-up for the benchmarks: one model and one input factory per case, and a ratio table at the end.
 
-Sizes: `FUSED_STREAM_BENCH_PRESET` (default `small`) and `FUSED_STREAM_BENCH_FRAMES` (default 600) frames.
+Sizes: `FUSED_STREAM_BENCH_PRESET` (default `small`), `FUSED_STREAM_BENCH_FRAMES` (default 600) frames and
+`FUSED_STREAM_BENCH_DEVICE` (default: cuda if available, else cpu; the model runs in that device's default dtype).
 Speed is reported as frames/s and as a ratio to the naive per-frame loop measured in the same run.
 """
 
@@ -18,12 +19,13 @@ from fused_stream.models import count_parameters, default_device, load_model
 
 PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET", "small")
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
+DEVICE = os.environ.get("FUSED_STREAM_BENCH_DEVICE") or None
 _frames_per_second: dict[str, float] = {}
 
 
 @pytest.fixture(scope="session")
 def bench_model():
-    return load_model(PRESET, device=default_device(), seed=0)
+    return load_model(PRESET, device=DEVICE or default_device(), seed=0)
 
 
 @pytest.fixture(scope="session")

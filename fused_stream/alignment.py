@@ -32,7 +32,10 @@ def initial_tokens(model: LMModel) -> torch.Tensor:
 
 
 def delayed_sequence(model: LMModel, codes: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """D [B, K, length] (default T + 1) from codes [B, K, T]; positions past T + 1 hold the zero token."""
+    """D [B, K, length] (default T + 1) from codes [B, K, T].
+
+    Past T + 1, stream k first holds its last delays[k] codes, then the zero token (what a padded chunk reads).
+    """
     B, K, T = codes.shape
     length = T + 1 if length is None else length
     out = torch.full((B, K, length), model.zero_token_id, dtype=torch.long, device=codes.device)

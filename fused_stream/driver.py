@@ -4,7 +4,8 @@ A frame's path: the whole delayed sequence D [B, K, L] sits on the device; at st
 D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
 C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, computes each
 row's cross-entropy and scatters it into a preallocated loss buffer at original time t = s + j - delay_k.
-Nothing in the step loop reads a device value on the host; one copy to host happens after the last step.
+Nothing in the step loop reads a device value on the host; the losses are copied to the host once per batch,
+after its last step.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class EvalConfig:
     progress: bool | ProgressFn = False  # tqdm bar, or a callback (steps done, total steps)
 
     def validate(self) -> None:
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+        if not _is_positive_int(self.chunk_size):
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and not _is_positive_int(self.batch_size):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
+        self.torch_dtype()
         if self.loss_backend not in ("auto", "torch"):
             raise ValueError(
                 f"loss_backend={self.loss_backend!r} is not available yet: use 'auto' or 'torch'"
@@ -52,6 +54,19 @@ class EvalConfig:
             raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not available yet: use 'auto' or 'off'")
         if self.invalid_tokens not in INVALID_TOKEN_POLICIES:
             raise ValueError(f"invalid_tokens must be one of {INVALID_TOKEN_POLICIES}, got {self.invalid_tokens!r}")
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """`dtype` as a torch.dtype (None = keep the model's)."""
+        if self.dtype is None or isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        dtype = getattr(torch, str(self.dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype such as 'bfloat16', got {self.dtype!r}")
+        return dtype
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class StreamingEvaluator:
@@ -69,9 +84,7 @@ class StreamingEvaluator:
             raise ValueError("the model has no depformer (dep_q = 0): there are no audio losses to evaluate")
         if model.context is None:
             raise ValueError("the model has no attention context (context=None): streaming needs a finite one")
-        dtype = self.config.dtype
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = self.config.torch_dtype()
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
@@ -127,7 +140,7 @@ class StreamingEvaluator:
         d_text = torch.tensor([text_delay(model)], device=device)  # [1]
         # Loss buffers indexed by original time shifted right by `lead`, so the (discarded) predictions for
         # negative times at the start land in the lead columns instead of needing a branch.
-        lead = max(model.delays)
+        lead = max(audio_delays(model) + [text_delay(model)])
         audio_buf = torch.full((B, model.dep_q, lead + n_steps * C), float("nan"), device=device)
         text_buf = torch.full((B, 1, lead + n_steps * C), float("nan"), device=device)
         step = _Step(model, delayed, audio_buf, text_buf, d_audio, d_text, lead, C)
@@ -138,7 +151,7 @@ class StreamingEvaluator:
                 step()
                 progress.advance()
             nbytes = streaming_state_bytes(model) + step.nbytes()
-        audio = audio_buf[:, :, lead : lead + T].cpu()  # the one copy to host
+        audio = audio_buf[:, :, lead : lead + T].cpu()  # the batch's copy to host, after its last step
         text = text_buf[:, :, lead : lead + T].cpu()
         return audio, text, nbytes
 
@@ -182,7 +195,8 @@ class _Step:
 
     def nbytes(self) -> int:
         """Bytes of the per-step working tensors (excluding the [B, K, T] inputs and loss outputs)."""
-        return sum(t.numel() * t.element_size() for t in (self.pos, self.window, self.audio_offsets, self.text_offsets))
+        tensors = (self.pos, self.window, self.audio_offsets, self.text_offsets)
+        return sum(t.untyped_storage().nbytes() for t in tensors)  # storage: the offsets are expanded views
 
 
 def enlarge_kv_caches(model: LMModel, context_extra: int) -> None:
@@ -202,12 +216,14 @@ def enlarge_kv_caches(model: LMModel, context_extra: int) -> None:
             continue
         old = state.kv_cache
         _, batch, heads, _, dim_per_head = old.cache.shape
-        state.kv_cache = None  # free the old ring before allocating the larger one
+        respect_exec_mask, device, dtype = old.respect_exec_mask, old.cache.device, old.cache.dtype
+        # Drop every reference to the old ring before allocating the larger one: for Moshi 7B at B = 32 the
+        # two would coexist for 1.5 GB per layer otherwise.
+        state.kv_cache = old = None
         state.kv_cache = RingKVCache(
             batch, heads, dim_per_head, module.context + context_extra,
-            respect_exec_mask=old.respect_exec_mask, device=old.cache.device, dtype=old.cache.dtype,
+            respect_exec_mask=respect_exec_mask, device=device, dtype=dtype,
         )
-        del old
 
 
 def streaming_state_bytes(model: torch.nn.Module) -> int:
@@ -237,6 +253,8 @@ def streaming_state_bytes(model: torch.nn.Module) -> int:
 
 
 class _Progress:
+    """Host-side step counter driving a tqdm bar or a callback; never touches device values."""
+
     def __init__(self, progress: bool | ProgressFn, total: int) -> None:
         self.done, self.total = 0, total
         self.callback = progress if callable(progress) else None

@@ -2,6 +2,7 @@
 
 With no arguments it evaluates the `tiny` preset on generated codes in frame and chunk mode and checks both
 against the batch path (`LMModel.forward`), so a fresh install proves the exact driver works end to end.
+Exit codes: 0 streaming equals the batch path, 1 it does not, 2 bad arguments or an unloadable model.
 The full LibriLight CLI (audio, Mimi, metrics, reports) builds on this module.
 """
 
@@ -20,15 +21,19 @@ from .result import EvalResult
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fused_stream.eval", description=__doc__.split("\n\n")[0])
+    description = "\n\n".join(__doc__.split("\n\n")[:3])
+    p = argparse.ArgumentParser(
+        prog="python -m fused_stream.eval", description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or a moshi checkpoint path")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--generate", type=int, default=4, metavar="N", help="number of synthetic sequences")
     p.add_argument("--frames", type=int, default=200, help="frames per synthetic sequence")
     p.add_argument("--chunk-size", type=int, default=16, help="frames per step of the chunk-mode run (1 = frame only)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: all)")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0: all at once)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and codes")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the batch path (O(T^2) memory)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -36,11 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("generate", "frames", "chunk_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_size < 0:
+        parser.error("--batch-size must be >= 0")
     try:
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        model = load_model(args.model, device=args.device, dtype=dtype, seed=args.seed)
-    except (FileNotFoundError, ValueError) as exc:
+        device = None if args.device == "auto" else args.device
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = load_model(args.model, device=device, dtype=dtype, seed=args.seed)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad path, device, or no CUDA
         print(f"error: {exc}", file=sys.stderr)
         return 2
     codes = generate_codes(model, args.generate, args.frames, seed=args.seed)
@@ -49,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk_sizes = [1] if args.chunk_size == 1 else [1, args.chunk_size]
     results = {}
     for chunk in chunk_sizes:
-        config = EvalConfig(chunk_size=chunk, batch_size=args.batch_size, progress=args.progress)
+        config = EvalConfig(chunk_size=chunk, batch_size=args.batch_size or None, progress=args.progress)
         results[chunk] = StreamingEvaluator(model, config).evaluate(codes)
         _print_result(f"streaming C={chunk}", results[chunk])
     if args.no_check:
@@ -58,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     _print_result("batch (LMModel.forward)", reference)
     worst = 0.0
     for chunk, result in results.items():
-        same_mask = bool((result.valid == reference.valid).all() and (result.text_valid == reference.text_valid).all())
+        same_mask = all(
+            torch.equal(a, b)
+            for a, b in [
+                (result.valid, reference.valid),  # the batch path's masks are LMModel.forward's own
+                (result.text_valid, reference.text_valid),
+                (result.losses.isnan(), reference.losses.isnan()),  # a NaN at a valid position is a failure
+                (result.text_losses.isnan(), reference.text_losses.isnan()),
+            ]
+        )
         diff = float((result.losses - reference.losses).abs().nan_to_num(0).max())
         diff = max(diff, float((result.text_losses - reference.text_losses).abs().nan_to_num(0).max()))
         print(f"parity C={chunk}: masks identical: {same_mask}, max |streaming - batch| = {diff:.2e}")

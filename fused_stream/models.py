@@ -94,7 +94,10 @@ def load_model(
     The model is returned in eval mode on `device` (default: CUDA if available) in `dtype`
     (default: bf16 on CUDA, fp32 otherwise).
     """
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from exc
     dtype = dtype if dtype is not None else default_dtype(device)
     if isinstance(spec, str) and spec in PRESETS:
         return _build_preset(spec, device, dtype, seed)

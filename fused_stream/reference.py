@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel
 
-from .alignment import audio_delays, delayed_sequence, text_delay, valid_masks
+from .alignment import audio_delays, delayed_sequence, text_delay
 from .inputs import check_codes, pad_batch
 from .result import EvalResult, empty_result, fill_rows
 from .runtime import inference_mode
@@ -43,14 +44,18 @@ def naive_streaming_losses(
     return result
 
 
-def _run(model: LMModel, sequences: list[torch.Tensor], groups: list[list[int]], fn, path: str) -> EvalResult:
+# (model, codes [B, K, T]) -> (losses [B, dep_q, T], text [B, 1, T], valid, text_valid), all on the host
+PathFn = Callable[[LMModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _run(model: LMModel, sequences: list[torch.Tensor], groups: list[list[int]], fn: PathFn, path: str) -> EvalResult:
+    """Each group is one padded batch; a path only ever sees groups whose sequences share one length."""
     result = empty_result(len(sequences), model.dep_q, max(s.shape[1] for s in sequences))
     start = time.perf_counter()
     with inference_mode(model):
         for rows in groups:
             codes, lengths = pad_batch(model, [sequences[i] for i in rows])
-            losses, text_losses = fn(model, codes)
-            valid, text_valid = valid_masks(model, codes, lengths)
+            losses, text_losses, valid, text_valid = fn(model, codes)
             fill_rows(result, rows, losses, text_losses, valid, text_valid, lengths)
     elapsed = time.perf_counter() - start
     frames = int(result.lengths.sum())
@@ -58,14 +63,17 @@ def _run(model: LMModel, sequences: list[torch.Tensor], groups: list[list[int]],
     return result
 
 
-def _batch_forward(model: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_forward(
+    model: LMModel, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Losses and LMModel.forward's own masks (independent of `fused_stream.alignment`)."""
     device = next(model.parameters()).device
     codes = codes.to(device)
     out = model(codes)  # logits [B, dep_q, T, card], NaN where invalid
     audio_targets = codes[:, model.audio_offset : model.audio_offset + model.dep_q]
     losses = _masked_cross_entropy(out.logits, audio_targets, out.mask)
     text_losses = _masked_cross_entropy(out.text_logits, codes[:, :1], out.text_mask)
-    return losses.cpu(), text_losses.cpu()
+    return losses.cpu(), text_losses.cpu(), out.mask.cpu(), out.text_mask.cpu()
 
 
 def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,10 @@ def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: tor
     return torch.where(mask, losses, torch.full_like(losses, float("nan")))
 
 
-def _naive_stream(model: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _naive_stream(
+    model: LMModel, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loop's own validity: a position counts where the loop scored it (a code in range, t >= 0)."""
     device = next(model.parameters()).device
     B, _, T = codes.shape
     assert B == 1, "the naive loop evaluates one sequence at a time"
@@ -100,4 +111,5 @@ def _naive_stream(model: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, to
             t, tok = s - t_delay, target[:, 0]
             if 0 <= t and 0 <= tok.item() < model.text_card:
                 text[t] = F.cross_entropy(text_logits[:, 0, 0].float(), tok).item()
-    return torch.tensor(audio).unsqueeze(0), torch.tensor([text]).unsqueeze(0)
+    audio_losses, text_losses = torch.tensor(audio).unsqueeze(0), torch.tensor([text]).unsqueeze(0)
+    return audio_losses, text_losses, ~audio_losses.isnan(), ~text_losses.isnan()

@@ -22,7 +22,7 @@ def test_delayed_sequence_matches_lmmodel_forward_construction(tiny_model, make_
     assert torch.equal(delayed_sequence(tiny_model, codes), expected)
 
 
-def test_delayed_sequence_pads_with_zero_token(tiny_model, make_codes):
+def test_delayed_sequence_keeps_last_codes_then_zero_tokens(tiny_model, make_codes):
     codes = make_codes(tiny_model, 10, seed=3)
     padded = delayed_sequence(tiny_model, codes, length=17)
     assert torch.equal(padded[:, :, :11], delayed_sequence(tiny_model, codes))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
@@ -30,6 +32,10 @@ def test_matches_lmmodel_forward(tiny_model, make_codes, chunk, frames):
     assert torch.equal(result.text_valid, text_mask)
     assert_losses_close(result.losses, audio)
     assert_losses_close(result.text_losses, text)
+    batch = batch_losses(tiny_model, codes)
+    assert torch.equal(result.valid, batch.valid) and torch.equal(result.text_valid, batch.text_valid)
+    assert_losses_close(result.losses, batch.losses)
+    assert_losses_close(result.text_losses, batch.text_losses)
     assert result.losses.dtype == torch.float32 and result.losses.shape == (2, tiny_model.dep_q, frames)
     assert result.text_losses.shape == (2, 1, frames)
     assert result.lengths.tolist() == [frames, frames]
@@ -41,6 +47,10 @@ def test_ragged_batch_equals_each_sequence_alone(tiny_model, make_codes, chunk):
     sequences = make_codes(tiny_model, lengths, seed=1)
     result = evaluate(tiny_model, sequences, chunk_size=chunk)
     assert result.lengths.tolist() == lengths
+    batch = batch_losses(tiny_model, sequences)  # a list: LMModel.forward on each sequence alone
+    assert torch.equal(result.valid, batch.valid) and torch.equal(result.text_valid, batch.text_valid)
+    assert_losses_close(result.losses, batch.losses)
+    assert_losses_close(result.text_losses, batch.text_losses)
     for b, seq in enumerate(sequences):
         T = seq.shape[1]
         audio, text, mask, text_mask = forward_losses(tiny_model, seq[None])
@@ -82,15 +92,41 @@ def test_state_bytes_do_not_grow_with_length(tiny_model, make_codes):
         assert a == b > 0
 
 
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable by the garbage collector (each storage once)."""
+    storages = {}
+    for obj in gc.get_objects():
+        # type() rather than isinstance(): isinstance reads __class__, which warns on deprecated torch aliases.
+        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_live_tensor_bytes_are_flat_over_the_steps(tiny_model, make_codes, chunk):
+    """Nothing accumulates step after step: all live tensors weigh the same at step 20 and at the last step."""
+    codes = make_codes(tiny_model, 2000, seed=15)
+    total = 2000 // chunk
+    samples = {}
+
+    def sample(done, _total):
+        if done in (20, total):
+            samples[done] = _live_tensor_bytes()
+
+    evaluate(tiny_model, codes, chunk_size=chunk, progress=sample)
+    assert samples[20] == samples[total] > 0
+
+
 def test_chunk_mode_ring_holds_context_plus_chunk_minus_one(tiny_model, make_codes):
-    codes = make_codes(tiny_model, 40, seed=6)
+    codes = make_codes(tiny_model, [40, 31], seed=6)  # B = 2
     frame = evaluate(tiny_model, codes, chunk_size=1).report["state_bytes"]
     chunk = evaluate(tiny_model, codes, chunk_size=8).report["state_bytes"]
     heads = tiny_model.transformer.layers[0].self_attn.num_heads
     dim_per_head = tiny_model.dim // heads
     layers = len(tiny_model.transformer.layers)
-    extra_kv = layers * 2 * 1 * heads * (8 - 1) * dim_per_head * 4  # layers x (k, v) x B x H x (C-1) x D x fp32
-    extra_step = (8 - 1) * 8 + (8 - 1) * (tiny_model.dep_q + 1) * 8  # window + write offsets, int64
+    extra_kv = layers * 2 * 2 * heads * (8 - 1) * dim_per_head * 4  # layers x (k, v) x B x H x (C-1) x D x fp32
+    extra_step = (8 - 1) * 8 + (8 - 1) * (tiny_model.dep_q + 1) * 8  # window + write offsets (shared over B), int64
     assert chunk - frame == extra_kv + extra_step
 
 
@@ -105,15 +141,19 @@ def test_every_evaluate_starts_from_fresh_state(tiny_model, make_codes):
 
 def test_model_mode_restored_and_no_autograd(tiny_model, make_codes):
     codes = make_codes(tiny_model, 20, seed=9)
+    seen = []
+
+    def inside(done, total):
+        seen.append((tiny_model.training, torch.is_grad_enabled()))
+
     tiny_model.train()
     try:
-        result = evaluate(tiny_model, codes)
-        assert tiny_model.training
+        result = evaluate(tiny_model, codes, progress=inside)
+        assert tiny_model.training  # restored
         assert not result.losses.requires_grad
-        assert all(p.grad is None for p in tiny_model.parameters())
     finally:
         tiny_model.eval()
-    assert not tiny_model.training
+    assert seen and all(mode == (False, False) for mode in seen)  # eval mode, no autograd, during the steps
 
 
 def test_progress_callback_counts_host_steps(tiny_model, make_codes):
@@ -145,8 +185,18 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, guarded)
 
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+                 "masked_select", "unique"):
         forbid(name)
+    for name in ("nonzero", "masked_select", "unique"):  # function forms: data-dependent output shapes
+        original_fn = getattr(torch, name)
+
+        def guarded_fn(*args, _original=original_fn, _name=name, **kwargs):
+            if in_step["on"]:
+                raise AssertionError(f"data-dependent torch.{_name} inside the step loop")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, guarded_fn)
     original_call = driver_module._Step.__call__
 
     def guarded_step(self):
@@ -161,6 +211,16 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
     for chunk in (1, 8):
         result = evaluate(tiny_model, codes, chunk_size=chunk)
         assert result.valid.any()
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("chunk_size", True), ("batch_size", True), ("dtype", "cuda"), ("dtype", "int64"), ("dtype", "float33"),
+     ("loss_backend", "cupy"), ("cuda_graphs", "always")],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        EvalConfig(**{field: value}).validate()
 
 
 def test_config_moves_and_casts_the_model(make_codes):

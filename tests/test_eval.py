@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from fused_stream.eval import main
 
 
@@ -28,6 +30,31 @@ def test_main_fails_when_streaming_disagrees(monkeypatch, capsys):
     monkeypatch.setattr(cli, "batch_losses", shifted)
     assert main(["--generate", "1", "--frames", "20", "--chunk-size", "1"]) == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_main_fails_when_masks_disagree(monkeypatch, capsys):
+    import fused_stream.eval as cli
+
+    real = cli.batch_losses
+
+    def one_more_valid(model, codes):
+        result = real(model, codes)
+        result.valid[0, 1, -1] = True  # a position LMModel.forward would mask
+        return result
+
+    monkeypatch.setattr(cli, "batch_losses", one_more_valid)
+    assert main(["--generate", "1", "--frames", "20", "--chunk-size", "1"]) == 1
+    assert "masks identical: False" in capsys.readouterr().out
+
+
+BAD_ARGS = [["--chunk-size", "0"], ["--generate", "0"], ["--frames", "-1"], ["--batch-size", "-2"], ["--dtype", "int8"]]
+
+
+@pytest.mark.parametrize("args", BAD_ARGS)
+def test_bad_arguments_exit_2(args):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
 
 
 def test_module_runs_with_no_arguments():
