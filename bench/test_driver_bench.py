@@ -1,7 +1,7 @@
 """End-to-end evaluation speed: the seed's per-frame loop vs frame mode vs chunk mode vs the batch path.
 
 Run with `pytest bench --benchmark-only`. Targets on the 2-core CPU (small preset, T=600, same run):
-chunk mode C=64 >= 15x the naive loop, frame mode at B=8 >= 2.5x.
+chunk mode C=64 (B=1) >= 15x the naive loop, frame mode at B=8 >= 2.5x.
 """
 
 from __future__ import annotations
@@ -26,3 +26,8 @@ def test_chunk_mode_c64(run_case, bench_model):
 
 def test_batch_losses(run_case, bench_model):
     run_case("batch_losses", lambda codes: batch_losses(bench_model, codes), batch=1)
+
+
+def test_chunk_mode_c64_b8(run_case, bench_model):
+    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64))
+    run_case("chunk_mode_C64_B8", evaluator.evaluate, batch=8, rounds=2)
