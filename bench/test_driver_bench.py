@@ -21,7 +21,7 @@ def test_frame_mode_b8(run_case, bench_model):
 
 def test_chunk_mode_c64(run_case, bench_model):
     evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64))
-    run_case("chunk_mode_C64", evaluator.evaluate, batch=1)
+    run_case("chunk_mode_C64", evaluator.evaluate, batch=1, rounds=5)
 
 
 def test_batch_losses(run_case, bench_model):

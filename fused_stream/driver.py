@@ -2,8 +2,9 @@
 
 A frame's path: the whole delayed sequence D [B, K, L] sits on the device; at step s the driver gathers
 D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
-C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, computes each
-row's cross-entropy and scatters it into a preallocated loss buffer at original time t = s + j - delay_k.
+C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, and one launch of
+`kernels.cross_entropy` scores every row and writes it into a preallocated loss buffer at original time
+t = s + j - delay_k; `pos` then advances on the device.
 Nothing in the step loop reads a device value on the host; the losses are copied to the host once per batch,
 after its last step.
 """
@@ -22,9 +23,9 @@ from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
 from .alignment import audio_delays, delayed_sequence, text_delay, valid_masks
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
+from .kernels.cross_entropy import N_COUNTERS, advance_, check_backend, step_cross_entropy_
 from .result import EvalResult, empty_result, fill_rows
 from .runtime import inference_mode
-from .step_loss import rowwise_cross_entropy
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps), called from the host-side step count
 
@@ -35,7 +36,7 @@ class EvalConfig:
     batch_size: int | None = None  # sequences per batch; None = all at once
     device: str | None = None  # move the model there first; None = where the model is
     dtype: str | torch.dtype | None = None  # cast the model first ("bfloat16", torch.float32, ...); None = as is
-    loss_backend: str = "auto"  # "auto" | "torch" ("triton" arrives with the fused kernel)
+    loss_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton" (CPU: interpreter only)
     cuda_graphs: str = "auto"  # "auto" | "off" (graph capture arrives with the graph runner)
     invalid_tokens: str = "raise"  # "raise" a ValueError, or "mask" bad tokens and count them
     progress: bool | ProgressFn = False  # tqdm bar, or a callback (steps done, total steps)
@@ -46,10 +47,8 @@ class EvalConfig:
         if self.batch_size is not None and not _is_positive_int(self.batch_size):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
         self.torch_dtype()
-        if self.loss_backend not in ("auto", "torch"):
-            raise ValueError(
-                f"loss_backend={self.loss_backend!r} is not available yet: use 'auto' or 'torch'"
-            )
+        if self.loss_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"loss_backend must be 'auto', 'torch' or 'triton', got {self.loss_backend!r}")
         if self.cuda_graphs not in ("auto", "off"):
             raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not available yet: use 'auto' or 'off'")
         if self.invalid_tokens not in INVALID_TOKEN_POLICIES:
@@ -88,6 +87,7 @@ class StreamingEvaluator:
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
+        self.loss_backend = check_backend(self.config.loss_backend, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -104,46 +104,55 @@ class StreamingEvaluator:
         result.n_masked_tokens = checked.n_masked_tokens
         progress = _Progress(cfg.progress, total_steps)
         state_bytes: list[int] = []
+        counts = torch.zeros(N_COUNTERS, dtype=torch.long)
         start = time.perf_counter()
         try:
             with inference_mode(model):
                 for rows in batches:
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
-                    losses, text_losses, nbytes = self._evaluate_batch(batch, progress)
+                    losses, text_losses, batch_counts, nbytes = self._evaluate_batch(batch, batch_lengths, progress)
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
                     fill_rows(result, rows, losses, text_losses, valid, text_valid, batch_lengths)
                     state_bytes.append(nbytes)
+                    counts += batch_counts
         finally:
             progress.close()
         elapsed = time.perf_counter() - start
         result.report.update(
             path="streaming",
             chunk_size=cfg.chunk_size,
+            loss_backend=self.loss_backend,
             batches=len(batches),
             steps=total_steps,
             frames=sum(lengths),
             seconds=elapsed,
             frames_per_second=sum(lengths) / elapsed if elapsed > 0 else float("nan"),
             state_bytes=max(state_bytes),
+            scored_positions=int(counts[0]),  # counted on the device by the loss kernel
+            nonfinite_logit_rows=int(counts[1]),
+            bad_targets=int(counts[2]),
         )
         return result
 
-    def _evaluate_batch(self, codes: torch.Tensor, progress: _Progress) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Stream one padded batch codes [B, K, T]; returns host losses [B, dep_q, T], [B, 1, T], state bytes."""
+    def _evaluate_batch(
+        self, codes: torch.Tensor, lengths: torch.Tensor, progress: _Progress
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Stream one padded batch codes [B, K, T] of `lengths`.
+
+        Returns host tensors: losses [B, dep_q, T], text losses [B, 1, T], loss counters [3]; and state bytes.
+        """
         model, C = self.model, self.config.chunk_size
         device = self.device
         B, _, T = codes.shape
         n_steps = math.ceil(T / C)
         # The padded tail of the last chunk reads zero tokens; its outputs fall past T and are dropped.
         delayed = delayed_sequence(model, codes.to(device), length=n_steps * C + 1)  # [B, K, L + 1], once on device
-        d_audio = torch.tensor(audio_delays(model), device=device)  # [dep_q]
-        d_text = torch.tensor([text_delay(model)], device=device)  # [1]
-        # Loss buffers indexed by original time shifted right by `lead`, so the (discarded) predictions for
-        # negative times at the start land in the lead columns instead of needing a branch.
+        # One loss buffer for text (channel 0) and audio (1 .. dep_q), indexed by original time shifted right by
+        # `lead`, so the (discarded) rows of negative times at the start land in the lead columns.
         lead = max(audio_delays(model) + [text_delay(model)])
-        audio_buf = torch.full((B, model.dep_q, lead + n_steps * C), float("nan"), device=device)
-        text_buf = torch.full((B, 1, lead + n_steps * C), float("nan"), device=device)
-        step = _Step(model, delayed, audio_buf, text_buf, d_audio, d_text, lead, C)
+        losses = torch.full((B, 1 + model.dep_q, lead + n_steps * C), float("nan"), device=device)
+        counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
+        step = _Step(model, delayed, lengths.to(device), losses, counts, lead, C, self.loss_backend)
         with model.streaming(B):
             if C > 1:
                 enlarge_kv_caches(model, context_extra=C - 1)
@@ -151,9 +160,8 @@ class StreamingEvaluator:
                 step()
                 progress.advance()
             nbytes = streaming_state_bytes(model) + step.nbytes()
-        audio = audio_buf[:, :, lead : lead + T].cpu()  # the batch's copy to host, after its last step
-        text = text_buf[:, :, lead : lead + T].cpu()
-        return audio, text, nbytes
+        host = losses[:, :, lead : lead + T].cpu()  # the batch's copy to host, after its last step
+        return host[:, 1:], host[:, :1], counts.cpu(), nbytes
 
 
 class _Step:
@@ -163,40 +171,36 @@ class _Step:
         self,
         model: LMModel,
         delayed: torch.Tensor,  # [B, K, L + 1]
-        audio_buf: torch.Tensor,  # [B, dep_q, lead + L]
-        text_buf: torch.Tensor,  # [B, 1, lead + L]
-        d_audio: torch.Tensor,  # [dep_q]
-        d_text: torch.Tensor,  # [1]
+        lengths: torch.Tensor,  # [B] int64
+        losses: torch.Tensor,  # [B, 1 + dep_q, lead + L] float32: text, then audio codebooks
+        counts: torch.Tensor,  # [3] int64 loss counters (see kernels.cross_entropy)
         lead: int,
         chunk: int,
+        backend: str,
     ) -> None:
-        self.model, self.delayed, self.audio_buf, self.text_buf = model, delayed, audio_buf, text_buf
+        self.model, self.delayed, self.lengths, self.losses, self.counts = model, delayed, lengths, losses, counts
         device = delayed.device
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
         self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
-        frames = torch.arange(chunk, device=device)  # [C]
-        B = delayed.shape[0]
-        # Write offsets relative to pos: lead + j - delay_k, per (codebook, frame of the chunk).
-        self.audio_offsets = (lead + frames.view(1, -1) - d_audio.view(-1, 1)).expand(B, -1, -1)  # [B, dep_q, C]
-        self.text_offsets = (lead + frames.view(1, -1) - d_text.view(-1, 1)).expand(B, -1, -1)  # [B, 1, C]
-        self.chunk = chunk
+        self.delays = torch.tensor(model.delays[: 1 + model.dep_q], device=device)  # [1 + dep_q]
+        self.lead, self.chunk, self.backend = lead, chunk, backend
 
     def __call__(self) -> None:
         model, C = self.model, self.chunk
         cols = self.delayed.index_select(2, self.pos + self.window)  # [B, K, C + 1]
         transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
         logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
-        targets = cols[:, :, 1:]  # [B, K, C]: what step s predicts is the next delayed column
-        audio_loss = rowwise_cross_entropy(logits, targets[:, model.audio_offset : model.audio_offset + model.dep_q])
-        text_loss = rowwise_cross_entropy(text_logits, targets[:, :1])
-        self.audio_buf.scatter_(2, self.audio_offsets + self.pos, audio_loss)
-        self.text_buf.scatter_(2, self.text_offsets + self.pos, text_loss)
-        self.pos.add_(C)
+        targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
+        step_cross_entropy_(
+            text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
+            self.lead, self.backend,
+        )
+        advance_(self.pos, C)
 
     def nbytes(self) -> int:
         """Bytes of the per-step working tensors (excluding the [B, K, T] inputs and loss outputs)."""
-        tensors = (self.pos, self.window, self.audio_offsets, self.text_offsets)
-        return sum(t.untyped_storage().nbytes() for t in tensors)  # storage: the offsets are expanded views
+        tensors = (self.pos, self.window, self.delays, self.lengths, self.counts)
+        return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def enlarge_kv_caches(model: LMModel, context_extra: int) -> None:

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=200, help="frames per synthetic sequence")
     p.add_argument("--chunk-size", type=int, default=16, help="frames per step of the chunk-mode run (1 = frame only)")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0: all at once)")
+    p.add_argument("--loss-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="per-step loss: auto = fused Triton kernel on CUDA, torch twin on CPU "
+                        "(triton on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and codes")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the batch path (O(T^2) memory)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -61,8 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     chunk_sizes = [1] if args.chunk_size == 1 else [1, args.chunk_size]
     results = {}
     for chunk in chunk_sizes:
-        config = EvalConfig(chunk_size=chunk, batch_size=args.batch_size or None, progress=args.progress)
-        results[chunk] = StreamingEvaluator(model, config).evaluate(codes)
+        config = EvalConfig(
+            chunk_size=chunk, batch_size=args.batch_size or None, loss_backend=args.loss_backend,
+            progress=args.progress,
+        )
+        try:
+            evaluator = StreamingEvaluator(model, config)
+        except (ValueError, RuntimeError) as exc:  # e.g. loss_backend='triton' on CPU without the interpreter
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        results[chunk] = evaluator.evaluate(codes)
         _print_result(f"streaming C={chunk}", results[chunk])
     if args.no_check:
         return 0
@@ -94,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 def _print_result(name: str, result: EvalResult) -> None:
     means = result.mean_losses()
     per_codebook = " ".join(f"{means[f'audio_{k}']:.3f}" for k in range(result.losses.shape[1]))
-    print(f"{name:>24}: {result.report['frames_per_second']:9.1f} frames/s | audio {means['audio']:.4f} "
+    backend = result.report.get("loss_backend")
+    if backend:
+        name = f"{name} ({backend})"
+    print(f"{name:>32}: {result.report['frames_per_second']:9.1f} frames/s | audio {means['audio']:.4f} "
           f"[{per_codebook}] | text {means['text']:.4f}")
 
 

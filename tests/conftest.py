@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when fused_stream.kernels is first imported: it
+# must be set before any fused_stream import so CPU tests run the real kernel under Triton's interpreter.
+# On a CUDA machine the GPU tests need the compiled kernel instead, so leave it unset there.
 import torch
 
-from fused_stream.data import generate_codes
-from fused_stream.models import load_model
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused_stream.data import generate_codes  # noqa: E402
+from fused_stream.models import load_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

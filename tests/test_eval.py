@@ -17,6 +17,16 @@ def test_main_reports_parity_for_frame_and_chunk_mode(capsys):
     assert out.count("masks identical: True") == 2
 
 
+def test_main_runs_the_triton_kernel_under_the_interpreter(capsys):
+    from fused_stream.kernels.cross_entropy import triton_interpreted
+
+    if not triton_interpreted():
+        pytest.skip("TRITON_INTERPRET is not set (a CUDA machine): the GPU tests cover the compiled kernel")
+    assert main(["--generate", "1", "--frames", "12", "--chunk-size", "4", "--loss-backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "streaming C=4 (triton)" in out and out.count("masks identical: True") == 2
+
+
 def test_main_fails_when_streaming_disagrees(monkeypatch, capsys):
     import fused_stream.eval as cli
 

@@ -1,0 +1,269 @@
+"""Fused masked per-codebook cross-entropy of one streaming step: Triton kernel, launcher and torch twin.
+
+One launch scores every row of a step — text rows [B, 1, C, text_card] and audio rows [B, dep_q, C, card] — and
+writes each loss straight into the caller's loss buffer at its original time, so losses never leave the device
+and the step needs no host input (CUDA-graph safe):
+
+    out[b, ch, lead + t] = CE(logits row, targets[b, ch, j]),   t = offset + j - delays[ch]
+
+`ch` is the stream index (0 = text, 1 .. dep_q = audio codebooks, as in the codes), `j` the frame inside the
+chunk, `offset` the delayed step index read from a device int64 tensor, `lead = max(delays)` columns in front of
+time 0 so the rows of the first steps (t < 0) land somewhere harmless instead of needing a branch.
+
+Validity (derived in the kernel, documented here once): a row is scored when its position is inside its own
+sequence, `0 <= t` and `offset + j < lengths[b]` (which is `t + delays[ch] < T_b`: exactly the delay mask of
+`LMModel.forward` on that sequence alone), and its target is a token of the vocabulary, `0 <= target < V` (the zero
+token -1, padding and the initial token fall outside). Other rows write NaN, never 0.0.
+
+Counters (`counts`, int64 [3], accumulated on the device, read once at the end):
+    counts[0]  rows scored;
+    counts[1]  scored rows whose logits sum to a non-finite fp32 value: any NaN or +-inf in the row (finite
+               logits would need magnitudes near 1e34 to overflow the sum). Their loss is whatever IEEE gives;
+    counts[2]  rows at a valid position whose target is neither the zero token nor inside [0, V) — a bad token
+               that got past input checks; such rows write NaN and are never read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton ships with torch on Linux; elsewhere only the torch twin exists
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on platforms without triton
+    triton = None
+
+ZERO_TOKEN = -1
+N_COUNTERS = 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _score_row(
+        # data pointers
+        logits_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
+        # which row
+        b, k, j, channel,
+        # shapes
+        V, T_out, lead,
+        # strides (elements)
+        stride_lb, stride_lk, stride_lc, stride_lv,
+        stride_tb, stride_tc, stride_tj,
+        stride_ob, stride_oc, stride_ot,
+        # constants
+        ZERO: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # int64 before any multiply: b * stride_lb passes 2^31 elements for large steps (e.g. B*C = 4096 frames
+        # x 32000 text logits), and a wrapped int32 offset would read another row silently.
+        b = b.to(tl.int64)
+        k = k.to(tl.int64)
+        j = j.to(tl.int64)
+        channel = channel.to(tl.int64)
+        row_ptr = logits_ptr + b * stride_lb + k * stride_lk + j * stride_lc
+
+        target = tl.load(targets_ptr + b * stride_tb + channel * stride_tc + j * stride_tj)
+        step = tl.load(offset_ptr) + j  # the delayed step index, from device memory (never a Python int)
+        t = step - tl.load(delays_ptr + channel)
+        in_sequence = (t >= 0) & (step < tl.load(lengths_ptr + b))
+        in_vocab = (target >= 0) & (target < V)
+        valid = in_sequence & in_vocab
+
+        # Online log-sum-exp over vocabulary blocks, fp32 right after every load (bf16 math is inexact).
+        m = -float("inf")
+        s = 0.0
+        total = 0.0  # plain sum of the row: non-finite iff the row holds NaN or +-inf (the twin's test too)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride_lv, mask=in_row, other=-float("inf")).to(tl.float32)
+            total += tl.sum(tl.where(in_row, x, 0.0), 0)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            # Guard -inf - -inf = NaN: a block (or a whole row) of -inf logits adds exp(-inf) = 0.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+            m = m_new
+        safe_target = tl.where(in_vocab, target, 0)  # never an out-of-bounds read
+        x_target = tl.load(row_ptr + safe_target * stride_lv).to(tl.float32)
+        loss = m + tl.log(s) - x_target
+
+        col = lead + t
+        tl.store(
+            out_ptr + b * stride_ob + channel * stride_oc + col * stride_ot,
+            tl.where(valid, loss, float("nan")),
+            mask=(col >= 0) & (col < T_out),
+        )
+        tl.atomic_add(counts_ptr + 0, valid.to(tl.int64))
+        nonfinite = (total != total) | (tl.abs(total) == float("inf"))
+        tl.atomic_add(counts_ptr + 1, (valid & nonfinite).to(tl.int64))
+        tl.atomic_add(counts_ptr + 2, (in_sequence & (target != ZERO) & ~in_vocab).to(tl.int64))
+
+    @triton.jit
+    def _step_cross_entropy_kernel(
+        # data pointers
+        text_ptr, audio_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
+        # shapes
+        K_AUDIO, C, V_TEXT, V_AUDIO, T_out, lead,
+        # strides
+        stride_xb, stride_xk, stride_xc, stride_xv,  # text logits [B, 1, C, V_TEXT]
+        stride_ab, stride_ak, stride_ac, stride_av,  # audio logits [B, K_AUDIO, C, V_AUDIO]
+        stride_tb, stride_tc, stride_tj,  # targets [B, 1 + K_AUDIO, C]
+        stride_ob, stride_oc, stride_ot,  # out [B, 1 + K_AUDIO, T_out]
+        n_audio_rows,
+        # constants
+        ZERO: tl.constexpr, BLOCK_TEXT: tl.constexpr, BLOCK_AUDIO: tl.constexpr,
+    ):
+        # One program per row: programs [0, B*K_AUDIO*C) score audio rows, the rest text rows.
+        pid = tl.program_id(0)
+        if pid < n_audio_rows:
+            j = pid % C
+            k = (pid // C) % K_AUDIO
+            b = pid // (C * K_AUDIO)
+            _score_row(audio_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
+                       b, k, j, k + 1, V_AUDIO, T_out, lead,
+                       stride_ab, stride_ak, stride_ac, stride_av, stride_tb, stride_tc, stride_tj,
+                       stride_ob, stride_oc, stride_ot, ZERO, BLOCK_AUDIO)
+        else:
+            r = pid - n_audio_rows
+            j = r % C
+            b = r // C
+            _score_row(text_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
+                       b, 0 * b, j, 0 * b, V_TEXT, T_out, lead,
+                       stride_xb, stride_xk, stride_xc, stride_xv, stride_tb, stride_tc, stride_tj,
+                       stride_ob, stride_oc, stride_ot, ZERO, BLOCK_TEXT)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def triton_interpreted() -> bool:
+    """True when the kernel was built under TRITON_INTERPRET=1 (it is read when this module is imported)."""
+    return triton is not None and type(_step_cross_entropy_kernel).__name__ == "InterpretedFunction"
+
+
+def _block(V: int) -> int:
+    # Large blocks: fewer loop trips on GPU, and far fewer interpreted numpy calls on CPU.
+    return min(triton.next_power_of_2(V), 4096)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher and functional API
+# ---------------------------------------------------------------------------------------------------------------
+def step_cross_entropy_(
+    text_logits: torch.Tensor,  # [B, 1, C, V_text]
+    audio_logits: torch.Tensor,  # [B, dep_q, C, V_audio]
+    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, stream order (text first)
+    delays: torch.Tensor,  # [1 + dep_q] int64, device
+    lengths: torch.Tensor,  # [B] int64, device: frames of each sequence
+    offset: torch.Tensor,  # [] int64, device: delayed step index of frame 0 of the chunk
+    out: torch.Tensor,  # [B, 1 + dep_q, T_out] float32, device: written at lead + t
+    counts: torch.Tensor,  # [3] int64, device: accumulated
+    lead: int,
+    backend: str = "torch",
+) -> None:
+    """Score one step in place (one launch). Never reads a device value on the host."""
+    if backend == "triton":
+        _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
+    elif backend == "torch":
+        step_cross_entropy_torch_(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
+    else:
+        raise ValueError(f"unknown loss backend {backend!r}: use 'torch' or 'triton'")
+
+
+def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+    B, K_audio, C, V_audio = audio_logits.shape
+    V_text = text_logits.shape[-1]
+    n_audio_rows = B * K_audio * C
+    grid = (n_audio_rows + B * C,)
+    block_text, block_audio = _block(V_text), _block(V_audio)
+    _step_cross_entropy_kernel[grid](
+        text_logits, audio_logits, targets, delays, lengths, offset, out, counts,
+        K_audio, C, V_text, V_audio, out.shape[2], lead,
+        *text_logits.stride(), *audio_logits.stride(), *targets.stride(), *out.stride(),
+        n_audio_rows,
+        ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
+        num_warps=8 if max(block_text, block_audio) >= 4096 else 4,
+    )
+
+
+def check_backend(backend: str, device: torch.device) -> str:
+    """Resolve `loss_backend` ("auto" | "torch" | "triton") for `device`, or raise saying what to do."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        return backend
+    if backend != "triton":
+        raise ValueError(f"loss_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if not triton_available():
+        raise RuntimeError("loss_backend='triton' needs the triton package (it ships with torch on Linux)")
+    if device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            "loss_backend='triton' on the CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "fused_stream is imported (it is slow; use loss_backend='torch' for CPU speed)"
+        )
+    if device.type == "cuda" and triton_interpreted():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: unset it to run the Triton kernel on the GPU")
+    return backend
+
+
+def advance_(offset: torch.Tensor, frames: int) -> None:
+    """Move the device step counter on by `frames` (an in-place add a CUDA graph captures and replays)."""
+    offset.add_(frames)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Torch twin: identical semantics, used on CPU and as the tests' reference
+# ---------------------------------------------------------------------------------------------------------------
+def element_offsets(indices: list[torch.Tensor], strides: tuple[int, ...]) -> torch.Tensor:
+    """sum(index * stride) in int64, as the kernel computes addresses: int32 math would wrap past 2^31 elements."""
+    total = torch.zeros((), dtype=torch.long, device=indices[0].device)
+    for index, stride in zip(indices, strides, strict=True):
+        total = total + index.long() * stride
+    return total
+
+
+def step_cross_entropy_torch_(
+    text_logits: torch.Tensor,
+    audio_logits: torch.Tensor,
+    targets: torch.Tensor,
+    delays: torch.Tensor,
+    lengths: torch.Tensor,
+    offset: torch.Tensor,
+    out: torch.Tensor,
+    counts: torch.Tensor,
+    lead: int,
+) -> None:
+    """The kernel's contract in torch ops (see the module docstring); no host sync."""
+    B, _, C, _ = audio_logits.shape
+    step = offset + torch.arange(C, device=out.device)  # [C]
+    t = step.view(1, 1, C) - delays.view(1, -1, 1)  # [1, 1 + dep_q, C]
+    in_sequence = (t >= 0) & (step.view(1, 1, C) < lengths.view(-1, 1, 1))  # [B, 1 + dep_q, C]
+    new_counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=out.device)
+    losses = []
+    for logits, tgt, pos in (
+        (text_logits, targets[:, :1], in_sequence[:, :1]),
+        (audio_logits, targets[:, 1:], in_sequence[:, 1:]),
+    ):
+        V = logits.shape[-1]
+        x = logits.float()  # fp32 accumulation
+        in_vocab = (tgt >= 0) & (tgt < V)
+        valid = pos & in_vocab
+        safe = torch.where(in_vocab, tgt, torch.zeros_like(tgt))  # never an out-of-bounds read
+        loss = F.cross_entropy(x.reshape(-1, V), safe.reshape(-1), reduction="none").view(tgt.shape)
+        losses.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))))
+        nonfinite = ~x.sum(dim=-1).isfinite()
+        new_counts += torch.stack([
+            valid.sum(), (valid & nonfinite).sum(), (pos & (tgt != ZERO_TOKEN) & ~in_vocab).sum()
+        ])
+    counts.add_(new_counts)
+    # Write each row at out[b, ch, lead + t] through explicit int64 element offsets, like the kernel's stores.
+    b, ch = torch.meshgrid(torch.arange(B, device=out.device), torch.arange(t.shape[1], device=out.device),
+                           indexing="ij")
+    offsets = element_offsets([b.unsqueeze(-1), ch.unsqueeze(-1), lead + t], out.stride())  # [B, 1 + dep_q, C]
+    flat = out.as_strided((out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
+    flat[offsets + out.storage_offset()] = torch.cat(losses, dim=1)
