@@ -148,9 +148,10 @@ class StreamingEvaluator:
         # The padded tail of the last chunk reads zero tokens; its outputs fall past T and are dropped.
         delayed = delayed_sequence(model, codes.to(device), length=n_steps * C + 1)  # [B, K, L + 1], once on device
         # One loss buffer for text (channel 0) and audio (1 .. dep_q), indexed by original time shifted right by
-        # `lead`, so the (discarded) rows of negative times at the start land in the lead columns.
+        # `lead`, so the (discarded) rows of negative times at the start land in the lead columns; plus the
+        # kernel's trash column at the end.
         lead = max(audio_delays(model) + [text_delay(model)])
-        losses = torch.full((B, 1 + model.dep_q, lead + n_steps * C), float("nan"), device=device)
+        losses = torch.full((B, 1 + model.dep_q, lead + n_steps * C + 1), float("nan"), device=device)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
         step = _Step(model, delayed, lengths.to(device), losses, counts, lead, C, self.loss_backend)
         with model.streaming(B):

@@ -8,12 +8,15 @@ and the step needs no host input (CUDA-graph safe):
 
 `ch` is the stream index (0 = text, 1 .. dep_q = audio codebooks, as in the codes), `j` the frame inside the
 chunk, `offset` the delayed step index read from a device int64 tensor, `lead = max(delays)` columns in front of
-time 0 so the rows of the first steps (t < 0) land somewhere harmless instead of needing a branch.
+time 0 so the rows of the first steps (t < 0) land somewhere harmless instead of needing a branch. The last
+column of `out` is a trash column: a row whose column `lead + t` falls outside [0, T_out - 1) writes its NaN
+there (a data-dependent skip would not be graph-safe), so the caller sizes `out` as lead + frames + 1.
 
 Validity (derived in the kernel, documented here once): a row is scored when its position is inside its own
 sequence, `0 <= t` and `offset + j < lengths[b]` (which is `t + delays[ch] < T_b`: exactly the delay mask of
-`LMModel.forward` on that sequence alone), and its target is a token of the vocabulary, `0 <= target < V` (the zero
-token -1, padding and the initial token fall outside). Other rows write NaN, never 0.0.
+`LMModel.forward` on that sequence alone), its column lies inside the buffer, and its target is a token of the
+vocabulary, `0 <= target < V` (the zero token -1, padding and the initial token fall outside). Other rows write
+NaN, never 0.0.
 
 Counters (`counts`, int64 [3], accumulated on the device, read once at the end):
     counts[0]  rows scored;
@@ -92,15 +95,16 @@ if triton is not None:
         loss = m + tl.log(s) - x_target
 
         col = lead + t
-        tl.store(
-            out_ptr + b * stride_ob + channel * stride_oc + col * stride_ot,
-            tl.where(valid, loss, float("nan")),
-            mask=(col >= 0) & (col < T_out),
-        )
-        tl.atomic_add(counts_ptr + 0, valid.to(tl.int64))
+        in_buffer = (col >= 0) & (col < T_out - 1)
+        valid = valid & in_buffer
+        col = tl.where(in_buffer, col, T_out - 1)  # the trash column
+        tl.store(out_ptr + b * stride_ob + channel * stride_oc + col * stride_ot, tl.where(valid, loss, float("nan")))
+        # Counters: relaxed atomics, issued only when there is something to add (most rows add to counts[0] only).
+        one = tl.full((), 1, tl.int64)
         nonfinite = (total != total) | (tl.abs(total) == float("inf"))
-        tl.atomic_add(counts_ptr + 1, (valid & nonfinite).to(tl.int64))
-        tl.atomic_add(counts_ptr + 2, (in_sequence & (target != ZERO) & ~in_vocab).to(tl.int64))
+        tl.atomic_add(counts_ptr + 0, one, mask=valid, sem="relaxed")
+        tl.atomic_add(counts_ptr + 1, one, mask=valid & nonfinite, sem="relaxed")
+        tl.atomic_add(counts_ptr + 2, one, mask=in_sequence & (target != ZERO) & ~in_vocab, sem="relaxed")
 
     @triton.jit
     def _step_cross_entropy_kernel(
@@ -113,28 +117,29 @@ if triton is not None:
         stride_ab, stride_ak, stride_ac, stride_av,  # audio logits [B, K_AUDIO, C, V_AUDIO]
         stride_tb, stride_tc, stride_tj,  # targets [B, 1 + K_AUDIO, C]
         stride_ob, stride_oc, stride_ot,  # out [B, 1 + K_AUDIO, T_out]
-        n_audio_rows,
+        n_text_rows,
         # constants
         ZERO: tl.constexpr, BLOCK_TEXT: tl.constexpr, BLOCK_AUDIO: tl.constexpr,
     ):
-        # One program per row: programs [0, B*K_AUDIO*C) score audio rows, the rest text rows.
+        # One program per row. The long text rows (32000 logits) take the first program ids so they start first
+        # and the short audio rows fill in behind them.
         pid = tl.program_id(0)
-        if pid < n_audio_rows:
+        if pid < n_text_rows:
             j = pid % C
-            k = (pid // C) % K_AUDIO
-            b = pid // (C * K_AUDIO)
-            _score_row(audio_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
-                       b, k, j, k + 1, V_AUDIO, T_out, lead,
-                       stride_ab, stride_ak, stride_ac, stride_av, stride_tb, stride_tc, stride_tj,
-                       stride_ob, stride_oc, stride_ot, ZERO, BLOCK_AUDIO)
-        else:
-            r = pid - n_audio_rows
-            j = r % C
-            b = r // C
+            b = pid // C
             _score_row(text_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
                        b, 0 * b, j, 0 * b, V_TEXT, T_out, lead,
                        stride_xb, stride_xk, stride_xc, stride_xv, stride_tb, stride_tc, stride_tj,
                        stride_ob, stride_oc, stride_ot, ZERO, BLOCK_TEXT)
+        else:
+            r = pid - n_text_rows
+            j = r % C
+            k = (r // C) % K_AUDIO
+            b = r // (C * K_AUDIO)
+            _score_row(audio_ptr, targets_ptr, delays_ptr, lengths_ptr, offset_ptr, out_ptr, counts_ptr,
+                       b, k, j, k + 1, V_AUDIO, T_out, lead,
+                       stride_ab, stride_ak, stride_ac, stride_av, stride_tb, stride_tc, stride_tj,
+                       stride_ob, stride_oc, stride_ot, ZERO, BLOCK_AUDIO)
 
 
 def triton_available() -> bool:
@@ -147,8 +152,13 @@ def triton_interpreted() -> bool:
 
 
 def _block(V: int) -> int:
-    # Large blocks: fewer loop trips on GPU, and far fewer interpreted numpy calls on CPU.
-    return min(triton.next_power_of_2(V), 4096)
+    # Large blocks: fewer dependent loop trips per row on GPU (a 32000-wide text row takes 4), and far fewer
+    # interpreted numpy calls on CPU.
+    return min(triton.next_power_of_2(V), 8192)
+
+
+def _warps(block: int) -> int:
+    return max(4, min(16, block // 512))  # about 16 logits per thread
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +177,7 @@ def step_cross_entropy_(
     backend: str = "torch",
 ) -> None:
     """Score one step in place (one launch). Never reads a device value on the host."""
+    _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
     if backend == "triton":
         _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
     elif backend == "torch":
@@ -175,19 +186,52 @@ def step_cross_entropy_(
         raise ValueError(f"unknown loss backend {backend!r}: use 'torch' or 'triton'")
 
 
+def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+    """Shapes, dtypes and devices only (host metadata, graph-safe): a mismatch would make the kernel read or
+    write past its buffers silently."""
+    if audio_logits.dim() != 4 or text_logits.dim() != 4:
+        shapes = f"text {tuple(text_logits.shape)}, audio {tuple(audio_logits.shape)}"
+        raise ValueError(f"logits must be [B, K, C, V]: {shapes}")
+    B, K, C, _ = audio_logits.shape
+    expected = {
+        "text_logits": (text_logits.shape[:3], (B, 1, C)),
+        "targets": (targets.shape, (B, 1 + K, C)),
+        "delays": (delays.shape, (1 + K,)),
+        "lengths": (lengths.shape, (B,)),
+        "offset": (offset.shape, ()),
+        "out": (out.shape[:2], (B, 1 + K)),
+        "counts": (counts.shape, (N_COUNTERS,)),
+    }
+    for name, (got, want) in expected.items():
+        if tuple(got) != tuple(want):
+            audio = tuple(audio_logits.shape)
+            raise ValueError(f"{name} has shape {tuple(got)}, expected {want} (audio logits {audio})")
+    for name, tensor in (("targets", targets), ("delays", delays), ("lengths", lengths), ("offset", offset),
+                         ("counts", counts)):
+        if tensor.dtype != torch.long:
+            raise ValueError(f"{name} must be int64, got {tensor.dtype}")
+    if out.dtype != torch.float32 or out.shape[2] < 2:
+        raise ValueError(f"out must be float32 with a trash column, got {out.dtype} {tuple(out.shape)}")
+    devices = {t.device for t in (text_logits, audio_logits, targets, delays, lengths, offset, out, counts)}
+    if len(devices) != 1:
+        raise ValueError(f"all step tensors must be on one device, got {sorted(map(str, devices))}")
+    if lead < 0:
+        raise ValueError(f"lead must be >= 0, got {lead}")
+
+
 def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
     B, K_audio, C, V_audio = audio_logits.shape
     V_text = text_logits.shape[-1]
-    n_audio_rows = B * K_audio * C
-    grid = (n_audio_rows + B * C,)
+    n_text_rows = B * C
+    grid = (n_text_rows + B * K_audio * C,)
     block_text, block_audio = _block(V_text), _block(V_audio)
     _step_cross_entropy_kernel[grid](
         text_logits, audio_logits, targets, delays, lengths, offset, out, counts,
         K_audio, C, V_text, V_audio, out.shape[2], lead,
         *text_logits.stride(), *audio_logits.stride(), *targets.stride(), *out.stride(),
-        n_audio_rows,
+        n_text_rows,
         ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
-        num_warps=8 if max(block_text, block_audio) >= 4096 else 4,
+        num_warps=_warps(max(block_text, block_audio)),
     )
 
 
@@ -240,19 +284,24 @@ def step_cross_entropy_torch_(
 ) -> None:
     """The kernel's contract in torch ops (see the module docstring); no host sync."""
     B, _, C, _ = audio_logits.shape
+    T_out = out.shape[2]
     step = offset + torch.arange(C, device=out.device)  # [C]
     t = step.view(1, 1, C) - delays.view(1, -1, 1)  # [1, 1 + dep_q, C]
+    col = lead + t
+    in_buffer = (col >= 0) & (col < T_out - 1)
+    col = torch.where(in_buffer, col, torch.full_like(col, T_out - 1))  # the trash column
     in_sequence = (t >= 0) & (step.view(1, 1, C) < lengths.view(-1, 1, 1))  # [B, 1 + dep_q, C]
+    scored = in_sequence & in_buffer
     new_counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=out.device)
     losses = []
-    for logits, tgt, pos in (
-        (text_logits, targets[:, :1], in_sequence[:, :1]),
-        (audio_logits, targets[:, 1:], in_sequence[:, 1:]),
+    for logits, tgt, pos, writable in (
+        (text_logits, targets[:, :1], in_sequence[:, :1], scored[:, :1]),
+        (audio_logits, targets[:, 1:], in_sequence[:, 1:], scored[:, 1:]),
     ):
         V = logits.shape[-1]
         x = logits.float()  # fp32 accumulation
         in_vocab = (tgt >= 0) & (tgt < V)
-        valid = pos & in_vocab
+        valid = writable & in_vocab
         safe = torch.where(in_vocab, tgt, torch.zeros_like(tgt))  # never an out-of-bounds read
         loss = F.cross_entropy(x.reshape(-1, V), safe.reshape(-1), reduction="none").view(tgt.shape)
         losses.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))))
@@ -264,6 +313,6 @@ def step_cross_entropy_torch_(
     # Write each row at out[b, ch, lead + t] through explicit int64 element offsets, like the kernel's stores.
     b, ch = torch.meshgrid(torch.arange(B, device=out.device), torch.arange(t.shape[1], device=out.device),
                            indexing="ij")
-    offsets = element_offsets([b.unsqueeze(-1), ch.unsqueeze(-1), lead + t], out.stride())  # [B, 1 + dep_q, C]
+    offsets = element_offsets([b.unsqueeze(-1), ch.unsqueeze(-1), col], out.stride())  # [B, 1 + dep_q, C]
     flat = out.as_strided((out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
     flat[offsets + out.storage_offset()] = torch.cat(losses, dim=1)

@@ -42,7 +42,10 @@ def run_step(backend, text, audio, targets, delays, lengths, offset, T_out, lead
 
 
 def reference_step(text, audio, targets, delays, lengths, offset, T_out, lead):
-    """Row by row in float64: where each row writes, what, and the three counters."""
+    """Row by row in float64: where each row writes, what, and the three counters.
+
+    A row writes at column lead + t, or at the trash column T_out - 1 when that falls outside [0, T_out - 1).
+    """
     B, K, C, _ = audio.shape
     out = torch.full((B, 1 + K, T_out), SENTINEL, dtype=torch.float64)
     counts = [0, 0, 0]
@@ -54,16 +57,16 @@ def reference_step(text, audio, targets, delays, lengths, offset, T_out, lead):
                 step = offset + j
                 t = step - delays[ch]
                 in_sequence = t >= 0 and step < lengths[b]
+                in_buffer = 0 <= lead + t < T_out - 1
                 in_vocab = 0 <= target < V
                 if in_sequence and target != -1 and not in_vocab:
                     counts[2] += 1
                 loss = NAN
-                if in_sequence and in_vocab:
+                if in_sequence and in_buffer and in_vocab:
                     counts[0] += 1
                     counts[1] += int(not torch.isfinite(row.double()).all())
                     loss = float(F.cross_entropy(row.double()[None], torch.tensor([target])))
-                if 0 <= lead + t < T_out:
-                    out[b, ch, lead + t] = loss
+                out[b, ch, lead + t if in_buffer else T_out - 1] = loss
     return out, counts
 
 
@@ -135,6 +138,33 @@ def test_masking_and_counts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_columns_outside_the_buffer_go_to_the_trash_column(backend):
+    text, audio, targets = make_case(B=1, K=2, C=3, V_text=20, V_audio=20, seed=6)
+    # Offset 1, frames j = 0..2: text (delay 0) has t = 1, 2, 3 and t = 3 is past the buffer (columns 0..2 hold
+    # data, column 3 is the trash); codebook 2 (delay 2) has t = -1, 0, 1 and lead 0 leaves t = -1 nowhere to go.
+    args = (text, audio, targets, [0, 1, 2], [10], 1, 4, 0)
+    out, counts = run_step(backend, *args)
+    expected, expected_counts = reference_step(*args)
+    assert_matches(out, expected, 1e-5)
+    assert counts == expected_counts == [7, 0, 0]
+    assert out[0, 0, 3].isnan() and out[0, 2, 3].isnan() and out[0, 1, 3] == SENTINEL
+    assert counts[0] == int(torch.isfinite(out).sum() - (out == SENTINEL).sum())  # only rows in the buffer scored
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_shapes_are_refused_before_launch(backend):
+    text, audio, targets = make_case(B=2, K=2, C=3, V_text=20, V_audio=20, seed=7)
+    with pytest.raises(ValueError, match="text_logits has shape"):
+        run_step(backend, text[:, :, :2], audio, targets, [0, 0, 1], [5, 5], 0, 6, 1)
+    with pytest.raises(ValueError, match="targets has shape"):
+        run_step(backend, text, audio, targets[:, :2], [0, 0, 1], [5, 5], 0, 6, 1)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        run_step(backend, text, audio, targets.int(), [0, 0, 1], [5, 5], 0, 6, 1)
+    with pytest.raises(ValueError, match="lengths has shape"):
+        run_step(backend, text, audio, targets, [0, 0, 1], [5], 0, 6, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_step_writes_nan_and_counts_nothing(backend):
     text, audio, targets = make_case(B=2, K=2, C=3, V_text=30, V_audio=20, seed=3)
     targets.fill_(-1)
@@ -181,6 +211,22 @@ def test_offset_comes_from_the_device_counter(backend):
     assert counts == [12, 0, 0] and int(offset) == 2
 
 
+def test_twin_never_reads_the_device_on_the_host(monkeypatch):
+    """The torch twin runs inside the captured step: any host read of a tensor value raises here."""
+    text, audio, targets = make_case(B=2, K=2, C=3, V_text=20, V_audio=20, seed=8)
+    args = [text, audio, targets, torch.tensor([0, 0, 1]), torch.tensor([5, 5]), torch.tensor(1),
+            torch.full((2, 3, 9), SENTINEL), torch.zeros(ce.N_COUNTERS, dtype=torch.long)]
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host read of a device value")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ce.step_cross_entropy_(*args, lead=1, backend="torch")
+    monkeypatch.undo()
+    assert args[-1].tolist()[0] > 0
+
+
 def test_int64_offsets_do_not_wrap():
     """`row * stride` past 2^31 must stay exact. Only the index math runs: no 2^31-element tensor is allocated.
 
@@ -212,8 +258,11 @@ def random_step(draw, max_rows):
     delays = [draw(st.integers(0, 3)) for _ in range(1 + K)]
     lengths = [draw(st.integers(1, 12)) for _ in range(B)]
     offset = draw(st.integers(0, 8))
-    lead = max(delays)
-    return text, audio, targets, delays, lengths, offset, lead + offset + C, lead
+    # Usually the driver's sizes (lead = max delay, room for the chunk + the trash column); sometimes a lead or
+    # a buffer too small, so columns fall outside and go to the trash column.
+    lead = draw(st.sampled_from([max(delays), max(delays), draw(st.integers(0, 3))]))
+    T_out = draw(st.sampled_from([lead + offset + C + 1, lead + offset + C + 1, draw(st.integers(2, 12))]))
+    return text, audio, targets, delays, lengths, offset, T_out, lead
 
 
 def check_against_reference(backend, case):
@@ -259,3 +308,86 @@ def test_triton_on_cpu_without_interpreter_says_how(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+_COMPILE_FOR_H100 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_stream.kernels import cross_entropy as ce
+
+fn = ce._step_cross_entropy_kernel
+sig = {name: "i32" for name in fn.arg_names}
+sig.update(text_ptr="*" + sys.argv[1], audio_ptr="*" + sys.argv[1], targets_ptr="*i64", delays_ptr="*i64",
+           lengths_ptr="*i64", offset_ptr="*i64", out_ptr="*fp32", counts_ptr="*i64")
+const = {"ZERO": -1, "BLOCK_TEXT": ce._block(32000), "BLOCK_AUDIO": ce._block(2048)}
+sig.update({k: "constexpr" for k in const})
+kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": ce._warps(const["BLOCK_TEXT"])})
+addptr = [line.split("loc(")[0].strip() for line in kernel.asm["ttir"].splitlines() if "tt.addptr" in line]
+print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "addptr": addptr}))
+"""
+
+
+@pytest.mark.skipif(not ce.triton_available(), reason="no triton")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernel_compiles_for_h100_with_int64_addressing(dtype):
+    """Without a GPU: compile the real kernel (not the interpreter) for sm_90 down to a cubin, and read its
+    Triton IR: every address into logits, targets and the loss buffer must be computed with int64 offsets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, dtype], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cubin_bytes"] > 0
+    data = [line for line in report["addptr"] if "counts_ptr" not in line]
+    assert len(data) >= 10  # text and audio branches: logits rows, targets, delays, lengths, target logit, out
+    narrow = [line for line in data if not line.endswith("i64") and not line.endswith("xi64>")]
+    assert not narrow, f"32-bit address arithmetic: {narrow}"
+
+
+@pytest.mark.gpu
+def test_kernel_step_replays_in_a_cuda_graph():
+    """Launch + counter advance captured once, replayed twice: writes land at consecutive offsets, as eager."""
+    device = torch.device("cuda")
+    text, audio, targets = (x.to(device) for x in make_case(B=2, K=8, C=4, V_text=32000, V_audio=2048, seed=9))
+    delays, lengths = torch.tensor([0, 0] + [1] * 7, device=device), torch.tensor([50, 30], device=device)
+
+    def buffers():
+        out = torch.full((2, 9, 1 + 20 + 1), SENTINEL, device=device)
+        counts = torch.zeros(ce.N_COUNTERS, dtype=torch.long, device=device)
+        offset = torch.zeros((), dtype=torch.long, device=device)
+        return out, counts, offset
+
+    out_e, counts_e, offset_e = buffers()
+    for _ in range(2):
+        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_e, out_e, counts_e, 1, "triton")
+        ce.advance_(offset_e, 4)
+    out_g, counts_g, offset_g = buffers()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compilation) outside the capture, then reset the buffers
+        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    out_g.fill_(SENTINEL)
+    counts_g.zero_()
+    offset_g.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
+        ce.advance_(offset_g, 4)
+    out_g.fill_(SENTINEL)
+    counts_g.zero_()
+    offset_g.zero_()
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out_g.isnan(), out_e.isnan())
+    torch.testing.assert_close(out_g, out_e, rtol=0, atol=0, equal_nan=True)
+    assert counts_g.tolist() == counts_e.tolist() and int(offset_g) == 8
