@@ -24,6 +24,11 @@ def text_delay(model: LMModel) -> int:
     return int(model.delays[0])
 
 
+def scored_delays(model: LMModel) -> list[int]:
+    """Delays of the scored streams in stream order: text, then the dep_q audio codebooks (the loss channels)."""
+    return [text_delay(model)] + audio_delays(model)
+
+
 def initial_tokens(model: LMModel) -> torch.Tensor:
     """[K] the token each stream reads before its first code (moshi's `_get_initial_token`)."""
     return torch.tensor(

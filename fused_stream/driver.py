@@ -21,7 +21,7 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
-from .alignment import audio_delays, delayed_sequence, text_delay, valid_masks
+from .alignment import delayed_sequence, scored_delays, valid_masks
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
 from .kernels.cross_entropy import N_COUNTERS, advance_, check_backend, step_cross_entropy_
 from .result import EvalResult, empty_result, fill_rows
@@ -150,7 +150,7 @@ class StreamingEvaluator:
         # One loss buffer for text (channel 0) and audio (1 .. dep_q), indexed by original time shifted right by
         # `lead`, so the (discarded) rows of negative times at the start land in the lead columns; plus the
         # kernel's trash column at the end.
-        lead = max(audio_delays(model) + [text_delay(model)])
+        lead = max(scored_delays(model))
         losses = torch.full((B, 1 + model.dep_q, lead + n_steps * C + 1), float("nan"), device=device)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
         step = _Step(model, delayed, lengths.to(device), losses, counts, lead, C, self.loss_backend)
@@ -183,7 +183,7 @@ class _Step:
         device = delayed.device
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
         self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
-        self.delays = torch.tensor(model.delays[: 1 + model.dep_q], device=device)  # [1 + dep_q]
+        self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
         self.lead, self.chunk, self.backend = lead, chunk, backend
 
     def __call__(self) -> None:
