@@ -1,58 +1,82 @@
 """The exact teacher-forced streaming driver: one frame (or an exact chunk of C frames) per step.
 
-A frame's path: the whole delayed sequence D [B, K, L] sits on the device; at step s the driver gathers
-D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
-C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, and one launch of
-`kernels.cross_entropy` scores every row and writes it into a preallocated loss buffer at original time
-t = s + j - delay_k; `pos` then advances on the device.
-Nothing in the step loop reads a device value on the host; the losses are copied to the host once per batch,
-after its last step.
+`evaluate()` checks the codes, sizes the batches against free memory (`preflight`), then for each batch: copies it
+into a `stream.Stream` (static device buffers and the model's streaming state, allocated once per (B, C) shape
+and reset in place), runs its steps — replays of a CUDA graph on GPU (`graphs`), eager calls elsewhere — and
+copies the losses to the host once, after the batch's last step. A background `monitor.Monitor` samples memory
+and the host-side frame count meanwhile; its verdict (constant memory) and throughput land in `result.report`.
+Nothing in the step loop reads a device value on the host.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
-from .alignment import delayed_sequence, scored_delays, valid_masks
+from .alignment import valid_masks
+from .graphs import GRAPH_MODES, GraphedStep, graphs_wanted, verify_replay
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
-from .kernels.cross_entropy import N_COUNTERS, advance_, check_backend, step_cross_entropy_
+from .kernels.cross_entropy import N_COUNTERS, check_backend
+from .monitor import Monitor
+from .preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
 from .result import EvalResult, empty_result, fill_rows
 from .runtime import inference_mode
+from .stream import Stream, enlarge_kv_caches, streaming_state_bytes
+from .throughput import throughput_report
 
-ProgressFn = Callable[[int, int], None]  # (steps done, total steps), called from the host-side step count
+__all__ = ["EvalConfig", "StreamingEvaluator", "ConstantMemoryError", "enlarge_kv_caches", "streaming_state_bytes"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (calls done, total calls), called from the host-side step count
+
+
+class ConstantMemoryError(AssertionError):
+    """assert_constant_memory=True and memory grew with the frames processed."""
 
 
 @dataclass
 class EvalConfig:
     chunk_size: int = 1  # frames per step: 1 = frame mode (deployment semantics), C > 1 = exact chunk mode
-    batch_size: int | None = None  # sequences per batch; None = all at once
+    batch_size: int | str | None = None  # sequences per batch; None = all at once; "auto" = the most that fit
     device: str | None = None  # move the model there first; None = where the model is
     dtype: str | torch.dtype | None = None  # cast the model first ("bfloat16", torch.float32, ...); None = as is
     loss_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton" (CPU: interpreter only)
-    cuda_graphs: str = "auto"  # "auto" | "off" (graph capture arrives with the graph runner)
+    cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" (capture failure raises) | "off"
+    graph_unroll: int = 1  # steps per graph replay (batch lengths padded to a multiple of C * U, padding masked)
+    verify_graph: int = 0  # N > 0: per new shape, N replays must equal N eager calls bit for bit
     invalid_tokens: str = "raise"  # "raise" a ValueError, or "mask" bad tokens and count them
-    progress: bool | ProgressFn = False  # tqdm bar, or a callback (steps done, total steps)
+    memory_limit: int | None = None  # bytes the run may use (default: free device memory / available RAM)
+    assert_constant_memory: bool = False  # raise ConstantMemoryError when the monitor sees memory grow
+    monitor_interval: float = 0.1  # seconds between memory samples
+    progress: bool | ProgressFn = False  # tqdm bar, or a callback (calls done, total calls)
 
     def validate(self) -> None:
         if not _is_positive_int(self.chunk_size):
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        if self.batch_size is not None and not _is_positive_int(self.batch_size):
-            raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
+        if not (self.batch_size is None or self.batch_size == "auto" or _is_positive_int(self.batch_size)):
+            raise ValueError(f"batch_size must be None, 'auto' or an int >= 1, got {self.batch_size!r}")
         self.torch_dtype()
         if self.loss_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"loss_backend must be 'auto', 'torch' or 'triton', got {self.loss_backend!r}")
-        if self.cuda_graphs not in ("auto", "off"):
-            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not available yet: use 'auto' or 'off'")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs must be one of {GRAPH_MODES}, got {self.cuda_graphs!r}")
+        if not _is_positive_int(self.graph_unroll):
+            raise ValueError(f"graph_unroll must be an int >= 1, got {self.graph_unroll!r}")
+        if not (_is_positive_int(self.verify_graph) or self.verify_graph == 0) or isinstance(self.verify_graph, bool):
+            raise ValueError(f"verify_graph must be an int >= 0, got {self.verify_graph!r}")
         if self.invalid_tokens not in INVALID_TOKEN_POLICIES:
             raise ValueError(f"invalid_tokens must be one of {INVALID_TOKEN_POLICIES}, got {self.invalid_tokens!r}")
+        if self.memory_limit is not None and not _is_positive_int(self.memory_limit):
+            raise ValueError(f"memory_limit must be None or a number of bytes >= 1, got {self.memory_limit!r}")
+        if not (isinstance(self.monitor_interval, (int, float)) and self.monitor_interval > 0):
+            raise ValueError(f"monitor_interval must be a number of seconds > 0, got {self.monitor_interval!r}")
 
     def torch_dtype(self) -> torch.dtype | None:
         """`dtype` as a torch.dtype (None = keep the model's)."""
@@ -98,163 +122,196 @@ class StreamingEvaluator:
         model, cfg = self.model, self.config
         checked = check_codes(model, codes, cfg.invalid_tokens)
         lengths = [s.shape[1] for s in checked.sequences]
-        batches = batches_by_length(lengths, cfg.batch_size)
-        total_steps = sum(math.ceil(lengths[rows[0]] / cfg.chunk_size) for rows in batches)
+        preflight = self._preflight(lengths)
+        batches = batches_by_length(lengths, preflight["batch_size"])
+        frames_per_call = cfg.chunk_size * cfg.graph_unroll
+        total_calls = sum(math.ceil(lengths[rows[0]] / frames_per_call) for rows in batches)
         result = empty_result(len(lengths), model.dep_q, max(lengths))
         result.n_masked_tokens = checked.n_masked_tokens
-        progress = _Progress(cfg.progress, total_steps)
-        state_bytes: list[int] = []
+        log.info(
+            "streaming %d sequences (%d frames, longest %d) on %s: B=%d, C=%d, graphs=%s; estimated %.2f GiB, "
+            "%.2f GiB available (%s); context utilization %.2f",
+            len(lengths), sum(lengths), max(lengths), self.device, preflight["batch_size"], cfg.chunk_size,
+            cfg.cuda_graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
+            preflight["available_source"], _context_utilization(model, lengths),
+        )
+        progress = _Progress(cfg.progress, total_calls)
+        runner = _StreamRunner(model, cfg, self.loss_backend)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long)
+        monitor = Monitor(self.device, interval=cfg.monitor_interval)
         start = time.perf_counter()
         try:
-            with inference_mode(model):
+            with inference_mode(model), monitor:
                 for rows in batches:
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
-                    losses, text_losses, batch_counts, nbytes = self._evaluate_batch(batch, batch_lengths, progress)
+                    losses, text_losses, batch_counts = runner.run(batch, batch_lengths, progress, monitor)
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
                     fill_rows(result, rows, losses, text_losses, valid, text_valid, batch_lengths)
-                    state_bytes.append(nbytes)
                     counts += batch_counts
         finally:
             progress.close()
+            runner.close()
         elapsed = time.perf_counter() - start
+        memory = monitor.report()
+        preflight["measured_peak_increase_bytes"] = _peak_increase(memory)
         result.report.update(
             path="streaming",
             chunk_size=cfg.chunk_size,
+            batch_size=preflight["batch_size"],
             loss_backend=self.loss_backend,
             batches=len(batches),
-            steps=total_steps,
+            steps=total_calls * cfg.graph_unroll,
             frames=sum(lengths),
             seconds=elapsed,
             frames_per_second=sum(lengths) / elapsed if elapsed > 0 else float("nan"),
-            state_bytes=max(state_bytes),
+            state_bytes=runner.max_state_bytes,
             scored_positions=int(counts[0]),  # counted on the device by the loss kernel
             nonfinite_logit_rows=int(counts[1]),
             bad_targets=int(counts[2]),
+            context_utilization=_context_utilization(model, lengths),
+            cuda_graphs=runner.graph_report(),
+            memory=memory,
+            constant_memory=memory.get("constant_memory"),
+            preflight=preflight,
+            throughput=throughput_report(model, cfg, preflight, memory, self.device, total_calls, elapsed),
         )
+        self._log_done(result.report)
+        if cfg.assert_constant_memory and memory.get("constant_memory") is False:
+            raise ConstantMemoryError(
+                f"memory grew by {memory['implied_growth_bytes'] / 2**20:.2f} MiB over the run "
+                f"(tolerance {memory['tolerance_bytes'] / 2**20:.2f} MiB, {memory['memory_source']})"
+            )
         return result
 
-    def _evaluate_batch(
-        self, codes: torch.Tensor, lengths: torch.Tensor, progress: _Progress
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Stream one padded batch codes [B, K, T] of `lengths`.
+    def _preflight(self, lengths: list[int]) -> dict:
+        """Resolve batch_size and check that the run fits, before anything is allocated."""
+        cfg, model = self.config, self.model
+        graphs = graphs_wanted(cfg.cuda_graphs, self.device)[0]  # the graph pool needs a margin
+        available, source = available_bytes(self.device)
+        if cfg.memory_limit is not None:
+            available, source = min(available, cfg.memory_limit), f"memory_limit ({source})"
+        frames = math.ceil(max(lengths) / (cfg.chunk_size * cfg.graph_unroll)) * cfg.chunk_size * cfg.graph_unroll
+        if cfg.batch_size == "auto":
+            batch_size = pick_batch_size(model, len(lengths), cfg.chunk_size, frames, available, cuda_graphs=graphs)
+        else:
+            batch_size = min(len(lengths), cfg.batch_size or len(lengths))
+        estimate = estimate_run_bytes(model, batch_size, cfg.chunk_size, frames, cuda_graphs=graphs)
+        check_fits(estimate, available, source)
+        return {
+            "batch_size": batch_size,
+            "estimate": estimate.as_dict() | {"run_bytes": estimate.run_bytes, "total": estimate.total},
+            "available_bytes": available,
+            "available_source": source,
+        }
 
-        Returns host tensors: losses [B, dep_q, T], text losses [B, 1, T], loss counters [3]; and state bytes.
-        """
-        model, C = self.model, self.config.chunk_size
-        device = self.device
-        B, _, T = codes.shape
-        n_steps = math.ceil(T / C)
-        # The padded tail of the last chunk reads zero tokens; its outputs fall past T and are dropped.
-        delayed = delayed_sequence(model, codes.to(device), length=n_steps * C + 1)  # [B, K, L + 1], once on device
-        # One loss buffer for text (channel 0) and audio (1 .. dep_q), indexed by original time shifted right by
-        # `lead`, so the (discarded) rows of negative times at the start land in the lead columns; plus the
-        # kernel's trash column at the end.
-        lead = max(scored_delays(model))
-        losses = torch.full((B, 1 + model.dep_q, lead + n_steps * C + 1), float("nan"), device=device)
-        counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
-        step = _Step(model, delayed, lengths.to(device), losses, counts, lead, C, self.loss_backend)
-        with model.streaming(B):
-            if C > 1:
-                enlarge_kv_caches(model, context_extra=C - 1)
-            for _ in range(n_steps):
-                step()
-                progress.advance()
-            nbytes = streaming_state_bytes(model) + step.nbytes()
-        host = losses[:, :, lead : lead + T].cpu()  # the batch's copy to host, after its last step
-        return host[:, 1:], host[:, :1], counts.cpu(), nbytes
-
-
-class _Step:
-    """One streaming step; all its inputs and outputs are device tensors, its position a device counter."""
-
-    def __init__(
-        self,
-        model: LMModel,
-        delayed: torch.Tensor,  # [B, K, L + 1]
-        lengths: torch.Tensor,  # [B] int64
-        losses: torch.Tensor,  # [B, 1 + dep_q, lead + L] float32: text, then audio codebooks
-        counts: torch.Tensor,  # [3] int64 loss counters (see kernels.cross_entropy)
-        lead: int,
-        chunk: int,
-        backend: str,
-    ) -> None:
-        self.model, self.delayed, self.lengths, self.losses, self.counts = model, delayed, lengths, losses, counts
-        device = delayed.device
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
-        self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
-        self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
-        self.lead, self.chunk, self.backend = lead, chunk, backend
-
-    def __call__(self) -> None:
-        model, C = self.model, self.chunk
-        cols = self.delayed.index_select(2, self.pos + self.window)  # [B, K, C + 1]
-        transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
-        logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
-        targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
-        step_cross_entropy_(
-            text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
-            self.lead, self.backend,
-        )
-        advance_(self.pos, C)
-
-    def nbytes(self) -> int:
-        """Bytes of the per-step working tensors (excluding the [B, K, T] inputs and loss outputs)."""
-        tensors = (self.pos, self.window, self.delays, self.lengths, self.counts)
-        return sum(t.untyped_storage().nbytes() for t in tensors)
-
-
-def enlarge_kv_caches(model: LMModel, context_extra: int) -> None:
-    """Give every temporal-transformer ring KV cache `context + context_extra` slots (call inside streaming()).
-
-    Why: moshi sizes the ring to `context`. A chunk writes its C keys before its C queries attend, so the ring
-    then holds only the last `context` positions, ending at the chunk's last frame; the chunk's first query
-    needs keys reaching back `context - 1` frames before *its own* position, C - 1 of which were just
-    overwritten. With `context + C - 1` slots every needed key is still there; the attention mask
-    (delta < context) still limits each query to exactly `context` keys, so results equal frame mode.
-    """
-    for module in model.transformer.modules():
-        if not isinstance(module, StreamingMultiheadAttention):
-            continue
-        state = module._streaming_state
-        if state is None or state.kv_cache is None or module.context is None:
-            continue
-        old = state.kv_cache
-        _, batch, heads, _, dim_per_head = old.cache.shape
-        respect_exec_mask, device, dtype = old.respect_exec_mask, old.cache.device, old.cache.dtype
-        # Drop every reference to the old ring before allocating the larger one: for Moshi 7B at B = 32 the
-        # two would coexist for 1.5 GB per layer otherwise.
-        state.kv_cache = old = None
-        state.kv_cache = RingKVCache(
-            batch, heads, dim_per_head, module.context + context_extra,
-            respect_exec_mask=respect_exec_mask, device=device, dtype=dtype,
+    def _log_done(self, report: dict) -> None:
+        memory, graphs = report["memory"], report["cuda_graphs"]
+        log.info(
+            "done: %d frames in %.1f s (%.1f frames/s, steady %s); peak memory %s (%s), constant memory: %s; "
+            "graphs: %s",
+            report["frames"], report["seconds"], report["frames_per_second"],
+            _fmt(report["throughput"].get("steady_frames_per_second"), "{:.1f}"),
+            _fmt(memory.get("peak_bytes"), "{:,} B"), memory.get("memory_source"), memory.get("constant_memory"),
+            graphs["reason"],
         )
 
 
-def streaming_state_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the tensors of every streaming state of `model` (KV caches, offsets, masks)."""
-    seen: set[int] = set()
-    total = 0
+class _StreamRunner:
+    """Holds the current Stream and its GraphedStep; re-opens (and re-captures) only when (B, capacity) changes."""
 
-    def visit(obj: Any, depth: int = 0) -> None:
-        nonlocal total
-        if depth > 4 or obj is None:
-            return
-        if isinstance(obj, torch.Tensor):
-            if obj.data_ptr() not in seen:
-                seen.add(obj.data_ptr())
-                total += obj.untyped_storage().nbytes()
-            return
-        if isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item, depth + 1)
-        elif hasattr(obj, "__dict__"):
-            for value in vars(obj).values():
-                visit(value, depth + 1)
+    def __init__(self, model: LMModel, config: EvalConfig, backend: str) -> None:
+        self.model, self.config, self.backend = model, config, backend
+        self.stream: Stream | None = None
+        self.graphed: GraphedStep | None = None
+        device = next(model.parameters()).device
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # one pool for the run
+        self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
+        self.opened = self.captures = 0
+        self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
+        self.verified_calls = 0
+        self.max_state_bytes = 0
+        self.reason = "no batch run"
 
-    for module in model.modules():
-        visit(getattr(module, "_streaming_state", None))
-    return total
+    def run(
+        self, batch: torch.Tensor, lengths: torch.Tensor, progress: _Progress, monitor: Monitor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stream one padded batch codes [B, K, T]; host tensors (audio [B, dep_q, T], text [B, 1, T], counts)."""
+        B, _, T = batch.shape
+        fresh = self.stream is None or not self.stream.fits(B, T)
+        if fresh:
+            self._open(B, T)
+        stream = self.stream
+        stream.load(batch.to(stream.losses.device), lengths)
+        if fresh:
+            self._capture(stream)
+        graphed = self.graphed
+        host_lengths = lengths.tolist()
+        per_call = stream.frames_per_call
+        start = time.perf_counter()
+        for call in range(stream.n_calls):
+            graphed.step()
+            progress.advance()
+            lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
+            monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
+        out = stream.host_losses(T)  # the batch's one host copy: waits for its last step
+        seconds = time.perf_counter() - start
+        if graphed.graphed:
+            self.graphed_seconds += seconds
+        else:
+            self.eager_seconds += seconds
+        return out
+
+    def _open(self, batch_size: int, frames: int) -> None:
+        self.close()
+        self.stream = Stream(self.model, batch_size, self.config.chunk_size, frames, self.backend,
+                             unroll=self.config.graph_unroll)
+        self.max_state_bytes = max(self.max_state_bytes, self.stream.state_bytes())
+        self.opened += 1
+
+    def _capture(self, stream: Stream) -> None:
+        """Capture (needs the loaded batch for warm-up) and optionally verify replay against eager."""
+        self.graphed = GraphedStep(stream, self.config.cuda_graphs, pool=self.pool)
+        self.capture_seconds += self.graphed.capture_seconds
+        self.captures += self.graphed.graphed
+        self.reason = self.graphed.reason
+        if self.config.verify_graph:
+            self.verified_calls += verify_replay(self.graphed, self.config.verify_graph, self.names, stream.lead)
+        log.debug("stream opened: B=%d, capacity %d, %s", stream.batch_size, stream.capacity, self.reason)
+
+    def graph_report(self) -> dict:
+        return {
+            "setting": self.config.cuda_graphs,
+            "graphed": self.opened > 0 and self.captures == self.opened,
+            "reason": self.reason,
+            "unroll": self.config.graph_unroll,
+            "streams_opened": self.opened,
+            "captures": self.captures,
+            "capture_seconds": self.capture_seconds,
+            "graphed_seconds": self.graphed_seconds,
+            "eager_seconds": self.eager_seconds,
+            "verified_calls": self.verified_calls,
+        }
+
+    def close(self) -> None:
+        if self.graphed is not None:
+            self.graphed.release()
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = self.graphed = None
+
+
+def _context_utilization(model: LMModel, lengths: list[int]) -> float:
+    """How much of the attention window the longest sequence fills (1.0 = it reaches past the context)."""
+    return min(1.0, max(lengths) / model.context)
+
+
+def _peak_increase(memory: dict) -> int | None:
+    peak, baseline = memory.get("peak_bytes"), memory.get("baseline_bytes")
+    return None if peak is None or baseline is None else peak - baseline
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "n/a" if value is None else spec.format(value)
 
 
 class _Progress:

@@ -9,13 +9,16 @@ The full LibriLight CLI (audio, Mimi, metrics, reports) builds on this module.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import torch
 
 from .data import generate_codes
 from .driver import EvalConfig, StreamingEvaluator
+from .graphs import GraphCaptureError
 from .models import PRESETS, load_model
+from .preflight import PreflightError
 from .reference import batch_losses
 from .result import EvalResult
 
@@ -33,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", type=int, default=4, metavar="N", help="number of synthetic sequences")
     p.add_argument("--frames", type=int, default=200, help="frames per synthetic sequence")
     p.add_argument("--chunk-size", type=int, default=16, help="frames per step of the chunk-mode run (1 = frame only)")
-    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0: all at once)")
+    p.add_argument("--batch-size", type=_batch_size, default=0,
+                   help="sequences per batch (0: all at once; auto: the most that fit in free memory)")
     p.add_argument("--loss-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="per-step loss: auto = fused Triton kernel on CUDA, torch twin on CPU "
                         "(triton on CPU needs TRITON_INTERPRET=1)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay each step as a CUDA graph (auto: on CUDA; on: fail if capture fails); "
+                        "FUSED_STREAM_NO_CUDA_GRAPH=1 forces off")
+    p.add_argument("--verify-graph", type=int, default=0, metavar="N",
+                   help="check N graph replays against N eager steps bit for bit (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and codes")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the batch path (O(T^2) memory)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -49,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("generate", "frames", "chunk_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.batch_size < 0:
-        parser.error("--batch-size must be >= 0")
+    if args.verify_graph < 0:
+        parser.error("--verify-graph must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         device = None if args.device == "auto" else args.device
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -66,14 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     for chunk in chunk_sizes:
         config = EvalConfig(
             chunk_size=chunk, batch_size=args.batch_size or None, loss_backend=args.loss_backend,
-            progress=args.progress,
+            cuda_graphs=args.cuda_graphs, verify_graph=args.verify_graph, progress=args.progress,
         )
         try:
             evaluator = StreamingEvaluator(model, config)
         except (ValueError, RuntimeError) as exc:  # e.g. loss_backend='triton' on CPU without the interpreter
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        results[chunk] = evaluator.evaluate(codes)
+        try:
+            results[chunk] = evaluator.evaluate(codes)
+        except (PreflightError, GraphCaptureError) as exc:  # the run cannot fit, or cuda_graphs="on" cannot capture
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         _print_result(f"streaming C={chunk}", results[chunk])
     if args.no_check:
         return 0
@@ -102,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 or 'auto'")
+    return value
+
+
 def _print_result(name: str, result: EvalResult) -> None:
     means = result.mean_losses()
     per_codebook = " ".join(f"{means[f'audio_{k}']:.3f}" for k in range(result.losses.shape[1]))
@@ -110,6 +133,17 @@ def _print_result(name: str, result: EvalResult) -> None:
         name = f"{name} ({backend})"
     print(f"{name:>32}: {result.report['frames_per_second']:9.1f} frames/s | audio {means['audio']:.4f} "
           f"[{per_codebook}] | text {means['text']:.4f}")
+    memory = result.report.get("memory")
+    if memory:  # streaming runs: the monitor's verdict and the preflight estimate beside the measured peak
+        estimate = result.report["preflight"]["estimate"]["run_bytes"]
+        measured = result.report["preflight"]["measured_peak_increase_bytes"]
+        print(f"{'':>32}  memory ({memory['memory_source']}): constant {memory['constant_memory']} "
+              f"({memory['reason'] or 'flat after warm-up'}); run estimate {estimate / 2**20:.1f} MiB, measured "
+              f"peak increase {_mib(measured)}; graphs: {result.report['cuda_graphs']['reason']}")
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
 
 
 if __name__ == "__main__":

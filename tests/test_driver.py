@@ -8,8 +8,8 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream import driver as driver_module
-from fused_stream.driver import EvalConfig, StreamingEvaluator
+from fused_stream import stream as stream_module
+from fused_stream.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
 from fused_stream.kernels.cross_entropy import triton_interpreted
 from fused_stream.reference import batch_losses
 
@@ -89,7 +89,7 @@ def test_chunk_mode_needs_the_enlarged_ring(tiny_model, make_codes, monkeypatch)
     """Without `context + C - 1` ring slots the first queries of a chunk lose keys: the parity tests would see it."""
     codes = make_codes(tiny_model, 64, seed=3)
     audio, _, _, _ = forward_losses(tiny_model, codes)
-    monkeypatch.setattr(driver_module, "enlarge_kv_caches", lambda model, context_extra: None)
+    monkeypatch.setattr(stream_module, "enlarge_kv_caches", lambda model, context_extra: None)
     broken = evaluate(tiny_model, codes, chunk_size=8)
     diff = (broken.losses.double() - audio).abs().nan_to_num(0.0).max()
     assert diff > 1e-3, "moshi's context-sized ring should make chunk mode inexact"
@@ -208,7 +208,7 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(torch, name, guarded_fn)
-    original_call = driver_module._Step.__call__
+    original_call = stream_module.Step.__call__
 
     def guarded_step(self):
         in_step["on"] = True
@@ -217,7 +217,7 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
         finally:
             in_step["on"] = False
 
-    monkeypatch.setattr(driver_module._Step, "__call__", guarded_step)
+    monkeypatch.setattr(stream_module.Step, "__call__", guarded_step)
     codes = make_codes(tiny_model, 30, seed=12)
     for chunk in (1, 8):
         result = evaluate(tiny_model, codes, chunk_size=chunk)
@@ -227,7 +227,8 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
 @pytest.mark.parametrize(
     "field,value",
     [("chunk_size", True), ("batch_size", True), ("dtype", "cuda"), ("dtype", "int64"), ("dtype", "float33"),
-     ("loss_backend", "cupy"), ("cuda_graphs", "always")],
+     ("loss_backend", "cupy"), ("cuda_graphs", "always"), ("batch_size", "most"), ("graph_unroll", 0),
+     ("verify_graph", -1), ("verify_graph", True), ("memory_limit", 0), ("monitor_interval", 0)],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -255,7 +256,7 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
     sequences = make_codes(model, [64, 20, 45], seed=14)
     reference = batch_losses(model, sequences)
     evaluate(model, sequences, chunk_size=chunk)  # first call: moshi's lazy torch.compile, cuBLAS init
-    original_call = driver_module._Step.__call__
+    original_call = stream_module.Step.__call__
 
     def step_that_must_not_sync(self):
         torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
@@ -264,8 +265,76 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(driver_module._Step, "__call__", step_that_must_not_sync)
-    result = evaluate(model, sequences, chunk_size=chunk)
+    monkeypatch.setattr(stream_module.Step, "__call__", step_that_must_not_sync)
+    result = evaluate(model, sequences, chunk_size=chunk, cuda_graphs="off")  # eager: __call__ runs every step
     assert torch.equal(result.valid, reference.valid)
     assert_losses_close(result.losses, reference.losses)
     assert_losses_close(result.text_losses, reference.text_losses)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run's report: memory monitor, preflight, throughput, logging
+# --------------------------------------------------------------------------------------------------------------
+def test_report_carries_memory_preflight_and_throughput(tiny_model, make_codes, caplog):
+    codes = make_codes(tiny_model, [40, 25], seed=20)
+    with caplog.at_level("INFO", logger="fused_stream.driver"):
+        report = evaluate(tiny_model, codes, chunk_size=4, monitor_interval=0.01).report
+    assert report["memory"]["memory_source"] == "rss" and "cpu" in report["memory"]["memory_source_reason"]
+    assert report["memory"]["peak_bytes"] >= report["memory"]["baseline_bytes"] > 0
+    assert report["preflight"]["batch_size"] == report["batch_size"] == 2
+    assert report["preflight"]["estimate"]["kv_cache"] > 0
+    assert report["preflight"]["measured_peak_increase_bytes"] is not None
+    assert report["throughput"]["steps_per_second"] > 0
+    assert "no bandwidth" in report["throughput"]["bound_reason"]  # CPU: no roofline, and it says why
+    assert report["context_utilization"] == 1.0  # 40 frames > the tiny context of 16
+    assert report["cuda_graphs"]["graphed"] is False and report["cuda_graphs"]["reason"] == "device is cpu"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("streaming 2 sequences") for m in messages)
+    assert any(m.startswith("done: 65 frames") for m in messages)
+
+
+@pytest.mark.slow
+def test_a_20k_frame_run_has_constant_memory(tiny_model, make_codes):
+    """20k frames of `tiny` (B=4 x 5000, chunk 2): the RSS slope after warm-up implies < max(1 MiB, 0.5 %)."""
+    codes = make_codes(tiny_model, [5000] * 4, seed=21)
+    result = evaluate(tiny_model, codes, chunk_size=2, monitor_interval=0.02, assert_constant_memory=True)
+    memory = result.report["memory"]
+    assert memory["memory_source"] == "rss"
+    assert memory["constant_memory"] is True, memory
+    assert memory["samples_after_warmup"] >= 20
+
+
+def test_batch_size_auto_follows_the_memory_limit(tiny_model, make_codes):
+    from fused_stream.preflight import estimate_run_bytes
+
+    codes = make_codes(tiny_model, [30] * 8, seed=22)
+    per_four = estimate_run_bytes(tiny_model, 4, 1, 30).run_bytes
+    small = evaluate(tiny_model, codes, batch_size="auto", memory_limit=int(per_four / 0.85) + 1).report
+    large = evaluate(tiny_model, codes, batch_size="auto", memory_limit=2**40).report
+    assert small["batch_size"] < large["batch_size"] == 8
+    assert 1 <= small["batch_size"] <= 4
+
+
+def test_a_batch_that_cannot_fit_fails_before_anything_runs(tiny_model, make_codes):
+    from fused_stream.preflight import PreflightError
+
+    calls = []
+    with pytest.raises(PreflightError, match="batch_size=3"):
+        evaluate(tiny_model, make_codes(tiny_model, [30] * 3, seed=23), batch_size=3, memory_limit=1000,
+                 progress=lambda done, total: calls.append(done))
+    assert calls == []
+
+
+def test_assert_constant_memory_raises_on_growth(tiny_model, make_codes, monkeypatch):
+    """The driver's wiring: a monitor verdict of growth raises (the verdict logic is tested in test_monitor)."""
+    from fused_stream.monitor import Monitor
+
+    def growing(self):
+        return {"constant_memory": False, "implied_growth_bytes": 64 * 2**20, "tolerance_bytes": 2**20,
+                "memory_source": "rss", "peak_bytes": 1, "baseline_bytes": 0}
+
+    monkeypatch.setattr(Monitor, "report", growing)
+    codes = make_codes(tiny_model, 20, seed=24)
+    assert evaluate(tiny_model, codes).report["constant_memory"] is False  # reported, not raised, by default
+    with pytest.raises(ConstantMemoryError, match="grew by 64.00 MiB"):
+        evaluate(tiny_model, codes, assert_constant_memory=True)

@@ -1,0 +1,155 @@
+"""CUDA Graphs for the streaming step: capture once per (B, C) shape, replay every step, verify bit for bit.
+
+A graph replays recorded kernels on recorded addresses, so it repeats exactly the device work of the captured
+step: the gather by the device counter, the model, the loss kernel and the counter's advance (DESIGN §3). It does
+not repeat Python: an attribute a module bumps on the host (moshi's `offset_cpu`) moves once, at capture. The
+`Stream` therefore allocates every tensor before capture and resets in place, so one graph serves all batches of
+its shape.
+
+Capture recipe: warm up on a side stream (cuBLAS workspaces, Triton compilation, moshi's lazy torch.compile), reset,
+capture `unroll` steps into one graph in the run's shared memory pool, reset again (capture moved Python state).
+If capture fails — a module that reads a device value on the host, a data-dependent shape — the step runs eagerly
+and one log line says why; `cuda_graphs="on"` raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GRAPH_MODES = ("auto", "on", "off")
+DISABLE_ENV = "FUSED_STREAM_NO_CUDA_GRAPH"
+WARMUP_CALLS = 3  # eager calls before capture: Triton autotune/compile, cuBLAS handles, inductor's lazy compile
+
+
+class GraphCaptureError(RuntimeError):
+    """cuda_graphs="on" and the step could not be captured."""
+
+
+class GraphMismatchError(AssertionError):
+    """verify_graph found a replayed loss that differs from the eager one."""
+
+
+def graphs_wanted(setting: str, device: torch.device) -> tuple[bool, str]:
+    """Whether to capture, and why (the reason lands in the report): `setting` is "auto" | "on" | "off"."""
+    if setting not in GRAPH_MODES:
+        raise ValueError(f"cuda_graphs must be one of {GRAPH_MODES}, got {setting!r}")
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False, f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    if setting == "off":
+        return False, "cuda_graphs='off'"
+    if device.type != "cuda":
+        if setting == "on":
+            raise ValueError(f"cuda_graphs='on' needs a CUDA device; the model is on {device}")
+        return False, f"device is {device.type}"
+    return True, "captured"
+
+
+class GraphedStep:
+    """`step()` replays a CUDA graph of `stream.step` when capture worked, and runs it eagerly otherwise.
+
+    `stream` must provide `step()` (the captured unit, all work on static device tensors) and `reset()` (back to
+    the start of the loaded batch, in place). One GraphedStep per Stream; graphs of a run share `pool`.
+    """
+
+    def __init__(self, stream: Any, setting: str, pool: Any = None) -> None:
+        self.stream = stream
+        device = stream.losses.device
+        self.enabled, self.reason = graphs_wanted(setting, device)
+        self.strict = setting == "on"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_seconds = 0.0
+        if self.enabled:
+            self._capture(pool)
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.stream.step()
+
+    def eager_step(self) -> None:
+        self.stream.step()
+
+    def _capture(self, pool: Any) -> None:
+        start = time.perf_counter()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self.stream.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.stream.reset()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the memory monitor's thread may call CUDA/NVML while we capture on this one.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self.stream.step()
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly (or raise if "on")
+            self.graph = None
+            self.reason = f"capture failed, running eagerly: {type(error).__name__}: {_first_line(error)}"
+            if self.strict:
+                raise GraphCaptureError(f"cuda_graphs='on' but the step cannot be captured: {error}") from error
+            log.warning("CUDA graph %s", self.reason)
+        finally:
+            torch.cuda.synchronize()
+            self.stream.reset()  # capture ran the step's Python once (and warm-up ran it for real)
+            self.capture_seconds = time.perf_counter() - start
+
+    def release(self) -> None:
+        """Drop the graph (its pool memory returns to the shared pool)."""
+        self.graph = None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def verify_replay(graphed: GraphedStep, calls: int, names: list[str], lead: int) -> int:
+    """Run `calls` step() calls eagerly and as replays from the same start; losses must be bit-identical.
+
+    Returns the number of calls compared. Raises GraphMismatchError naming the first differing (batch, stream,
+    position). Leaves the stream reset to the start of its batch. On CPU (no graph) it compares two eager runs,
+    which checks that a reset stream is bit-identical to a fresh one.
+    """
+    stream = graphed.stream
+    calls = max(1, min(calls, stream.n_calls))
+    reference = _run_from_start(stream, graphed.eager_step, calls)
+    candidate = _run_from_start(stream, graphed.step, calls)
+    stream.reset()
+    first_difference(reference, candidate, names, lead)
+    return calls
+
+
+def _run_from_start(stream: Any, step: Callable[[], None], calls: int) -> torch.Tensor:
+    stream.reset()
+    for _ in range(calls):
+        step()
+    return stream.losses.clone()
+
+
+def first_difference(reference: torch.Tensor, candidate: torch.Tensor, names: list[str], lead: int) -> None:
+    """Raise GraphMismatchError at the first (batch, stream, position) whose bits differ; NaN == NaN by bits."""
+    a, b = reference.contiguous().view(torch.int32), candidate.contiguous().view(torch.int32)
+    differs = a != b
+    if not bool(differs.any()):
+        return
+    # The first by position (time), then batch row, then stream: where a replay first went wrong.
+    batch, stream, column = min(differs.nonzero().tolist(), key=lambda bsc: (bsc[2], bsc[0], bsc[1]))
+    raise GraphMismatchError(
+        f"CUDA graph replay differs from eager at (batch {batch}, {names[stream]}, position {column - lead}): "
+        f"eager {reference[batch, stream, column].item()!r}, replay {candidate[batch, stream, column].item()!r}"
+    )

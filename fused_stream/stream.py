@@ -1,0 +1,207 @@
+"""The streaming step and the device state it runs on, allocated once per (B, C) shape and reset in place.
+
+A frame's path: the whole delayed sequence D [B, K, L + 1] sits on the device; at step s the step gathers
+D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
+C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, and one launch of
+`kernels.cross_entropy` scores every row and writes it into a preallocated loss buffer at original time
+t = s + j - delay_k; `pos` then advances on the device.
+
+Every tensor the step touches is allocated when the `Stream` opens, before any CUDA graph is captured, and keeps
+its address for the Stream's life: a new batch of the same shape is *copied into* these buffers and the streaming
+state is reset in place (moshi's `reset_streaming`), so a captured graph replays on it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+
+from .alignment import delayed_sequence, scored_delays
+from .kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
+
+
+class Step:
+    """One streaming step; all its inputs and outputs are device tensors, its position a device counter."""
+
+    def __init__(
+        self,
+        model: LMModel,
+        delayed: torch.Tensor,  # [B, K, capacity + 1] int64
+        lengths: torch.Tensor,  # [B] int64
+        losses: torch.Tensor,  # [B, 1 + dep_q, lead + capacity + 1] float32: text, then audio codebooks
+        counts: torch.Tensor,  # [3] int64 loss counters (see kernels.cross_entropy)
+        lead: int,
+        chunk: int,
+        backend: str,
+    ) -> None:
+        self.model, self.delayed, self.lengths, self.losses, self.counts = model, delayed, lengths, losses, counts
+        device = delayed.device
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
+        self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
+        self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
+        self.lead, self.chunk, self.backend = lead, chunk, backend
+
+    def __call__(self) -> None:
+        model, C = self.model, self.chunk
+        cols = self.delayed.index_select(2, self.pos + self.window)  # [B, K, C + 1]
+        transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
+        logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
+        targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
+        step_cross_entropy_(
+            text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
+            self.lead, self.backend,
+        )
+        advance_(self.pos, C)
+
+    def nbytes(self) -> int:
+        """Bytes of the per-step working tensors (excluding the [B, K, T] inputs and loss outputs)."""
+        tensors = (self.pos, self.window, self.delays, self.lengths, self.counts)
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+class Stream:
+    """The model in streaming mode for B sequences, chunk C, unroll U, and the step's static buffers.
+
+    `capacity` (frames) bounds the longest batch it can hold; `load()` copies a batch in and resets everything in
+    place; `step()` is the captured unit (U steps); `close()` leaves streaming mode.
+    """
+
+    def __init__(
+        self, model: LMModel, batch_size: int, chunk: int, capacity: int, backend: str, unroll: int = 1
+    ) -> None:
+        self.model, self.batch_size, self.chunk, self.unroll = model, batch_size, chunk, unroll
+        self.frames_per_call = chunk * unroll  # frames of one sequence covered by one `step()` call
+        self.capacity = _round_up(capacity, self.frames_per_call)
+        device = next(model.parameters()).device
+        K = model.num_codebooks
+        self.lead = max(scored_delays(model))
+        # The loss buffer is indexed by original time shifted right by `lead`, so the (discarded) rows of negative
+        # times at the start land in the lead columns; its last column is the kernel's trash column.
+        self.losses = torch.full((batch_size, 1 + model.dep_q, self.lead + self.capacity + 1), float("nan"),
+                                 device=device)
+        self.delayed = torch.full((batch_size, K, self.capacity + 1), -1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
+        self._exit = contextlib.ExitStack()
+        self._exit.enter_context(model.streaming(batch_size))
+        if chunk > 1:
+            enlarge_kv_caches(model, context_extra=chunk - 1)
+        self._step = Step(model, self.delayed, self.lengths, self.losses, self.counts, self.lead, chunk, backend)
+        self.n_calls = 0  # `step()` calls the loaded batch needs
+
+    def fits(self, batch_size: int, frames: int) -> bool:
+        return batch_size == self.batch_size and frames <= self.capacity
+
+    def load(self, codes: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Copy a padded batch codes [B, K, T] of `lengths` in and reset the state to that of a fresh stream."""
+        B, _, T = codes.shape
+        if not self.fits(B, T):
+            raise ValueError(f"batch [B={B}, T={T}] does not fit a stream of B={self.batch_size}, "
+                             f"capacity {self.capacity}")
+        self.n_calls = math.ceil(T / self.frames_per_call)
+        frames = self.n_calls * self.frames_per_call
+        # The padded tail reads zero tokens; its outputs fall past each length and are masked by the kernel.
+        delayed = delayed_sequence(self.model, codes, length=frames + 1)
+        self.delayed[:, :, : frames + 1].copy_(delayed, non_blocking=True)
+        self.lengths.copy_(lengths, non_blocking=True)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the start of the loaded batch: streaming state, counter, losses, counters; all in place."""
+        self.model.reset_streaming()
+        for cache in ring_kv_caches(self.model):
+            # moshi's reset rewinds the ring's offsets, and its masks hide the old entries; zeroing them too makes
+            # a reset stream bit-identical to a fresh one even if a previous batch left NaN or inf behind.
+            cache.cache.zero_()
+        self._step.pos.zero_()
+        self.losses.fill_(float("nan"))
+        self.counts.zero_()
+
+    def step(self) -> None:
+        """`unroll` consecutive steps: the unit a CUDA graph captures."""
+        for _ in range(self.unroll):
+            self._step()
+
+    def host_losses(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's copy to host after its last step: audio [B, dep_q, T], text [B, 1, T], counters [3]."""
+        host = self.losses[:, :, self.lead : self.lead + T].cpu()
+        return host[:, 1:], host[:, :1], self.counts.cpu()
+
+    def state_bytes(self) -> int:
+        """Bytes of the streaming state (KV caches, offsets) plus the step's working tensors."""
+        return streaming_state_bytes(self.model) + self._step.nbytes()
+
+    def close(self) -> None:
+        self._exit.close()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def ring_kv_caches(model: LMModel) -> list[RingKVCache]:
+    """The ring KV caches of the temporal transformer's attention layers (inside streaming())."""
+    caches = []
+    for module in model.transformer.modules():
+        state = getattr(module, "_streaming_state", None)
+        if isinstance(module, StreamingMultiheadAttention) and state is not None and state.kv_cache is not None:
+            caches.append(state.kv_cache)
+    return caches
+
+
+def enlarge_kv_caches(model: LMModel, context_extra: int) -> None:
+    """Give every temporal-transformer ring KV cache `context + context_extra` slots (call inside streaming()).
+
+    Why: moshi sizes the ring to `context`. A chunk writes its C keys before its C queries attend, so the ring
+    then holds only the last `context` positions, ending at the chunk's last frame; the chunk's first query
+    needs keys reaching back `context - 1` frames before *its own* position, C - 1 of which were just
+    overwritten. With `context + C - 1` slots every needed key is still there; the attention mask
+    (delta < context) still limits each query to exactly `context` keys, so results equal frame mode.
+    """
+    for module in model.transformer.modules():
+        if not isinstance(module, StreamingMultiheadAttention):
+            continue
+        state = module._streaming_state
+        if state is None or state.kv_cache is None or module.context is None:
+            continue
+        old = state.kv_cache
+        _, batch, heads, _, dim_per_head = old.cache.shape
+        respect_exec_mask, device, dtype = old.respect_exec_mask, old.cache.device, old.cache.dtype
+        # Drop every reference to the old ring before allocating the larger one: for Moshi 7B at B = 32 the
+        # two would coexist for 1.5 GB per layer otherwise.
+        state.kv_cache = old = None
+        state.kv_cache = RingKVCache(
+            batch, heads, dim_per_head, module.context + context_extra,
+            respect_exec_mask=respect_exec_mask, device=device, dtype=dtype,
+        )
+
+
+def streaming_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the tensors of every streaming state of `model` (KV caches, offsets, masks)."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        nonlocal total
+        if depth > 4 or obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                total += obj.untyped_storage().nbytes()
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, depth + 1)
+        elif hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for module in model.modules():
+        visit(getattr(module, "_streaming_state", None))
+    return total

@@ -1,0 +1,118 @@
+"""Throughput of a streaming run, and how far it is from the GPU's limits (roofline for frame mode, MFU for chunks).
+
+Frame mode is memory-bound: each step reads every weight once for the B frames of the batch and each sequence's
+KV cache once, so frames/s <= HBM bandwidth / (weights / B + KV bytes per sequence) (DESIGN §5). Chunk mode is
+compute-bound: about 2 FLOPs per parameter per frame, plus attention over the context. Both bounds use the
+vendor's numbers for known GPUs only (`gpu_spec`); on an unknown GPU or the CPU the ratio is omitted, with
+the reason, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from moshi.models.lm import LMModel
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    hbm_bytes_per_s: float
+    bf16_dense_flops: float  # dense tensor-core BF16 (the datasheets' "with sparsity" figure halved)
+
+
+# Vendor datasheet values: NVIDIA H100 Tensor Core GPU datasheet (SXM / PCIe / NVL columns), NVIDIA H200 datasheet
+# (SXM / NVL), NVIDIA A100 datasheet (40GB, 80GB PCIe, 80GB SXM). Patterns are matched against
+# torch.cuda.get_device_name() case-insensitively, most specific first; word boundaries keep "GH200" from matching
+# H200. A name that matches none gets None: an unknown card's bound is never guessed.
+_GPU_SPECS: tuple[tuple[str, GpuSpec], ...] = (
+    (r"\bH100 NVL\b", GpuSpec("H100 NVL", 3.9e12, 835e12)),
+    (r"\bH100\b.*\bPCIe\b", GpuSpec("H100 PCIe", 2.0e12, 756e12)),
+    (r"\bH100\b.*\b(80GB HBM3|SXM)", GpuSpec("H100 SXM", 3.35e12, 989e12)),
+    (r"\bH200 NVL\b", GpuSpec("H200 NVL", 4.8e12, 835e12)),
+    (r"\bH200\b", GpuSpec("H200", 4.8e12, 989e12)),
+    (r"\bA100\b.*\bSXM4?\b.*\b80GB\b", GpuSpec("A100 SXM4 80GB", 2.039e12, 312e12)),
+    (r"\bA100\b.*(\bPCIe\b.*\b80GB\b|\b80GB\b.*\bPCIe\b)", GpuSpec("A100 PCIe 80GB", 1.935e12, 312e12)),
+    (r"\bA100\b.*\b40GB\b", GpuSpec("A100 40GB", 1.555e12, 312e12)),
+)
+
+
+def gpu_spec(device_name: str) -> GpuSpec | None:
+    """HBM bandwidth and dense BF16 peak of a known GPU, by its torch device name; None if unknown."""
+    # torch names use "-" as a separator in some models ("NVIDIA A100-SXM4-80GB"): treat it as a space.
+    name = device_name.replace("-", " ")
+    for pattern, spec in _GPU_SPECS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return spec
+    return None
+
+
+def frame_roofline(weight_bytes: int, kv_bytes_per_sequence: int, batch_size: int, hbm_bytes_per_s: float) -> float:
+    """Upper bound on frames/s in frame mode, which is HBM-bound.
+
+    Each step reads every weight once for its B frames and each sequence's KV cache once, so
+    bytes per frame = weight_bytes / B + kv_bytes_per_sequence and frames/s <= bandwidth / bytes per frame.
+    """
+    if batch_size < 1 or hbm_bytes_per_s <= 0:
+        raise ValueError(f"need batch_size >= 1 and hbm_bytes_per_s > 0, got {batch_size}, {hbm_bytes_per_s}")
+    return hbm_bytes_per_s / (weight_bytes / batch_size + kv_bytes_per_sequence)
+
+
+def chunk_mfu(frames_per_second: float, flops_per_frame: float, peak_flops: float) -> float:
+    """Model FLOP utilisation of chunk mode (compute-bound): achieved FLOP/s over the GPU's peak."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
+    return frames_per_second * flops_per_frame / peak_flops
+
+
+def flops_per_frame(model: LMModel) -> float:
+    """Forward FLOPs per frame in steady state: 2 per non-embedding weight, plus attention over the full context.
+
+    Embedding tables are lookups (no FLOPs). Attention: QK^T and AV, 2 FLOPs per multiply-add, over `context` keys
+    in every temporal layer; the depformer attends over at most dep_q positions, negligible.
+    """
+    weights = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name.split(".")[0])
+    layers = len(model.transformer.layers)
+    return 2.0 * weights + 4.0 * layers * model.dim * model.context
+
+
+def throughput_report(
+    model: LMModel,
+    config: Any,
+    preflight: dict[str, Any],
+    memory: dict[str, Any],
+    device: torch.device,
+    calls: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """frames/s overall and steady (from the monitor), steps/s, and the roofline ratio (C = 1) or MFU (C > 1)."""
+    steps = calls * config.graph_unroll
+    out: dict[str, Any] = {
+        "frames_per_second": memory.get("frames_per_second"),
+        "steady_frames_per_second": memory.get("steady_frames_per_second"),
+        "steps_per_second": steps / seconds if seconds > 0 else None,
+    }
+    measured = out["steady_frames_per_second"] or out["frames_per_second"]
+    spec = gpu_spec(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if spec is None:
+        out["bound_reason"] = f"no bandwidth/FLOPs table entry for {_device_name(device)}"
+        return out
+    out["gpu"] = spec.name
+    if config.chunk_size == 1:
+        estimate, batch = preflight["estimate"], preflight["batch_size"]
+        bound = frame_roofline(estimate["weights"], estimate["kv_cache"] // batch, batch, spec.hbm_bytes_per_s)
+        out["roofline_frames_per_second"] = bound
+        out["roofline_ratio"] = measured / bound if measured else None
+    else:
+        per_frame = flops_per_frame(model)
+        out["flops_per_frame"] = per_frame
+        out["mfu"] = chunk_mfu(measured, per_frame, spec.bf16_dense_flops) if measured else None
+        out["mfu_peak"] = "dense bf16"  # an fp32 run is measured against the bf16 peak too: compare like with like
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)

@@ -1,0 +1,59 @@
+"""Roofline and MFU helpers: known GPUs only, bounds checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from fused_stream.throughput import chunk_mfu, flops_per_frame, frame_roofline, gpu_spec
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+        ("NVIDIA GeForce XYZ", None),
+        ("NVIDIA GH200 480GB", None),
+        ("cpu", None),
+    ],
+)
+def test_gpu_spec(name, expected):
+    spec = gpu_spec(name)
+    assert (spec.name if spec else None) == expected
+
+
+def test_gpu_spec_values():
+    h100 = gpu_spec("NVIDIA H100 80GB HBM3")
+    assert h100 is not None and (h100.hbm_bytes_per_s, h100.bf16_dense_flops) == (3.35e12, 989e12)
+
+
+def test_frame_roofline_by_hand():
+    # Moshi-7B, B = 1: 15.4 GB of weights + 1.57 GB of KV cache read per frame
+    assert frame_roofline(15_400_000_000, 1_570_000_000, 1, 3.35e12) == pytest.approx(3.35e12 / 16.97e9)
+    # B = 8: weights amortised over 8 frames, 1.925e9 + 1.57e9 = 3.495e9 bytes per frame
+    assert frame_roofline(15_400_000_000, 1_570_000_000, 8, 3.35e12) == pytest.approx(3.35e12 / 3.495e9)
+    with pytest.raises(ValueError):
+        frame_roofline(1, 1, 0, 1.0)
+
+
+def test_chunk_mfu_by_hand():
+    # 500 frames/s at 2 x 7.7e9 FLOPs per frame on a 989 TFLOP/s card: 7.7e12 / 989e12
+    assert chunk_mfu(500.0, 2 * 7.7e9, 989e12) == pytest.approx(7.7e12 / 989e12)
+
+
+# --- the real thing -------------------------------------------------------------------------------------------------
+
+
+def test_flops_per_frame_by_hand(tiny_model):
+    """2 FLOPs per non-embedding weight, plus QK^T and AV over the full context in every temporal layer."""
+    embedding_tables = {"emb", "text_emb", "depformer_emb", "depformer_text_emb"}
+    weights = sum(p.numel() for n, p in tiny_model.named_parameters() if n.split(".")[0] not in embedding_tables)
+    layers, dim, context = 2, 32, 16  # the tiny preset
+    assert flops_per_frame(tiny_model) == 2 * weights + 2 * 2 * layers * dim * context
