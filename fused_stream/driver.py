@@ -112,6 +112,7 @@ class StreamingEvaluator:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
         self.loss_backend = check_backend(self.config.loss_backend, self.device)
+        graphs_wanted(self.config.cuda_graphs, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
 
     @property
     def device(self) -> torch.device:
@@ -211,7 +212,8 @@ class StreamingEvaluator:
             "graphs: %s",
             report["frames"], report["seconds"], report["frames_per_second"],
             _fmt(report["throughput"].get("steady_frames_per_second"), "{:.1f}"),
-            _fmt(memory.get("peak_bytes"), "{:,} B"), memory.get("memory_source"), memory.get("constant_memory"),
+            _fmt(_mib(memory.get("peak_bytes")), "{:.1f} MiB"), memory.get("memory_source"),
+            memory.get("constant_memory"),
             graphs["reason"],
         )
 
@@ -308,6 +310,10 @@ def _context_utilization(model: LMModel, lengths: list[int]) -> float:
 def _peak_increase(memory: dict) -> int | None:
     peak, baseline = memory.get("peak_bytes"), memory.get("baseline_bytes")
     return None if peak is None or baseline is None else peak - baseline
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
 
 
 def _fmt(value: object, spec: str) -> str:

@@ -338,3 +338,17 @@ def test_assert_constant_memory_raises_on_growth(tiny_model, make_codes, monkeyp
     assert evaluate(tiny_model, codes).report["constant_memory"] is False  # reported, not raised, by default
     with pytest.raises(ConstantMemoryError, match="grew by 64.00 MiB"):
         evaluate(tiny_model, codes, assert_constant_memory=True)
+
+
+@pytest.mark.gpu
+def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
+    from fused_stream.models import load_model
+
+    model = load_model("small", device="cuda")  # bf16
+    codes = make_codes(model, [2500] * 8, seed=30)
+    result = evaluate(model, codes, batch_size=8, monitor_interval=0.05, assert_constant_memory=True)
+    memory = result.report["memory"]
+    assert memory["memory_source"] == "nvml", memory["memory_source_reason"]
+    assert memory["constant_memory"] is True, memory
+    assert memory["samples_after_warmup"] >= 10
+    assert result.report["cuda_graphs"]["graphed"]

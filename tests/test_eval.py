@@ -79,3 +79,19 @@ def test_unknown_model_is_a_clear_error():
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "error:" in proc.stderr and "/no/such/ckpt" in proc.stderr
+
+
+def test_main_reports_memory_and_graph_status(capsys):
+    assert main(["--generate", "2", "--frames", "24", "--chunk-size", "4", "--batch-size", "auto",
+                 "--verify-graph", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("memory (rss)") == 2 and "run estimate" in out and "graphs: device is cpu" in out
+
+
+def test_main_rejects_graphs_on_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine can capture")
+    assert main(["--generate", "1", "--frames", "8", "--cuda-graphs", "on"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
