@@ -15,7 +15,7 @@ from fused_stream.driver import EvalConfig, StreamingEvaluator
 CASES = [(1, 1), (1, 8), (1, 32), (64, 1)]  # (chunk, batch)
 
 
-@pytest.mark.parametrize("graphs", ["off", "on"])
+@pytest.mark.parametrize("graphs", ["off", "on"], ids=["eager", "graphed"])
 @pytest.mark.parametrize("chunk,batch", CASES, ids=[f"C{c}-B{b}" for c, b in CASES])
 def test_graphs(run_case, benchmark, bench_model, graphs, chunk, batch):
     if graphs == "on" and bench_model.device.type != "cuda":

@@ -20,7 +20,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from .alignment import valid_masks
-from .graphs import GRAPH_MODES, GraphedStep, graphs_wanted, verify_replay
+from .graphs import GRAPH_MODES, GraphedStep, GraphPool, graphs_wanted, verify_replay
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
 from .kernels.cross_entropy import N_COUNTERS, check_backend
 from .monitor import Monitor
@@ -226,7 +226,7 @@ class _StreamRunner:
         self.stream: Stream | None = None
         self.graphed: GraphedStep | None = None
         device = next(model.parameters()).device
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # one pool for the run
+        self.pool = GraphPool(device) if graphs_wanted(config.cuda_graphs, device)[0] else None  # one per run
         self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
         self.opened = self.captures = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
@@ -264,7 +264,7 @@ class _StreamRunner:
         return out
 
     def _open(self, batch_size: int, frames: int) -> None:
-        self.close()
+        self._close_stream()
         self.stream = Stream(self.model, batch_size, self.config.chunk_size, frames, self.backend,
                              unroll=self.config.graph_unroll)
         self.max_state_bytes = max(self.max_state_bytes, self.stream.state_bytes())
@@ -294,12 +294,18 @@ class _StreamRunner:
             "verified_calls": self.verified_calls,
         }
 
-    def close(self) -> None:
+    def _close_stream(self) -> None:
         if self.graphed is not None:
             self.graphed.release()
         if self.stream is not None:
             self.stream.close()
         self.stream = self.graphed = None
+
+    def close(self) -> None:
+        """End of the run: the stream, then every graph of the run (see GraphPool)."""
+        self._close_stream()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _context_utilization(model: LMModel, lengths: list[int]) -> float:

@@ -14,6 +14,7 @@ and one log line says why; `cuda_graphs="on"` raises instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -52,22 +53,47 @@ def graphs_wanted(setting: str, device: torch.device) -> tuple[bool, str]:
     return True, "captured"
 
 
+class GraphPool:
+    """What the graphs of one run share: a memory pool, the stream they are captured on, and their lifetime.
+
+    Graphs stay alive until `close()` (the end of the run), even after their Stream is closed: a graph destroyed
+    mid-run could drop the pool's use count to zero while blocks remain in it, and the next capture into the same
+    pool would trip the caching allocator's assertion. A retired graph is never replayed; later captures in the
+    same pool reuse its (free) blocks, which is what sharing a pool is for. After one failed capture the rest of
+    the run stays eager: the allocator's state after a failed capture is not worth betting a second one on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.handle = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=device)  # warm-up and capture stream
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.failure: str | None = None
+
+    def close(self) -> None:
+        self.graphs.clear()
+
+
 class GraphedStep:
     """`step()` replays a CUDA graph of `stream.step` when capture worked, and runs it eagerly otherwise.
 
-    `stream` must provide `step()` (the captured unit, all work on static device tensors) and `reset()` (back to
-    the start of the loaded batch, in place). One GraphedStep per Stream; graphs of a run share `pool`.
+    `stream` must provide `step()` (the captured unit, all work on static device tensors), `reset()` (back to the
+    start of the loaded batch, in place) and `losses` (a device tensor: where it runs). One GraphedStep per Stream.
     """
 
-    def __init__(self, stream: Any, setting: str, pool: Any = None) -> None:
+    def __init__(self, stream: Any, setting: str, pool: GraphPool | None = None) -> None:
         self.stream = stream
-        device = stream.losses.device
-        self.enabled, self.reason = graphs_wanted(setting, device)
+        self.enabled, self.reason = graphs_wanted(setting, stream.losses.device)
         self.strict = setting == "on"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
         if self.enabled:
-            self._capture(pool)
+            if pool is None:
+                raise ValueError("capturing a CUDA graph needs the run's GraphPool")
+            if pool.failure is not None:
+                self.reason = f"not captured: an earlier capture of this run failed ({pool.failure})"
+            else:
+                self._capture(pool)
 
     @property
     def graphed(self) -> bool:
@@ -82,35 +108,63 @@ class GraphedStep:
     def eager_step(self) -> None:
         self.stream.step()
 
-    def _capture(self, pool: Any) -> None:
-        start = time.perf_counter()
+    def _capture(self, pool: GraphPool) -> None:
+        device, start = pool.device, time.perf_counter()
+        began = ended = False
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    self.stream.step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.stream.reset()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the memory monitor's thread may call CUDA/NVML while we capture on this one.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self.stream.step()
+            with torch.cuda.device(device):
+                pool.stream.wait_stream(torch.cuda.current_stream(device))
+                # Warm up on the capture stream itself: per-stream library workspaces (cuBLAS) are then allocated
+                # now, outside the graph pool, instead of during capture.
+                with torch.cuda.stream(pool.stream):
+                    for _ in range(WARMUP_CALLS):
+                        self.stream.step()
+                    self.stream.reset()
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                # The outer stream context restores the current stream even if capture_end raises.
+                # thread_local: the memory monitor's thread may query NVML / torch while this one captures.
+                with torch.cuda.stream(pool.stream):
+                    graph.capture_begin(pool.handle, capture_error_mode="thread_local")
+                    began = True
+                    try:
+                        self.stream.step()
+                    except BaseException:
+                        with contextlib.suppress(Exception):  # an invalidated capture makes capture_end raise too
+                            graph.capture_end()
+                            ended = True
+                        raise
+                    graph.capture_end()
+                    ended = True
             self.graph = graph
+            pool.graphs.append(graph)
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly (or raise if "on")
-            self.graph = None
+            if began and not ended:
+                _abandon_capture(device, pool.handle)
             self.reason = f"capture failed, running eagerly: {type(error).__name__}: {_first_line(error)}"
+            pool.failure = self.reason
             if self.strict:
                 raise GraphCaptureError(f"cuda_graphs='on' but the step cannot be captured: {error}") from error
             log.warning("CUDA graph %s", self.reason)
-        finally:
-            torch.cuda.synchronize()
-            self.stream.reset()  # capture ran the step's Python once (and warm-up ran it for real)
-            self.capture_seconds = time.perf_counter() - start
+        torch.cuda.synchronize(device)
+        self.stream.reset()  # capture ran the step's Python once (and warm-up ran it for real)
+        self.capture_seconds = time.perf_counter() - start
 
     def release(self) -> None:
-        """Drop the graph (its pool memory returns to the shared pool)."""
+        """Stop replaying (the graph itself lives on in the run's GraphPool until the run ends)."""
         self.graph = None
+
+
+def _abandon_capture(device: torch.device, handle: Any) -> None:
+    """Undo what capture_begin set up in the caching allocator when capture_end never completed.
+
+    capture_end raises at cudaStreamEndCapture before it tells the allocator to stop routing this stream's
+    allocations into the pool, and an un-ended graph never releases its pool on destruction; torch's own
+    cudagraph trees make these two calls in the same situation.
+    """
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        with contextlib.suppress(Exception):
+            getattr(torch._C, name)(device.index, handle)
 
 
 def _first_line(error: BaseException) -> str:

@@ -210,3 +210,19 @@ def test_capture_falls_back_when_the_model_syncs(make_codes, monkeypatch, caplog
     assert_losses_close(result.losses, reference.losses)
     with pytest.raises(GraphCaptureError):
         StreamingEvaluator(model, EvalConfig(cuda_graphs="on")).evaluate(codes)
+
+
+@pytest.mark.gpu
+def test_a_second_shape_is_captured_in_the_same_run(make_codes):
+    """B=2 then B=1: two captures into the run's one pool, both replayed, results equal to eager."""
+    from fused_stream.models import load_model
+
+    model = load_model("tiny", device="cuda", dtype=torch.float32)
+    codes = make_codes(model, [48, 40, 33], seed=11)
+    eager = StreamingEvaluator(model, EvalConfig(chunk_size=4, batch_size=2, cuda_graphs="off")).evaluate(codes)
+    result = StreamingEvaluator(
+        model, EvalConfig(chunk_size=4, batch_size=2, cuda_graphs="on", verify_graph=5)
+    ).evaluate(codes)
+    graphs = result.report["cuda_graphs"]
+    assert graphs["streams_opened"] == graphs["captures"] == 2 and graphs["graphed"]
+    assert torch.equal(result.losses.view(torch.int32), eager.losses.view(torch.int32))
