@@ -6,8 +6,9 @@ not repeat Python: an attribute a module bumps on the host (moshi's `offset_cpu`
 `Stream` therefore allocates every tensor before capture and resets in place, so one graph serves all batches of
 its shape.
 
-Capture recipe: warm up on a side stream (cuBLAS workspaces, Triton compilation, moshi's lazy torch.compile), reset,
-capture `unroll` steps into one graph in the run's shared memory pool, reset again (capture moved Python state).
+Capture recipe: warm up on the run's capture stream (cuBLAS workspaces, Triton compilation, moshi's lazy
+torch.compile), reset, capture `unroll` steps into one graph in the run's shared memory pool, reset again (capture
+moved Python state).
 If capture fails — a module that reads a device value on the host, a data-dependent shape — the step runs eagerly
 and one log line says why; `cuda_graphs="on"` raises instead.
 """
@@ -175,9 +176,9 @@ def _first_line(error: BaseException) -> str:
 def verify_replay(graphed: GraphedStep, calls: int, names: list[str], lead: int) -> int:
     """Run `calls` step() calls eagerly and as replays from the same start; losses must be bit-identical.
 
-    Returns the number of calls compared. Raises GraphMismatchError naming the first differing (batch, stream,
-    position). Leaves the stream reset to the start of its batch. On CPU (no graph) it compares two eager runs,
-    which checks that a reset stream is bit-identical to a fresh one.
+    Returns the number of calls compared (at most the loaded batch's). Raises GraphMismatchError naming the first
+    differing (batch, stream, position). Leaves the stream reset to the start of its batch. Without a graph (CPU,
+    failed capture) it compares two eager runs: a reset stream must then be bit-identical to itself.
     """
     stream = graphed.stream
     calls = max(1, min(calls, stream.n_calls))
