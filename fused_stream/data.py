@@ -1,9 +1,56 @@
-"""Codes to evaluate. For now: synthetic sequences in the model's stream layout (audio files come later)."""
+"""Codes to evaluate, in the model's stream layout: from code files, from audio files through Mimi, or generated.
+
+Moshi's layout: stream 0 text, streams 1..dep_q the model's own audio codebooks, the rest the user's audio.
+This module reads codes files, lays codes out for the model, lists and groups audio files (LibriLight books) and
+assembles the sequences of a run (`load_sequences`); turning audio into codes lives in `audio`, Mimi checkpoints in
+`mimi`. Every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
+The names that lived here before `audio`, `mimi` and `errors` were split out (see `__all__`) are re-exported, so
+`from fused_stream.data import ...` keeps working.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 from moshi.models.lm import LMModel
+
+from .audio import CACHE_VERSION, DECODE_PIECE_SECONDS, ENCODE_CHUNK_FRAMES, crop_frames, encode_audio_file
+from .errors import DataError, one_line
+from .mimi import MIMI_WEIGHTS, load_mimi, mimi_checkpoint, random_mimi, save_mimi_checkpoint, small_mimi_config
+
+__all__ = [
+    "AUDIO_SUFFIXES", "CACHE_VERSION", "CODES_SUFFIXES", "DECODE_PIECE_SECONDS", "ENCODE_CHUNK_FRAMES", "MIMI_WEIGHTS",
+    "DataError", "EvalSequence", "audio_files", "codes_files", "encode_audio_file", "generate_codes",
+    "group_chapters", "layout_codes", "load_codes_file", "load_mimi", "load_sequences", "mimi_checkpoint",
+    "natural_key", "random_mimi", "save_mimi_checkpoint", "small_mimi_config",
+]
+
+log = logging.getLogger(__name__)
+
+CODES_SUFFIXES = (".pt", ".npy", ".safetensors")
+AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
+
+
+@dataclass
+class EvalSequence:
+    """One sequence to evaluate: codes [K, T] int64 in the model's full stream layout."""
+
+    name: str  # file path relative to the input root without suffix, "speaker/book", or "generated_i"
+    codes: torch.Tensor  # [K, T] int64
+    sources: list[str] = field(default_factory=list)  # the files it came from, in order
+
+    @property
+    def frames(self) -> int:
+        return int(self.codes.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic
 
 
 def generate_codes(model: LMModel, n: int, frames: int | list[int], seed: int = 0) -> torch.Tensor | list[torch.Tensor]:
@@ -21,3 +68,270 @@ def generate_codes(model: LMModel, n: int, frames: int | list[int], seed: int = 
         seq[0] = torch.randint(0, model.text_card, (T,), generator=generator)
         sequences.append(seq)
     return torch.stack(sequences) if isinstance(frames, int) else sequences
+
+
+# ---------------------------------------------------------------------------------------------------- code files
+
+
+def load_codes_file(path: str | Path) -> torch.Tensor:
+    """Codes [n, T] int64 from a .pt (tensor, or dict with one tensor / key "codes"), .npy or .safetensors file.
+
+    A leading batch dimension of 1 is dropped; float values are accepted only when they are all whole numbers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"codes file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix not in CODES_SUFFIXES:
+        raise DataError(f"codes file {path}: unsupported format {suffix!r}; use one of {', '.join(CODES_SUFFIXES)}")
+    try:
+        if suffix == ".pt":
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            obj = np.load(path, allow_pickle=False)
+        else:
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+    except Exception as exc:  # any reader failure is a bad file from the user's point of view
+        raise DataError(f"codes file {path} is unreadable: {one_line(exc)}") from exc
+    return _as_codes(_single_tensor(obj, path), path)
+
+
+def _single_tensor(obj: Any, path: Path) -> torch.Tensor:
+    if isinstance(obj, dict):
+        if "codes" in obj:
+            obj = obj["codes"]
+        elif len(obj) == 1:
+            obj = next(iter(obj.values()))
+        else:
+            raise DataError(f"codes file {path} holds keys {sorted(map(str, obj))}: store one tensor or key 'codes'")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "iuf":
+            raise DataError(f"codes file {path} has dtype {obj.dtype}: codes must be integers")
+        obj = torch.from_numpy(obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64))
+    if not isinstance(obj, torch.Tensor):
+        raise DataError(f"codes file {path} holds a {type(obj).__name__}, not a tensor of codes")
+    return obj
+
+
+def _as_codes(codes: torch.Tensor, path: Path) -> torch.Tensor:
+    shape = tuple(codes.shape)
+    if codes.dim() == 3 and codes.shape[0] == 1:
+        codes = codes[0]
+    if codes.dim() != 2 or codes.numel() == 0:
+        raise DataError(f"codes file {path} has shape {shape}: expected [n_codebooks, T] (or [1, n_codebooks, T])")
+    if codes.dtype == torch.bool or codes.is_complex():
+        raise DataError(f"codes file {path} has dtype {codes.dtype}: codes must be integers")
+    if codes.is_floating_point():
+        if not bool(torch.isfinite(codes).all()) or not torch.equal(codes, codes.round()):
+            raise DataError(f"codes file {path} (shape {shape}) holds non-integer {codes.dtype} values")
+    return codes.to(torch.int64)
+
+
+def codes_files(path: str | Path) -> list[Path]:
+    """A codes file → [it]; a directory → its .pt/.npy/.safetensors files (not recursive), natural order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"codes path {path} does not exist")
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CODES_SUFFIXES]
+    if not files:
+        raise DataError(f"codes directory {path} holds no {'/'.join(CODES_SUFFIXES)} files")
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def layout_codes(
+    model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = ""
+) -> torch.Tensor:
+    """Codes [K, T] in the model's layout from the full layout (as is) or from n >= dep_q audio codebooks.
+
+    Audio codebooks: the first dep_q go to streams 1..dep_q; the text stream gets the zero token (`text_fill=
+    "zero"`, never scored) or the text padding id ("pad"); the user streams the zero token (`other_fill="zero"`)
+    or a copy of the same audio codes ("copy"). Audio tokens must lie in [0, card) or be the zero token.
+    """
+    src = source or "codes"
+    if text_fill not in ("zero", "pad"):
+        raise DataError(f"text fill must be 'zero' or 'pad', got {text_fill!r}")
+    if other_fill not in ("zero", "copy"):
+        raise DataError(f"other-stream fill must be 'zero' or 'copy', got {other_fill!r}")
+    if codes.dim() != 2:
+        raise DataError(f"{src} has shape {tuple(codes.shape)}: expected [n_codebooks, T]")
+    K, dep_q, zero = model.num_codebooks, model.dep_q, model.zero_token_id
+    n, T = codes.shape
+    codes = codes.to(torch.int64)
+    if n == K:  # already the full layout: text and user streams are the caller's
+        _check_audio_range(model, codes[1:], src, first_stream=1)
+        return codes.clone()
+    if n < dep_q:
+        raise DataError(f"model expects dep_q={dep_q} audio codebooks (or all K={K} streams), {src} has {n}")
+    if n > dep_q:
+        log.info("%s: %d codebooks, using the first dep_q=%d", src, n, dep_q)
+    audio = codes[:dep_q]
+    _check_audio_range(model, audio, src, first_stream=0)
+    out = torch.full((K, T), zero, dtype=torch.int64)
+    out[1 : 1 + dep_q] = audio
+    if text_fill == "pad":
+        if model.existing_text_padding_id is None:
+            raise DataError("text fill 'pad' needs a model with a text padding id (existing_text_padding_id)")
+        out[0] = model.existing_text_padding_id
+    n_user = K - 1 - dep_q
+    if other_fill == "copy" and n_user > 0:
+        if n_user > dep_q:
+            raise DataError(f"cannot copy {dep_q} audio codebooks of {src} into {n_user} user streams")
+        out[1 + dep_q :] = audio[:n_user]
+    return out
+
+
+def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int) -> None:
+    bad = ((audio < 0) | (audio >= model.card)) & (audio != model.zero_token_id)
+    if bool(bad.any()):
+        row, t = (int(i) for i in bad.nonzero()[0])
+        raise DataError(
+            f"{src} has audio token {int(audio[row, t])} at row {first_stream + row}, frame {t}, outside the "
+            f"model's card [0, {model.card}): the Mimi codebooks and the model's card do not match"
+        )
+
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders digit runs by value: chapter_2 before chapter_10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _path_key(path: Path) -> list[list[Any]]:
+    return [natural_key(part) for part in path.parts]
+
+
+def audio_files(root: str | Path) -> list[Path]:
+    """A file → [it]; a directory → its .flac/.wav/.mp3/.ogg files, recursively, in natural path order."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"audio path {root} does not exist")
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+    if not files:
+        raise DataError(f"audio directory {root} holds no {'/'.join(AUDIO_SUFFIXES)} files")
+    return sorted(files, key=_path_key)
+
+
+def group_chapters(files: list[Path], root: Path) -> list[tuple[str, list[Path]]]:
+    """LibriLight's root/speaker/book/chapter files grouped into ("speaker/book", chapters in natural order).
+
+    Files outside that layout each form their own group, named by their path relative to `root` without suffix.
+    """
+    groups: dict[str, list[Path]] = {}
+    for file in files:
+        rel = _relative(file, root)
+        name = "/".join(rel.parts[:2]) if len(rel.parts) == 3 else _stem_name(rel)
+        groups.setdefault(name, []).append(file)
+    return [(name, sorted(groups[name], key=lambda p: natural_key(p.name)))
+            for name in sorted(groups, key=natural_key)]
+
+
+def _relative(file: Path, root: Path) -> Path:
+    try:
+        rel = file.relative_to(root)
+    except ValueError:
+        return Path(file.name)
+    return rel if rel.parts else Path(file.name)
+
+
+def _stem_name(rel: Path) -> str:
+    return rel.with_suffix("").as_posix()
+
+
+# ---------------------------------------------------------------------------------------------------- sequences
+
+
+def load_sequences(
+    model: LMModel,
+    *,
+    codes: str | Path | None = None,
+    audio: str | Path | None = None,
+    mimi: str | Path | None = None,
+    generate: int | None = None,
+    frames: int = 200,
+    max_frames: int | None = None,
+    concat_chapters: bool = False,
+    text_fill: str = "zero",
+    other_fill: str = "zero",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    max_files: int | None = None,
+) -> list[EvalSequence]:
+    """The sequences to evaluate, in the model's layout, from exactly one of `codes`, `audio` (+ `mimi`), `generate`.
+
+    `max_frames` crops every sequence; with `concat_chapters` each LibriLight book (speaker/book) becomes one
+    sequence of its chapters' codes in natural order, else each file is one sequence. `max_files` keeps the first
+    N sequences (files, or books with `concat_chapters`) before anything is read or encoded.
+    """
+    if sum(x is not None for x in (codes, audio, generate)) != 1:
+        raise DataError("give exactly one of --codes, --audio, --generate")
+    if max_frames is not None and max_frames < 1:
+        raise DataError(f"--max-frames must be >= 1, got {max_frames}")
+    if max_files is not None and max_files < 1:
+        raise DataError(f"--max-files must be >= 1, got {max_files}")
+    fill = {"text_fill": text_fill, "other_fill": other_fill}
+    if generate is not None:
+        if generate < 1 or frames < 1:
+            raise DataError(f"--generate needs >= 1 sequences of >= 1 frames, got {generate} x {frames}")
+        batch = generate_codes(model, generate, frames, seed=seed)[:max_files]
+        sequences = [EvalSequence(f"generated_{i}", seq.clone(), []) for i, seq in enumerate(batch)]
+    elif codes is not None:
+        root = Path(codes)
+        sequences = []
+        for file in codes_files(root)[:max_files]:
+            laid = layout_codes(model, load_codes_file(file), source=str(file), **fill)
+            sequences.append(EvalSequence(_stem_name(_relative(file, root)), laid, [str(file)]))
+    else:
+        if mimi is None:
+            raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
+        sequences = _audio_sequences(model, Path(audio), mimi, max_frames, max_files, concat_chapters, cache_dir,
+                                     device, progress, fill)
+    return [EvalSequence(s.name, crop_frames(s.codes, max_frames), s.sources) for s in sequences]
+
+
+def _audio_sequences(
+    model: LMModel, root: Path, mimi_path: str | Path, max_frames: int | None, max_files: int | None,
+    concat_chapters: bool, cache_dir: str | Path | None, device: str | torch.device, progress: bool,
+    fill: dict[str, str],
+) -> list[EvalSequence]:
+    files = audio_files(root)
+    base = root if root.is_dir() else root.parent
+    _, config, _ = mimi_checkpoint(mimi_path)
+    n_q, card = config["quantizer"].get("n_q"), config["quantizer"].get("bins")
+    if card != model.card or not isinstance(n_q, int) or n_q < model.dep_q:
+        raise DataError(f"Mimi {mimi_path} has {n_q} codebooks of card {card}; the model expects "
+                        f"dep_q={model.dep_q} of card {model.card}")
+    mimi, mimi_hash = load_mimi(mimi_path, model.dep_q, device)
+    groups = group_chapters(files, base) if concat_chapters else [(_stem_name(_relative(f, base)), [f]) for f in files]
+    groups = groups[:max_files]
+    from tqdm import tqdm
+
+    sequences = []
+    total = sum(len(chapters) for _, chapters in groups)
+    with tqdm(total=total, desc="encoding audio", unit="file", disable=not progress) as bar:
+        for name, chapters in groups:
+            parts: list[torch.Tensor] = []
+            used: list[str] = []
+            for chapter in chapters:
+                done = sum(p.shape[1] for p in parts)
+                if max_frames is not None and done >= max_frames:
+                    bar.update(len(chapters) - len(used))
+                    break  # the rest of the book would be cropped away: do not encode it
+                left = None if max_frames is None else max_frames - done
+                parts.append(encode_audio_file(mimi, chapter, num_codebooks=model.dep_q, mimi_hash=mimi_hash,
+                                               cache_dir=cache_dir, max_frames=left))
+                used.append(str(chapter))
+                bar.update(1)
+            laid = layout_codes(model, torch.cat(parts, dim=1), source=name, **fill)
+            sequences.append(EvalSequence(name, laid, used))
+    return sequences

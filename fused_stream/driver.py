@@ -140,6 +140,7 @@ class StreamingEvaluator:
         runner = _StreamRunner(model, cfg, self.loss_backend)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long)
         monitor = Monitor(self.device, interval=cfg.monitor_interval)
+        progress.monitor = monitor
         start = time.perf_counter()
         try:
             with inference_mode(model), monitor:
@@ -252,9 +253,9 @@ class _StreamRunner:
         start = time.perf_counter()
         for call in range(stream.n_calls):
             graphed.step()
-            progress.advance()
             lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
             monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
+            progress.advance()
         out = stream.host_losses(T)  # the batch's one host copy: waits for its last step
         seconds = time.perf_counter() - start
         if graphed.graphed:
@@ -327,12 +328,17 @@ def _fmt(value: object, spec: str) -> str:
 
 
 class _Progress:
-    """Host-side step counter driving a tqdm bar or a callback; never touches device values."""
+    """Host-side step counter driving a tqdm bar (with frames/s and memory from the monitor) or a callback.
+
+    Never touches device values: frames and memory come from the monitor's host-side count and its sampler thread.
+    """
 
     def __init__(self, progress: bool | ProgressFn, total: int) -> None:
         self.done, self.total = 0, total
         self.callback = progress if callable(progress) else None
         self.bar = None
+        self.monitor: Monitor | None = None
+        self._shown = 0.0
         if progress is True:
             from tqdm.auto import tqdm
 
@@ -342,6 +348,13 @@ class _Progress:
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
+            now = time.perf_counter()
+            if self.monitor is not None and now - self._shown > 0.5:  # a postfix per step would cost more than it shows
+                self._shown = now
+                frames, memory = self.monitor.latest()
+                elapsed = self.bar.format_dict["elapsed"]
+                rate = f"{frames / elapsed:,.0f} frames/s" if elapsed > 0 else ""
+                self.bar.set_postfix_str(f"{rate}, mem {_fmt(_mib(memory), '{:,.0f} MiB')}", refresh=False)
         if self.callback is not None:
             self.callback(self.done, self.total)
 

@@ -1,149 +1,215 @@
-"""`python -m fused_stream.eval`: stream a model over codes and print per-codebook losses.
+"""`python -m fused_stream.eval`: teacher-forced loss at every frame of long audio, with metrics and reports.
 
-With no arguments it evaluates the `tiny` preset on generated codes in frame and chunk mode and checks both
-against the batch path (`LMModel.forward`), so a fresh install proves the exact driver works end to end.
-Exit codes: 0 streaming equals the batch path, 1 it does not, 2 bad arguments or an unloadable model.
-The full LibriLight CLI (audio, Mimi, metrics, reports) builds on this module.
+With no arguments it is a synthetic demo: the `tiny` preset (random weights) on 4 generated sequences of 200
+frames, on the CPU, checked against the batch path (`LMModel.forward`), with every output written to
+./fused_stream_out/. On real data: give a checkpoint with --model, and --audio (LibriLight layout, tokenized with
+a local Mimi checkpoint --mimi) or --codes (pre-tokenized codes files).
+
+Outputs (--out): results.json (metrics, config, versions, timings, memory proof), per_position.csv, loss_curve.png,
+and a summary table on stdout. Several --model options run on identical data and are compared side by side.
+Exit codes: 0 done, 1 the parity check (--verify) failed, 2 bad input (nothing is written to --out then).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .data import generate_codes
+from .data import DataError, load_sequences
 from .driver import EvalConfig, StreamingEvaluator
 from .graphs import GraphCaptureError
-from .models import PRESETS, load_model
+from .metrics import PositionSums, compute_metrics, position_means
+from .models import PRESETS, count_parameters, load_model
+from .parity import check_parity
 from .preflight import PreflightError
-from .reference import batch_losses
-from .result import EvalResult
+from .report import ModelRun, environment_info, summary_table, write_reports
+from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec, parse_weights, resolve
+
+log = logging.getLogger("fused_stream.eval")
+
+DEMO_NOTE = (
+    "This was a synthetic demo: random weights on generated codes, to show the tool works end to end. On a real "
+    "model and LibriLight audio:\n  python -m fused_stream.eval --model PATH/TO/CHECKPOINT --audio LIBRILIGHT_DIR "
+    "--mimi PATH/TO/MIMI.safetensors --concat-chapters --out results/"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    description = "\n\n".join(__doc__.split("\n\n")[:3])
     p = argparse.ArgumentParser(
-        prog="python -m fused_stream.eval", description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m fused_stream.eval", description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
     )
-    p.add_argument("--model", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or a moshi checkpoint path")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--generate", type=int, default=4, metavar="N", help="number of synthetic sequences")
-    p.add_argument("--frames", type=int, default=200, help="frames per synthetic sequence")
-    p.add_argument("--chunk-size", type=int, default=16, help="frames per step of the chunk-mode run (1 = frame only)")
-    p.add_argument("--batch-size", type=_batch_size, default=0,
-                   help="sequences per batch (0: all at once; auto: the most that fit in free memory)")
-    p.add_argument("--loss-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="per-step loss: auto = fused Triton kernel on CUDA, torch twin on CPU "
-                        "(triton on CPU needs TRITON_INTERPRET=1)")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                   help="replay each step as a CUDA graph (auto: on CUDA; on: fail if capture fails); "
-                        "FUSED_STREAM_NO_CUDA_GRAPH=1 forces off")
-    p.add_argument("--verify-graph", type=int, default=0, metavar="N",
-                   help="check N graph replays against N eager steps bit for bit (0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and codes")
-    p.add_argument("--no-check", action="store_true", help="skip the comparison with the batch path (O(T^2) memory)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", action="append", metavar="[LABEL=]SPEC",
+                       help=f"a preset ({', '.join(PRESETS)}) or a local moshi checkpoint (a .safetensors file, or a "
+                            "directory with config.json); repeat to compare models on identical data, e.g. "
+                            "--model baseline=ckpt_a --model ttt=ckpt_b (default: tiny)")
+    model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default auto: cuda if available)")
+    model.add_argument("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    data = p.add_argument_group("data (one source)")
+    data.add_argument("--codes", metavar="PATH", help="a codes file (.pt, .npy, .safetensors) or a directory of "
+                      "them, holding [8, T] audio codes or full [K, T] layouts")
+    data.add_argument("--audio", metavar="DIR", help="audio files (.flac, .wav, .mp3, .ogg), e.g. LibriLight "
+                      "speaker/book/chapter.flac; tokenized with --mimi, cached (see --cache-dir)")
+    data.add_argument("--mimi", metavar="PATH", help="local Mimi checkpoint for --audio (.safetensors, or a directory "
+                      "with config.json); its codebooks and card must match the model")
+    data.add_argument("--generate", type=int, metavar="N",
+                      help=f"N synthetic sequences (the default, N={DEMO_SEQUENCES}, when no --codes/--audio is given)")
+    data.add_argument("--frames", type=int, help="frames per synthetic sequence (default 200)")
+    data.add_argument("--max-frames", type=int, metavar="N", help="crop every sequence to its first N frames")
+    data.add_argument("--max-files", type=int, metavar="N", help="evaluate only the first N sequences")
+    data.add_argument("--concat-chapters", action="store_true", default=None,
+                      help="join each LibriLight book's chapters in order into one long sequence")
+    data.add_argument("--text-fill", help="text stream for audio-only data: zero (the zero token -1, never scored; "
+                      "default) or pad (the model's text padding id, scored as text)")
+    data.add_argument("--other-fill", help="the user's audio stream for audio-only data: zero (default) or copy "
+                      "(the same codes)")
+    data.add_argument("--cache-dir", metavar="DIR", help="where Mimi codes are cached, keyed by file content, Mimi "
+                      "checkpoint and codebook count (default OUT/cache); reruns skip encoding")
+    run = p.add_argument_group("evaluation")
+    run.add_argument("--chunk-size", type=int, help="frames per step: 1 = frame mode, the deployment semantics "
+                     "(default); C > 1 = exact chunk mode, faster")
+    run.add_argument("--batch-size", type=_batch_size, help="sequences per batch, or auto (default): the most that "
+                     "fit in free memory")
+    run.add_argument("--loss-backend", help="auto (fused Triton kernel on CUDA, torch on CPU), torch, triton")
+    run.add_argument("--cuda-graphs", help="auto (on CUDA), on (fail if capture fails), off")
+    run.add_argument("--window", type=int, help="window of the window means and flat keys, in frames (default 1000)")
+    run.add_argument("--codebook-weights", type=_weights, metavar="W0,W1,...",
+                     help="also report a weighted combined loss, e.g. 100,1,1,1,1,1,1,1 (moshi-finetune's weighting)")
+    run.add_argument("--verify", action=argparse.BooleanOptionalAction, help="check the losses against the batch path "
+                     "(LMModel.forward) on a prefix that fits; on by default for generated data")
+    run.add_argument("--verify-frames", type=int, metavar="N", help="the parity prefix (default 256 frames)")
+    run.add_argument("--assert-constant-memory", action="store_true", default=None,
+                     help="fail when the memory monitor sees memory grow with frames")
+    run.add_argument("--seed", type=int, help="seed of random weights and generated codes (default 0)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
+    out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win); accepts the "
+                     "paper_metrics.librilight_streaming block (enabled, memory_check, cache_clear_interval, "
+                     "max_sequence_length, ttt_verification)")
+    out.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only errors and paths")
+    out.add_argument("-v", "--verbose", dest="verbosity", action="count", help="more log lines (-vv: debug)")
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("generate", "frames", "chunk_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.verify_graph < 0:
-        parser.error("--verify-graph must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        device = None if args.device == "auto" else args.device
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = load_model(args.model, device=device, dtype=dtype, seed=args.seed)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad path, device, or no CUDA
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    codes = generate_codes(model, args.generate, args.frames, seed=args.seed)
-    print(f"model {args.model}: context {model.context}, {model.num_codebooks} streams, device {model.device}, "
-          f"{args.generate} x {args.frames} generated frames")
-    chunk_sizes = [1] if args.chunk_size == 1 else [1, args.chunk_size]
-    results = {}
-    for chunk in chunk_sizes:
-        config = EvalConfig(
-            chunk_size=chunk, batch_size=args.batch_size or None, loss_backend=args.loss_backend,
-            cuda_graphs=args.cuda_graphs, verify_graph=args.verify_graph, progress=args.progress,
-        )
-        try:
-            evaluator = StreamingEvaluator(model, config)
-        except (ValueError, RuntimeError) as exc:  # e.g. loss_backend='triton' on CPU without the interpreter
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        try:
-            results[chunk] = evaluator.evaluate(codes)
-        except (PreflightError, GraphCaptureError) as exc:  # the run cannot fit, or cuda_graphs="on" cannot capture
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        _print_result(f"streaming C={chunk}", results[chunk])
-    if args.no_check:
-        return 0
-    reference = batch_losses(model, codes)
-    _print_result("batch (LMModel.forward)", reference)
-    worst = 0.0
-    for chunk, result in results.items():
-        same_mask = all(
-            torch.equal(a, b)
-            for a, b in [
-                (result.valid, reference.valid),  # the batch path's masks are LMModel.forward's own
-                (result.text_valid, reference.text_valid),
-                (result.losses.isnan(), reference.losses.isnan()),  # a NaN at a valid position is a failure
-                (result.text_losses.isnan(), reference.text_losses.isnan()),
-            ]
-        )
-        diff = float((result.losses - reference.losses).abs().nan_to_num(0).max())
-        diff = max(diff, float((result.text_losses - reference.text_losses).abs().nan_to_num(0).max()))
-        print(f"parity C={chunk}: masks identical: {same_mask}, max |streaming - batch| = {diff:.2e}")
-        worst = max(worst, diff if same_mask else float("inf"))
-    # Frame and chunk steps round differently from one whole-sequence forward in half precision.
-    tolerance = 1e-4 if model.dtype.itemsize >= 4 else 1e-1
-    if worst > tolerance:
-        print(f"FAILED: streaming differs from the batch path by more than {tolerance}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 or 'auto'")
-    return value
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
 
 
-def _print_result(name: str, result: EvalResult) -> None:
-    means = result.mean_losses()
-    per_codebook = " ".join(f"{means[f'audio_{k}']:.3f}" for k in range(result.losses.shape[1]))
-    backend = result.report.get("loss_backend")
-    if backend:
-        name = f"{name} ({backend})"
-    print(f"{name:>32}: {result.report['frames_per_second']:9.1f} frames/s | audio {means['audio']:.4f} "
-          f"[{per_codebook}] | text {means['text']:.4f}")
-    memory = result.report.get("memory")
-    if memory:  # streaming runs: the monitor's verdict and the preflight estimate beside the measured peak
-        estimate = result.report["preflight"]["estimate"]["run_bytes"]
-        measured = result.report["preflight"]["measured_peak_increase_bytes"]
-        print(f"{'':>32}  memory ({memory['memory_source']}): constant {memory['constant_memory']} "
-              f"({memory['reason'] or 'flat after warm-up'}); run estimate {estimate / 2**20:.1f} MiB, measured "
-              f"peak increase {_mib(measured)}; graphs: {result.report['cuda_graphs']['reason']}")
+def _weights(text: str) -> list[float]:
+    try:
+        return parse_weights(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = resolve(args)
+    except SettingsError as exc:
+        return _fail(exc)
+    _setup_logging(settings.verbosity)
+    if not settings.enabled:
+        print("long-context evaluation disabled by the config (enabled: false)")
+        return 0
+    try:
+        runs, data, parity_ok = _evaluate(settings)
+    except (DataError, PreflightError, GraphCaptureError, SettingsError, FileNotFoundError, ValueError,
+            RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured with "on"
+        return _fail(exc)
+    paths = write_reports(settings.out, runs, config=settings.as_dict(), data=data, seed=settings.seed,
+                          environment=environment_info(runs[0].driver_report.get("device", "cpu")))
+    if settings.verbosity >= 0:
+        print(summary_table(runs))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if settings.synthetic and settings.verbosity >= 0:
+        print(DEMO_NOTE)
+    if not parity_ok:
+        print("FAILED: streaming differs from the batch path (see 'parity' in results.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _evaluate(s: Settings) -> tuple[list[ModelRun], list[dict[str, Any]], bool]:
+    """Every model on the same sequences, one model in memory at a time."""
+    runs, sequences, data, parity_ok = [], None, [], True
+    for entry in s.model:
+        label, spec = model_label(entry), model_spec(entry)
+        device = None if s.device == "auto" else s.device
+        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
+        model = load_model(spec, device=device, dtype=dtype, seed=s.seed)
+        if sequences is None:
+            sequences = _load_data(s, model)
+            data = [{"name": q.name, "frames": q.frames, "sources": q.sources} for q in sequences]
+        else:
+            _check_same_layout(model, sequences[0].codes, label)
+        log.info("model %s (%s): %s parameters, context %d, on %s", label, spec, f"{count_parameters(model):,}",
+                 model.context, model.device)
+        config = EvalConfig(
+            chunk_size=s.chunk_size, batch_size=s.batch_size, loss_backend=s.loss_backend,
+            cuda_graphs=s.cuda_graphs, assert_constant_memory=s.assert_constant_memory,
+            progress=s.progress and s.verbosity >= 0,
+        )
+        codes = [q.codes for q in sequences]
+        result = StreamingEvaluator(model, config).evaluate(codes)
+        report = dict(result.report, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
+        if s.verify if s.verify is not None else s.synthetic:
+            parity = check_parity(model, codes, result, frames=s.verify_frames)
+            report["parity"] = parity.as_dict()
+            parity_ok &= parity.passed
+            log.info("parity vs LMModel.forward on the first %d frames: max |diff| %.2e, masks identical %s -> %s",
+                     parity.frames, parity.max_abs_diff, parity.masks_identical, "ok" if parity.passed else "FAILED")
+        sums = PositionSums.from_result(result)
+        metrics = compute_metrics(sums, context=model.context, window=s.window, codebook_weights=s.codebook_weights)
+        curves = position_means(sums, s.codebook_weights)
+        runs.append(ModelRun(label=label, spec=spec, parameters=count_parameters(model), context=model.context,
+                             metrics=metrics, curves=curves, driver_report=report))
+        del model, result
+        gc.collect()
+    return runs, data, parity_ok
+
+
+def _load_data(s: Settings, model: Any) -> list:
+    cache_dir = s.cache_dir or str(Path(s.out) / "cache")
+    sequences = load_sequences(
+        model, codes=s.codes, audio=s.audio, mimi=s.mimi,
+        generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
+        max_frames=s.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters, text_fill=s.text_fill,
+        other_fill=s.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
+        progress=s.progress and s.verbosity >= 0,
+    )
+    if not sequences:
+        raise DataError("no sequences to evaluate")
+    return sequences
+
+
+def _check_same_layout(model: Any, codes: torch.Tensor, label: str) -> None:
+    if codes.shape[0] != model.num_codebooks:
+        raise SettingsError(f"model {label} has {model.num_codebooks} streams but the data was laid out for "
+                            f"{codes.shape[0]}: models compared side by side must share the stream layout")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _fail(exc: BaseException) -> int:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

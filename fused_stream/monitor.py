@@ -261,6 +261,12 @@ class Monitor:
         with self._lock:
             self._frames += n
 
+    def latest(self) -> tuple[int, int | None]:
+        """(frames counted, the newest memory sample in bytes or None): host-side values for a progress bar."""
+        with self._lock:
+            memory = next((s.memory for s in reversed(self._samples) if s.memory is not None), None)
+            return self._frames, memory
+
     def _open_source(self) -> None:
         if self.device.type == "cuda":
             try:

@@ -1,97 +1,217 @@
-"""`python -m fused_stream.eval`: the default job runs end to end and checks itself against the batch path."""
+"""`python -m fused_stream.eval` end to end on `tiny`: outputs, comparisons, config, parity, and bad input."""
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fused_stream.eval import main
 
 
-def test_main_reports_parity_for_frame_and_chunk_mode(capsys):
-    assert main(["--generate", "2", "--frames", "40", "--chunk-size", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "streaming C=1" in out and "streaming C=8" in out
-    assert out.count("masks identical: True") == 2
+def _strict_json(path):
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
 
 
-def test_main_runs_the_triton_kernel_under_the_interpreter(capsys):
-    from fused_stream.kernels.cross_entropy import triton_interpreted
-
-    if not triton_interpreted():
-        pytest.skip("TRITON_INTERPRET is not set (a CUDA machine): the GPU tests cover the compiled kernel")
-    assert main(["--generate", "1", "--frames", "12", "--chunk-size", "4", "--loss-backend", "triton"]) == 0
-    out = capsys.readouterr().out
-    assert "streaming C=4 (triton)" in out and out.count("masks identical: True") == 2
+def _outputs(out):
+    return sorted(p.name for p in out.iterdir() if p.is_file()) if out.exists() else []
 
 
-def test_main_fails_when_streaming_disagrees(monkeypatch, capsys):
-    import fused_stream.eval as cli
+def test_default_demo_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "synthetic demo" in stdout and "--audio" in stdout and "tiny" in stdout
+    results = _strict_json(out / "results.json")
+    for key in ("config", "environment", "data", "models", "seed"):
+        assert key in results
+    (run,) = results["models"]
+    assert run["label"] == "tiny" and run["parameters"] > 0
+    assert run["report"]["parity"]["passed"] and run["report"]["parity"]["masks_identical"]
+    assert run["metrics"]["flat"]["librilight_samples"] == 4
+    assert "librilight_loss_8k" not in run["metrics"]["flat"]  # 200 frames: never a fake value
+    assert [d["frames"] for d in results["data"]] == [200] * 4
+    rows = list(csv.reader((out / "per_position.csv").open()))
+    assert len(rows) == 1 + 200 and rows[0][0] == "position"
+    image = pytest.importorskip("matplotlib.image").imread(out / "loss_curve.png")
+    assert image.ndim == 3 and image.shape[0] > 100
 
-    real = cli.batch_losses
+
+def test_two_models_share_data_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", "base=tiny", "--model", "other=tiny", "--generate", "2", "--frames", "40", "--out", str(out)]
+    assert main(argv + ["--chunk-size", "4", "--no-verify"]) == 0
+    stdout = capsys.readouterr().out
+    assert "base" in stdout and "other" in stdout
+    results = _strict_json(out / "results.json")
+    assert [m["label"] for m in results["models"]] == ["base", "other"]
+    # Same preset, same seed, same data: identical numbers, computed twice.
+    a, b = (m["metrics"]["overall"]["combined"] for m in results["models"])
+    assert a == pytest.approx(b, abs=1e-6)
+    header = next(csv.reader((out / "per_position.csv").open()))
+    assert "base:combined" in header and "other:combined" in header
+
+
+def test_legacy_config_block_and_cli_override(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "paper_metrics:\n  librilight_streaming:\n    enabled: true\n    memory_check: false\n"
+        "    cache_clear_interval: 1000\n    max_sequence_length: 30\n    ttt_verification: false\n"
+        "generate: 2\nframes: 50\n"
+    )
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--frames", "60", "--out", str(out), "-q"]) == 0
+    results = _strict_json(out / "results.json")
+    assert [d["frames"] for d in results["data"]] == [30, 30]  # max_sequence_length crops the CLI's 60 frames
+    assert results["config"]["frames"] == 60
+
+
+def test_config_can_disable_the_run(tmp_path, capsys):
+    config = tmp_path / "off.yaml"
+    config.write_text("paper_metrics:\n  librilight_streaming:\n    enabled: false\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--out", str(out)]) == 0
+    assert "disabled" in capsys.readouterr().out and not out.exists()
+
+
+def test_codes_directory_end_to_end(tmp_path, tiny_model, make_codes):
+    codes_dir = tmp_path / "codes"
+    codes_dir.mkdir()
+    for i, T in enumerate([45, 30]):
+        full = make_codes(tiny_model, [T], seed=i)[0]
+        torch.save(full[1 : 1 + tiny_model.dep_q].clone(), codes_dir / f"file_{i}.pt")  # [8, T] audio codes
+    out = tmp_path / "out"
+    assert main(["--codes", str(codes_dir), "--out", str(out), "--verify", "-q"]) == 0
+    results = _strict_json(out / "results.json")
+    assert sorted(d["frames"] for d in results["data"]) == [30, 45]
+    assert results["models"][0]["report"]["parity"]["passed"]
+    assert results["models"][0]["metrics"].get("overall", {}).get("text") is None  # text filled with zero tokens
+
+
+def test_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
+    import fused_stream.parity as parity
+
+    real = parity.batch_losses
 
     def shifted(model, codes):
         result = real(model, codes)
         result.losses += 0.5
         return result
 
-    monkeypatch.setattr(cli, "batch_losses", shifted)
-    assert main(["--generate", "1", "--frames", "20", "--chunk-size", "1"]) == 1
+    monkeypatch.setattr(parity, "batch_losses", shifted)
+    out = tmp_path / "out"
+    assert main(["--generate", "1", "--frames", "20", "--out", str(out), "-q"]) == 1
     assert "FAILED" in capsys.readouterr().err
+    assert not _strict_json(out / "results.json")["models"][0]["report"]["parity"]["passed"]
 
 
-def test_main_fails_when_masks_disagree(monkeypatch, capsys):
-    import fused_stream.eval as cli
+def test_triton_kernel_under_the_interpreter(tmp_path):
+    from fused_stream.kernels.cross_entropy import triton_interpreted
 
-    real = cli.batch_losses
-
-    def one_more_valid(model, codes):
-        result = real(model, codes)
-        result.valid[0, 1, -1] = True  # a position LMModel.forward would mask
-        return result
-
-    monkeypatch.setattr(cli, "batch_losses", one_more_valid)
-    assert main(["--generate", "1", "--frames", "20", "--chunk-size", "1"]) == 1
-    assert "masks identical: False" in capsys.readouterr().out
+    if not triton_interpreted():
+        pytest.skip("TRITON_INTERPRET is not set (a CUDA machine): the GPU tests cover the compiled kernel")
+    out = tmp_path / "out"
+    assert main(["--generate", "1", "--frames", "12", "--chunk-size", "4", "--loss-backend", "triton",
+                 "--out", str(out), "-q"]) == 0
+    assert _strict_json(out / "results.json")["models"][0]["report"]["loss_backend"] == "triton"
 
 
-BAD_ARGS = [["--chunk-size", "0"], ["--generate", "0"], ["--frames", "-1"], ["--batch-size", "-2"], ["--dtype", "int8"]]
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model", "no/such/checkpoint"], "no/such/checkpoint"),
+        (["--codes", "no/such/dir"], "no/such/dir"),
+        (["--chunk-size", "0"], "--chunk-size"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--audio", "somewhere"], "--mimi"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and match in err and len(err.splitlines()) == 1
+    assert _outputs(out) == []
 
 
-@pytest.mark.parametrize("args", BAD_ARGS)
-def test_bad_arguments_exit_2(args):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 2
+def test_codes_file_of_the_wrong_shape_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.zeros(3, 20, dtype=torch.long), bad)  # 3 streams: neither dep_q=8 audio nor K=17
+    out = tmp_path / "out"
+    assert main(["--codes", str(bad), "--out", str(out)]) == 2
+    assert "bad.pt" in capsys.readouterr().err and _outputs(out) == []
 
 
-def test_module_runs_with_no_arguments():
-    proc = subprocess.run([sys.executable, "-m", "fused_stream.eval"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "parity C=16: masks identical: True" in proc.stdout
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "fused_stream.eval", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for option in ("--model", "--audio", "--mimi", "--codes", "--verify", "--config", "--text-fill", "--other-fill",
+                   "--codebook-weights", "--window", "--concat-chapters", "--max-frames"):
+        assert option in proc.stdout
 
 
-def test_unknown_model_is_a_clear_error():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fused_stream.eval", "--model", "/no/such/ckpt"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2 and "error:" in proc.stderr and "/no/such/ckpt" in proc.stderr
+# --------------------------------------------------------------------------------------------------------------
+# Audio: LibriLight layout -> Mimi (a small random-weight checkpoint through moshi's loader) -> the model
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def librilight(tmp_path_factory):
+    """speaker/book/chapter_N.flac with speech-like audio at 16 kHz (resampled to Mimi's 24 kHz)."""
+    from audio_fixtures import speech_like, write_flac
+
+    root = tmp_path_factory.mktemp("librilight")
+    for book, seconds in (("100/bookA", (2.0, 1.5)), ("200/bookB", (2.5,))):
+        (root / book).mkdir(parents=True)
+        for i, length in enumerate(seconds, start=1):
+            write_flac(root / book / f"chapter_{i}.flac", speech_like(length, 16000, seed=i), 16000)
+    return root
 
 
-def test_main_reports_memory_and_graph_status(capsys):
-    assert main(["--generate", "2", "--frames", "24", "--chunk-size", "4", "--batch-size", "auto",
-                 "--verify-graph", "3"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("memory (rss)") == 2 and "run estimate" in out and "graphs: device is cpu" in out
+def _mimi(tmp_path_factory, card):
+    from fused_stream.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+
+    config = small_mimi_config(card=card)
+    return save_mimi_checkpoint(random_mimi(config, seed=0), tmp_path_factory.mktemp(f"mimi{card}") / "ckpt", config)
 
 
-def test_main_rejects_graphs_on_without_cuda(capsys):
-    import torch
+@pytest.fixture(scope="module")
+def mimi_ckpt(tmp_path_factory):
+    return _mimi(tmp_path_factory, 64)  # the tiny preset's card
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA machine can capture")
-    assert main(["--generate", "1", "--frames", "8", "--cuda-graphs", "on"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
+
+def test_audio_end_to_end_with_concatenated_chapters(tmp_path, librilight, mimi_ckpt):
+    out = tmp_path / "out"
+    argv = ["--audio", str(librilight), "--mimi", str(mimi_ckpt), "--concat-chapters", "--out", str(out), "-q"]
+    assert main(argv + ["--verify"]) == 0
+    results = _strict_json(out / "results.json")
+    frames = {d["name"]: d["frames"] for d in results["data"]}
+    assert frames == {"100/bookA": 25 + 19, "200/bookB": 32}  # ceil(seconds x 12.5) per chapter, joined in order
+    assert results["models"][0]["report"]["parity"]["passed"]
+    cached = sorted((out / "cache").glob("*.safetensors"))
+    assert len(cached) == 3  # one per chapter file
+    assert main(argv) == 0  # rerun: every file from the cache
+    assert sorted((out / "cache").glob("*.safetensors")) == cached
+
+
+def test_mimi_card_mismatch_exits_2(tmp_path, librilight, tmp_path_factory, capsys):
+    wrong = _mimi(tmp_path_factory, 128)
+    out = tmp_path / "out"
+    assert main(["--audio", str(librilight), "--mimi", str(wrong), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "card" in err and len(err.strip().splitlines()) == 1 and _outputs(out) == []
+
+
+def test_unreadable_audio_exits_2(tmp_path, mimi_ckpt, capsys):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "broken.flac").write_bytes(b"not audio at all" * 64)
+    out = tmp_path / "out"
+    assert main(["--audio", str(audio), "--mimi", str(mimi_ckpt), "--out", str(out)]) == 2
+    assert "broken.flac" in capsys.readouterr().err and _outputs(out) == []
