@@ -8,6 +8,8 @@ naive paths.
 
 __version__ = "0.1.0"
 
+from .api import evaluate_long_context_loss
+from .compat import PaperMetricsLibriLight
 from .driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
 from .graphs import GraphCaptureError, GraphMismatchError
 from .models import load_model
@@ -21,9 +23,11 @@ __all__ = [
     "EvalResult",
     "GraphCaptureError",
     "GraphMismatchError",
+    "PaperMetricsLibriLight",
     "PreflightError",
     "StreamingEvaluator",
     "batch_losses",
+    "evaluate_long_context_loss",
     "load_model",
     "naive_streaming_losses",
 ]

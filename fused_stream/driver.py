@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,21 +21,23 @@ import torch
 from moshi.models.lm import LMModel
 
 from .alignment import valid_masks
-from .graphs import GRAPH_MODES, GraphedStep, GraphPool, graphs_wanted, verify_replay
+from .graphs import GRAPH_MODES, graphs_wanted
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
 from .kernels.cross_entropy import N_COUNTERS, check_backend
 from .monitor import Monitor
 from .preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
+from .progress import Progress, ProgressFn, mib
 from .result import EvalResult, empty_result, fill_rows
+from .runner import StreamRunner
 from .runtime import inference_mode
-from .stream import Stream, enlarge_kv_caches, streaming_state_bytes
+from .stream import enlarge_kv_caches, streaming_state_bytes
 from .throughput import throughput_report
 
 __all__ = ["EvalConfig", "StreamingEvaluator", "ConstantMemoryError", "enlarge_kv_caches", "streaming_state_bytes"]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]  # (calls done, total calls), called from the host-side step count
+BatchFn = Callable[[list[int], EvalResult], None]  # (rows just filled, the result so far), after each batch
 
 
 class ConstantMemoryError(AssertionError):
@@ -118,15 +121,19 @@ class StreamingEvaluator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def evaluate(self, codes: torch.Tensor | list[torch.Tensor]) -> EvalResult:
-        """Losses for codes [B, K, T] or a list of [K, T_i]; each sequence's result equals evaluating it alone."""
+    def evaluate(self, codes: torch.Tensor | list[torch.Tensor], on_batch: BatchFn | None = None) -> EvalResult:
+        """Losses for codes [B, K, T] or a list of [K, T_i]; each sequence's result equals evaluating it alone.
+
+        `on_batch(rows, result)` is called after each batch with the rows it filled (to save them at once). An
+        out-of-memory error halves the batch size and retries; a sequence that fails alone lands in `result.failed`.
+        """
         model, cfg = self.model, self.config
         checked = check_codes(model, codes, cfg.invalid_tokens)
         lengths = [s.shape[1] for s in checked.sequences]
         preflight = self._preflight(lengths)
-        batches = batches_by_length(lengths, preflight["batch_size"])
+        queue = deque(batches_by_length(lengths, preflight["batch_size"]))
         frames_per_call = cfg.chunk_size * cfg.graph_unroll
-        total_calls = sum(math.ceil(lengths[rows[0]] / frames_per_call) for rows in batches)
+        total_calls = sum(math.ceil(lengths[rows[0]] / frames_per_call) for rows in queue)
         result = empty_result(len(lengths), model.dep_q, max(lengths))
         result.n_masked_tokens = checked.n_masked_tokens
         log.info(
@@ -136,20 +143,31 @@ class StreamingEvaluator:
             cfg.cuda_graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
             preflight["available_source"], _context_utilization(model, lengths),
         )
-        progress = _Progress(cfg.progress, total_calls)
-        runner = _StreamRunner(model, cfg, self.loss_backend)
+        progress = Progress(cfg.progress, total_calls)
+        runner = StreamRunner(model, cfg, self.loss_backend)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long)
         monitor = Monitor(self.device, interval=cfg.monitor_interval)
         progress.monitor = monitor
+        oom: list[dict] = []
+        batches = 0
         start = time.perf_counter()
         try:
             with inference_mode(model), monitor:
-                for rows in batches:
+                while queue:
+                    rows = queue.popleft()
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
-                    losses, text_losses, batch_counts = runner.run(batch, batch_lengths, progress, monitor)
+                    try:
+                        losses, text_losses, batch_counts = runner.run(batch, batch_lengths, progress, monitor)
+                    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                        runner.recover()
+                        queue = _after_oom(rows, queue, error, result, oom)
+                        continue
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
                     fill_rows(result, rows, losses, text_losses, valid, text_valid, batch_lengths)
                     counts += batch_counts
+                    batches += 1
+                    if on_batch is not None:
+                        on_batch(rows, result)
         finally:
             progress.close()
             runner.close()
@@ -161,7 +179,9 @@ class StreamingEvaluator:
             chunk_size=cfg.chunk_size,
             batch_size=preflight["batch_size"],
             loss_backend=self.loss_backend,
-            batches=len(batches),
+            batches=batches,
+            out_of_memory=oom,  # each OOM: the batch size it hit and what happened next
+            failed=dict(result.failed),
             steps=total_calls * cfg.graph_unroll,
             frames=sum(lengths),
             seconds=elapsed,
@@ -212,101 +232,27 @@ class StreamingEvaluator:
             "done: %d frames in %.1f s (%.1f frames/s, steady %s); peak memory %s (%s), constant memory: %s; "
             "graphs: %s",
             report["frames"], report["seconds"], report["frames_per_second"],
-            _fmt(report["throughput"].get("steady_frames_per_second"), "{:.1f}"),
-            _fmt(_mib(memory.get("peak_bytes")), "{:.1f} MiB"), memory.get("memory_source"),
+            _steady(report["throughput"]), mib(memory.get("peak_bytes")), memory.get("memory_source"),
             memory.get("constant_memory"),
             graphs["reason"],
         )
 
 
-class _StreamRunner:
-    """Holds the current Stream and its GraphedStep; re-opens (and re-captures) only when (B, capacity) changes."""
-
-    def __init__(self, model: LMModel, config: EvalConfig, backend: str) -> None:
-        self.model, self.config, self.backend = model, config, backend
-        self.stream: Stream | None = None
-        self.graphed: GraphedStep | None = None
-        device = next(model.parameters()).device
-        self.pool = GraphPool(device) if graphs_wanted(config.cuda_graphs, device)[0] else None  # one per run
-        self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
-        self.opened = self.captures = 0
-        self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
-        self.verified_calls = 0
-        self.max_state_bytes = 0
-        self.reason = "no batch run"
-
-    def run(
-        self, batch: torch.Tensor, lengths: torch.Tensor, progress: _Progress, monitor: Monitor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stream one padded batch codes [B, K, T]; host tensors (audio [B, dep_q, T], text [B, 1, T], counts)."""
-        B, _, T = batch.shape
-        fresh = self.stream is None or not self.stream.fits(B, T)
-        if fresh:
-            self._open(B, T)
-        stream = self.stream
-        stream.load(batch.to(stream.losses.device), lengths)
-        if fresh:
-            self._capture(stream)
-        graphed = self.graphed
-        host_lengths = lengths.tolist()
-        per_call = stream.frames_per_call
-        start = time.perf_counter()
-        for call in range(stream.n_calls):
-            graphed.step()
-            lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
-            monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
-            progress.advance()
-        out = stream.host_losses(T)  # the batch's one host copy: waits for its last step
-        seconds = time.perf_counter() - start
-        if graphed.graphed:
-            self.graphed_seconds += seconds
-        else:
-            self.eager_seconds += seconds
-        return out
-
-    def _open(self, batch_size: int, frames: int) -> None:
-        self._close_stream()
-        self.stream = Stream(self.model, batch_size, self.config.chunk_size, frames, self.backend,
-                             unroll=self.config.graph_unroll)
-        self.max_state_bytes = max(self.max_state_bytes, self.stream.state_bytes())
-        self.opened += 1
-
-    def _capture(self, stream: Stream) -> None:
-        """Capture (needs the loaded batch for warm-up) and optionally verify replay against eager."""
-        self.graphed = GraphedStep(stream, self.config.cuda_graphs, pool=self.pool)
-        self.capture_seconds += self.graphed.capture_seconds
-        self.captures += self.graphed.graphed
-        self.reason = self.graphed.reason
-        if self.config.verify_graph:
-            self.verified_calls += verify_replay(self.graphed, self.config.verify_graph, self.names, stream.lead)
-        log.debug("stream opened: B=%d, capacity %d, %s", stream.batch_size, stream.capacity, self.reason)
-
-    def graph_report(self) -> dict:
-        return {
-            "setting": self.config.cuda_graphs,
-            "graphed": self.opened > 0 and self.captures == self.opened,
-            "reason": self.reason,
-            "unroll": self.config.graph_unroll,
-            "streams_opened": self.opened,
-            "captures": self.captures,
-            "capture_seconds": self.capture_seconds,
-            "graphed_seconds": self.graphed_seconds,
-            "eager_seconds": self.eager_seconds,
-            "verified_calls": self.verified_calls,
-        }
-
-    def _close_stream(self) -> None:
-        if self.graphed is not None:
-            self.graphed.release()
-        if self.stream is not None:
-            self.stream.close()
-        self.stream = self.graphed = None
-
-    def close(self) -> None:
-        """End of the run: the stream, then every graph of the run (see GraphPool)."""
-        self._close_stream()
-        if self.pool is not None:
-            self.pool.close()
+def _after_oom(
+    rows: list[int], queue: deque[list[int]], error: BaseException, result: EvalResult, oom: list[dict]
+) -> deque[list[int]]:
+    """Halve the batch size for this batch and the rest of the run; a single sequence that still fails is failed."""
+    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if len(rows) == 1:
+        result.failed[rows[0]] = f"out of memory at batch size 1 ({message})"
+        oom.append({"batch_size": 1, "action": "failed", "row": rows[0]})
+        log.error("out of memory evaluating sequence %d alone: recorded as failed (%s)", rows[0], message)
+        return queue
+    size = len(rows) // 2
+    remaining = rows + [row for batch in queue for row in batch]  # still longest first
+    oom.append({"batch_size": len(rows), "action": f"retry at batch size {size}"})
+    log.warning("out of memory at batch size %d (%s): retrying at %d", len(rows), message, size)
+    return deque(remaining[i : i + size] for i in range(0, len(remaining), size))
 
 
 def _context_utilization(model: LMModel, lengths: list[int]) -> float:
@@ -319,45 +265,6 @@ def _peak_increase(memory: dict) -> int | None:
     return None if peak is None or baseline is None else peak - baseline
 
 
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / 2**20
-
-
-def _fmt(value: object, spec: str) -> str:
-    return "n/a" if value is None else spec.format(value)
-
-
-class _Progress:
-    """Host-side step counter driving a tqdm bar (with frames/s and memory from the monitor) or a callback.
-
-    Never touches device values: frames and memory come from the monitor's host-side count and its sampler thread.
-    """
-
-    def __init__(self, progress: bool | ProgressFn, total: int) -> None:
-        self.done, self.total = 0, total
-        self.callback = progress if callable(progress) else None
-        self.bar = None
-        self.monitor: Monitor | None = None
-        self._shown = 0.0
-        if progress is True:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="step", desc="streaming")
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            now = time.perf_counter()
-            if self.monitor is not None and now - self._shown > 0.5:  # a postfix per step would cost more than it shows
-                self._shown = now
-                frames, memory = self.monitor.latest()
-                elapsed = self.bar.format_dict["elapsed"]
-                rate = f"{frames / elapsed:,.0f} frames/s" if elapsed > 0 else ""
-                self.bar.set_postfix_str(f"{rate}, mem {_fmt(_mib(memory), '{:,.0f} MiB')}", refresh=False)
-        if self.callback is not None:
-            self.callback(self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _steady(throughput: dict) -> str:
+    value = throughput.get("steady_frames_per_second")
+    return "n/a" if value is None else f"{value:.1f}"

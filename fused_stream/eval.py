@@ -13,23 +13,23 @@ Exit codes: 0 done, 1 the parity check (--verify) failed, 2 bad input (nothing i
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .data import DataError, load_sequences
-from .driver import EvalConfig, StreamingEvaluator
+from .data import DataError
+from .distributed import init_world
 from .graphs import GraphCaptureError
-from .metrics import PositionSums, compute_metrics, position_means
-from .models import PRESETS, count_parameters, load_model
-from .parity import check_parity
+from .models import PRESETS
 from .preflight import PreflightError
-from .report import ModelRun, environment_info, summary_table, write_reports
-from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec, parse_weights, resolve
+from .report import environment_info, summary_table, write_reports
+from .run import evaluate_run
+from .settings import DEMO_SEQUENCES, SettingsError, parse_weights, resolve
 
 log = logging.getLogger("fused_stream.eval")
 
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--assert-constant-memory", action="store_true", default=None,
                      help="fail when the memory monitor sees memory grow with frames")
     run.add_argument("--seed", type=int, help="seed of random weights and generated codes (default 0)")
+    run.add_argument("--min-frames", type=int, metavar="N", help="a sequence shorter than N frames is recorded as "
+                     "failed instead of evaluated (default 1)")
+    run.add_argument("--resume", action="store_true", default=None, help="skip the sequences whose results an "
+                     "earlier run with the same settings saved in OUT/partial (each is saved when its batch ends)")
+    run.add_argument("--keep-going", action="store_true", default=None, help="exit 0 even if some files failed "
+                     "(they are listed under 'failed' in results.json either way)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
     out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win); accepts the "
@@ -124,81 +130,58 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.enabled:
         print("long-context evaluation disabled by the config (enabled: false)")
         return 0
+    world = init_world(settings.device)
     try:
-        runs, data, parity_ok = _evaluate(settings)
+        with _interruptible():
+            outcome = evaluate_run(settings, world)
+    except Interrupted as stop:
+        print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'}; "
+              "run the same command again with --resume to continue", file=sys.stderr)
+        return 128 + stop.signum
     except (DataError, PreflightError, GraphCaptureError, SettingsError, FileNotFoundError, ValueError,
             RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured with "on"
         return _fail(exc)
-    paths = write_reports(settings.out, runs, config=settings.as_dict(), data=data, seed=settings.seed,
-                          environment=environment_info(runs[0].driver_report.get("device", "cpu")))
+    finally:
+        world.close()
+    if not world.is_main:
+        return outcome.exit_code(settings)
+    paths = write_reports(settings.out, outcome.runs, config=settings.as_dict(), data=outcome.data,
+                          seed=settings.seed, failed=outcome.failed,
+                          environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")))
     if settings.verbosity >= 0:
-        print(summary_table(runs))
+        print(summary_table(outcome.runs))
+    for failure in outcome.failed:
+        print(f"failed: {failure['name']}: {failure['reason']}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if settings.synthetic and settings.verbosity >= 0:
         print(DEMO_NOTE)
-    if not parity_ok:
+    if not outcome.parity_ok:
         print("FAILED: streaming differs from the batch path (see 'parity' in results.json)", file=sys.stderr)
-        return 1
-    return 0
+    return outcome.exit_code(settings)
 
 
-def _evaluate(s: Settings) -> tuple[list[ModelRun], list[dict[str, Any]], bool]:
-    """Every model on the same sequences, one model in memory at a time."""
-    runs, sequences, data, parity_ok = [], None, [], True
-    for entry in s.model:
-        label, spec = model_label(entry), model_spec(entry)
-        device = None if s.device == "auto" else s.device
-        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
-        model = load_model(spec, device=device, dtype=dtype, seed=s.seed)
-        if sequences is None:
-            sequences = _load_data(s, model)
-            data = [{"name": q.name, "frames": q.frames, "sources": q.sources} for q in sequences]
-        else:
-            _check_same_layout(model, sequences[0].codes, label)
-        log.info("model %s (%s): %s parameters, context %d, on %s", label, spec, f"{count_parameters(model):,}",
-                 model.context, model.device)
-        config = EvalConfig(
-            chunk_size=s.chunk_size, batch_size=s.batch_size, loss_backend=s.loss_backend,
-            cuda_graphs=s.cuda_graphs, assert_constant_memory=s.assert_constant_memory,
-            progress=s.progress and s.verbosity >= 0,
-        )
-        codes = [q.codes for q in sequences]
-        result = StreamingEvaluator(model, config).evaluate(codes)
-        report = dict(result.report, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
-        if s.verify if s.verify is not None else s.synthetic:
-            parity = check_parity(model, codes, result, frames=s.verify_frames)
-            report["parity"] = parity.as_dict()
-            parity_ok &= parity.passed
-            log.info("parity vs LMModel.forward on the first %d frames: max |diff| %.2e, masks identical %s -> %s",
-                     parity.frames, parity.max_abs_diff, parity.masks_identical, "ok" if parity.passed else "FAILED")
-        sums = PositionSums.from_result(result)
-        metrics = compute_metrics(sums, context=model.context, window=s.window, codebook_weights=s.codebook_weights)
-        curves = position_means(sums, s.codebook_weights)
-        runs.append(ModelRun(label=label, spec=spec, parameters=count_parameters(model), context=model.context,
-                             metrics=metrics, curves=curves, driver_report=report))
-        del model, result
-        gc.collect()
-    return runs, data, parity_ok
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _load_data(s: Settings, model: Any) -> list:
-    cache_dir = s.cache_dir or str(Path(s.out) / "cache")
-    sequences = load_sequences(
-        model, codes=s.codes, audio=s.audio, mimi=s.mimi,
-        generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
-        max_frames=s.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters, text_fill=s.text_fill,
-        other_fill=s.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
-        progress=s.progress and s.verbosity >= 0,
-    )
-    if not sequences:
-        raise DataError("no sequences to evaluate")
-    return sequences
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT / SIGTERM stop the run where it is: nothing new is finished, everything saved stays saved."""
 
+    def stop(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
 
-def _check_same_layout(model: Any, codes: torch.Tensor, label: str) -> None:
-    if codes.shape[0] != model.num_codebooks:
-        raise SettingsError(f"model {label} has {model.num_codebooks} streams but the data was laid out for "
-                            f"{codes.shape[0]}: models compared side by side must share the stream layout")
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _setup_logging(verbosity: int) -> None:

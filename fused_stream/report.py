@@ -120,7 +120,7 @@ def _json_key(key: Any) -> str:
 
 def results_document(
     runs: list[ModelRun], *, config: dict[str, Any], data: list[dict[str, Any]], seed: int,
-    environment: dict[str, Any],
+    environment: dict[str, Any], failed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of results.json, already strict-JSON (see `to_jsonable`)."""
     from . import __version__
@@ -132,6 +132,7 @@ def results_document(
         "config": config,
         "environment": environment,
         "data": data,
+        "failed": failed or [],  # files or sequences left out, each with its reason
         "models": [
             {
                 "label": run.label, "spec": run.spec, "parameters": run.parameters, "context": run.context,
@@ -275,6 +276,7 @@ def write_reports(
     data: list[dict[str, Any]],
     seed: int,
     environment: dict[str, Any] | None = None,
+    failed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write results.json, per_position.csv and loss_curve.png into `out_dir` (created if missing).
 
@@ -286,7 +288,7 @@ def write_reports(
     check_runs(runs)
     if environment is None:
         environment = environment_info("cuda" if torch.cuda.is_available() else "cpu")
-    doc = results_document(runs, config=config, data=data, seed=seed, environment=environment)
+    doc = results_document(runs, config=config, data=data, seed=seed, environment=environment, failed=failed)
     # allow_nan=False: a NaN that slipped past to_jsonable fails here instead of writing a non-JSON token
     json_bytes = (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
     csv_bytes = per_position_csv(runs).encode()

@@ -23,7 +23,17 @@ class EvalResult:
     text_valid: torch.Tensor  # [B, 1, T] bool, identical to LMOutput.text_mask
     lengths: torch.Tensor  # [B] int64, frames of each sequence (T = lengths.max())
     n_masked_tokens: int = 0  # out-of-range tokens masked with invalid_tokens="mask"
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why it has no losses (e.g. out of memory at B=1)
     report: dict[str, Any] = field(default_factory=dict)  # path-specific facts: timing, state bytes, ...
+
+    def row(self, i: int) -> EvalResult:
+        """Sequence i alone, cropped to its own length (a [1, ..., T_i] result)."""
+        T = int(self.lengths[i])
+        return EvalResult(
+            losses=self.losses[i : i + 1, :, :T], valid=self.valid[i : i + 1, :, :T],
+            text_losses=self.text_losses[i : i + 1, :, :T], text_valid=self.text_valid[i : i + 1, :, :T],
+            lengths=self.lengths[i : i + 1],
+        )
 
     def mean_losses(self) -> dict[str, float]:
         """Mean loss per audio codebook, over all audio codebooks, and for text; float64, valid positions only."""

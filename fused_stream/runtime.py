@@ -16,7 +16,8 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
     moshi compiles small helpers (RMS norm, rope, gating) with inductor on first call; on CPU that costs
     minutes of compilation for no gain, so it is disabled there with moshi's own `no_compile()`.
     """
-    was_training = model.training
+    # Every module's own flag: model.train(was_training) would flatten a frozen submodule kept in eval mode.
+    modes = [(module, module.training) for module in model.modules()]
     device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
@@ -26,4 +27,5 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
         try:
             yield
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training

@@ -49,6 +49,9 @@ class Settings:
     verify: bool | None = None  # None: on for generated data (the demo proves parity), off otherwise
     verify_frames: int = 256
     assert_constant_memory: bool = False
+    resume: bool = False
+    keep_going: bool = False
+    min_frames: int = 1
     ttt_verification: bool = False
     enabled: bool = True
     progress: bool = True
@@ -61,6 +64,14 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def fingerprint(self, spec: str) -> dict[str, Any]:
+        """What decides a sequence's losses: a resumed run must match it (batch size, device, output do not)."""
+        keys = ("codes", "audio", "mimi", "generate", "frames", "max_frames", "max_files", "min_frames",
+                "concat_chapters", "text_fill", "other_fill", "chunk_size", "dtype", "seed")
+        from . import __version__
+
+        return {"model": spec, "fused_stream": __version__} | {k: getattr(self, k) for k in keys}
 
 
 LEGACY_KEYS = {
@@ -152,7 +163,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("give one data source: --codes, --audio or --generate")
     if s.audio is not None and s.mimi is None:
         raise SettingsError("--audio needs --mimi PATH (a local Mimi checkpoint to tokenize the audio)")
-    for name in ("generate", "frames", "max_frames", "max_files", "chunk_size", "window", "verify_frames"):
+    counts = ("generate", "frames", "max_frames", "max_files", "min_frames", "chunk_size", "window", "verify_frames")
+    for name in counts:
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise SettingsError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,14 @@ from safetensors.torch import save_file
 
 from fused_stream.data import (
     DataError,
+    assign_shards,
     audio_files,
     codes_files,
     generate_codes,
     group_chapters,
     layout_codes,
     load_codes_file,
+    load_dataset,
     load_mimi,
     load_sequences,
     random_mimi,
@@ -294,3 +297,208 @@ def test_mimi_that_does_not_fit_the_model(tiny_model, tmp_path):
             load_sequences(tiny_model, audio=audio, mimi=ckpt)
     with pytest.raises(DataError, match="has 4 codebooks of card 64; asked for num_codebooks=8"):
         load_mimi(tmp_path / "four", 8)
+
+
+# ------------------------------------------------------------------------------------------------ bad files, min_frames
+
+
+def _codes_dir(root: Path, lengths: list[int], model, kinds=("pt", "npy", "safetensors")) -> list[torch.Tensor]:
+    """s0..s{n-1} holding full-layout codes of the given lengths, in rotating formats; returns the codes."""
+    root.mkdir(parents=True, exist_ok=True)
+    codes = generate_codes(model, len(lengths), lengths, seed=3)
+    for i, c in enumerate(codes):
+        kind = kinds[i % len(kinds)]
+        _save(root / f"s{i}{SUFFIX[kind]}", c, kind)
+    return codes
+
+
+def test_collect_skips_bad_codes_files_and_raise_stops(tmp_path, tiny_model):
+    _save(tmp_path / "a.pt", _audio_codes(seed=1), "pt")
+    (tmp_path / "b.safetensors").write_bytes(b"\x00" * 40)  # corrupt
+    _save(tmp_path / "c.npy", _audio_codes(seed=2), "npy")
+    torch.save(torch.zeros(2, 8, 5, dtype=torch.long), tmp_path / "d.pt")  # wrong shape
+    out_of_card = _audio_codes(seed=3)
+    out_of_card[4, 6] = CARD
+    _save(tmp_path / "e.pt", out_of_card, "pt")
+    _save(tmp_path / "f.pt", _audio_codes(seed=4), "pt")
+
+    data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    assert [(s.name, s.index) for s in data.sequences] == [("a", 0), ("c", 2), ("f", 5)] and data.total == 6
+    assert torch.equal(data.sequences[1].codes[1:9], _audio_codes(seed=2))
+    assert [(f["index"], f["name"], f["sources"]) for f in data.failed] == [
+        (1, "b", [str(tmp_path / "b.safetensors")]), (3, "d", [str(tmp_path / "d.pt")]),
+        (4, "e", [str(tmp_path / "e.pt")])]
+    reasons = [f["reason"] for f in data.failed]
+    assert "unreadable" in reasons[0] and "shape (2, 8, 5)" in reasons[1] and "token 64 at row 4, frame 6" in reasons[2]
+    assert all(f"{tmp_path}/" in r and "\n" not in r for r in reasons)  # each names its file, on one line
+    assert [s.name for s in load_sequences(tiny_model, codes=tmp_path, on_error="collect")] == ["a", "c", "f"]
+    with pytest.raises(DataError, match="b.safetensors is unreadable"):
+        load_sequences(tiny_model, codes=tmp_path)  # "raise" is the default
+    with pytest.raises(DataError, match="has shape"):
+        load_dataset(tiny_model, codes=tmp_path / "d.pt", on_error="raise")
+
+
+def test_configuration_errors_raise_in_collect_mode(tmp_path, tiny_model):
+    _save(tmp_path / "a.pt", _audio_codes(), "pt")
+    for options, message in [({"codes": tmp_path / "missing"}, "does not exist"),
+                             ({"codes": tmp_path, "text_fill": "blank"}, "text fill"),
+                             ({"codes": tmp_path, "min_frames": 0}, "--min-frames must be >= 1"),
+                             ({"codes": tmp_path, "shard": (2, 2)}, "0 <= rank < world_size"),
+                             ({"generate": 2, "shard": (0, 0)}, "0 <= rank < world_size")]:
+        with pytest.raises(DataError, match=message):
+            load_dataset(tiny_model, on_error="collect", **options)
+    with pytest.raises(DataError, match="on_error must be 'raise' or 'collect'"):
+        load_dataset(tiny_model, codes=tmp_path, on_error="skip")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        load_dataset(tiny_model, codes=tmp_path / "empty", on_error="collect")
+
+
+def test_min_frames_counts_before_the_crop(tmp_path, tiny_model):
+    _codes_dir(tmp_path, [12, 3, 6], tiny_model)
+    data = load_dataset(tiny_model, codes=tmp_path, min_frames=6, max_frames=2, on_error="collect")
+    assert [(s.name, s.frames) for s in data.sequences] == [("s0", 2), ("s2", 2)]  # 6 frames pass, then cropped
+    assert data.failed == [{"index": 1, "name": "s1", "sources": [str(tmp_path / "s1.npy")],
+                            "reason": "3 frames, shorter than --min-frames 6"}]
+    with pytest.raises(DataError, match=r"^s1 \(.*s1.npy\): 3 frames, shorter than --min-frames 6$"):
+        load_sequences(tiny_model, codes=tmp_path, min_frames=6)
+    assert len(load_sequences(tiny_model, generate=2, frames=5, min_frames=5)) == 2
+    with pytest.raises(DataError, match="generated_0 .*4 frames, shorter than --min-frames 5"):
+        load_sequences(tiny_model, generate=2, frames=4, min_frames=5)
+
+
+def _write_tree(root: Path, layout: dict[str, float]) -> None:
+    for i, (rel, seconds) in enumerate(layout.items()):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if seconds < 0:  # a corrupt file
+            (root / rel).write_bytes(np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+        else:
+            write_audio(root / rel, seconds, 16000, 1, seed=i)
+
+
+def test_collect_skips_bad_audio_and_fails_the_whole_book(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
+    root = tmp_path / "ll"
+    _write_tree(root, {"1/bk/ch_1.flac": 0.4, "1/bk/ch_2.flac": -1, "1/bk/ch_3.flac": 0.3, "2/bk/ch_1.wav": 0.5,
+                       "3/bk/ch_1.wav": 0.3})
+    files = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, on_error="collect")
+    assert [(s.name, s.index, s.frames) for s in files.sequences] == [
+        ("1/bk/ch_1", 0, 5), ("1/bk/ch_3", 2, 4), ("2/bk/ch_1", 3, 7), ("3/bk/ch_1", 4, 4)]
+    (failure,) = files.failed
+    assert failure["name"] == "1/bk/ch_2" and failure["index"] == 1
+    assert failure["reason"].startswith(f"audio file {root / '1/bk/ch_2.flac'} cannot be decoded")
+
+    books = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, concat_chapters=True, on_error="collect")
+    assert [(s.name, s.index) for s in books.sequences] == [("2/bk", 1), ("3/bk", 2)]
+    (failure,) = books.failed
+    assert failure["name"] == "1/bk" and failure["sources"] == [str(root / f"1/bk/ch_{i}.flac") for i in (1, 2, 3)]
+    assert "1/bk/ch_2.flac cannot be decoded" in failure["reason"]  # the reason names the bad chapter
+    with pytest.raises(DataError, match="ch_2.flac cannot be decoded"):
+        load_sequences(tiny_model, audio=root, mimi=mimi_ckpt, concat_chapters=True)
+
+    import fused_stream.data as data_module
+
+    real = data_module.encode_audio_file
+
+    def mimi_fails_on_2(mimi, path, **kw):
+        if "2/bk" in str(path):
+            raise RuntimeError("shape mismatch\nin conv")
+        return real(mimi, path, **kw)
+
+    monkeypatch.setattr(data_module, "encode_audio_file", mimi_fails_on_2)
+    broken = load_dataset(tiny_model, audio=root / "2", mimi=mimi_ckpt, on_error="collect")
+    assert broken.sequences == [] and broken.failed[0]["reason"] == (
+        f"audio file {root / '2/bk/ch_1.wav'} cannot be encoded: RuntimeError: shape mismatch in conv")
+
+
+def test_min_frames_past_max_frames_encodes_far_enough(tiny_model, mimi_ckpt, tmp_path):
+    root = tmp_path / "ll"
+    _write_tree(root, {"1/bk/ch_1.wav": 0.4, "1/bk/ch_2.wav": 0.5, "2/bk/ch_1.wav": 0.4})  # 5 + 7 and 5 frames
+    books = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, concat_chapters=True, max_frames=3, min_frames=8,
+                         on_error="collect")
+    (book,) = books.sequences
+    assert book.name == "1/bk" and book.frames == 3 and book.sources == [str(root / "1/bk/ch_1.wav")]
+    assert books.failed[0]["name"] == "2/bk" and books.failed[0]["reason"] == "5 frames, shorter than --min-frames 8"
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def test_assign_shards_by_hand():
+    lengths, names = [5, 9, 3, 7, 7, 2, 8], [f"s{i}" for i in range(7)]
+    # longest first: s1 9, s6 8, s3 7, s4 7 (tie: by name), s0 5, s2 3, s5 2
+    # 2 ranks: s1→0 (9), s6→1 (8), s3→1 (15), s4→0 (16), s0→1 (20), s2→0 (19), s5→0 (21)
+    assert assign_shards(lengths, names, 2) == [[1, 2, 4, 5], [0, 3, 6]]
+    # 3 ranks: s1→0 (9), s6→1 (8), s3→2 (7), s4→2 (14), s0→1 (13), s2→0 (12), s5→0 (14)
+    assert assign_shards(lengths, names, 3) == [[1, 2, 5], [0, 6], [3, 4]]
+    assert assign_shards([4] * 4, ["x_10", "x_2", "x_1", "x_3"], 3) == [[0, 2], [1], [3]]  # ties: natural name order
+    assert assign_shards([1, 2], ["a", "b"], 4) == [[1], [0], [], []]
+    assert assign_shards([], [], 2) == [[], []]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_codes_shards_partition_the_full_list(tmp_path, tiny_model, world):
+    lengths = [5, 9, 3, 7, 7, 2, 8]
+    codes = _codes_dir(tmp_path, lengths, tiny_model)
+    full = load_dataset(tiny_model, codes=tmp_path)
+    shards = [load_dataset(tiny_model, codes=tmp_path, shard=(rank, world)) for rank in range(world)]
+    expected = assign_shards(lengths, [f"s{i}" for i in range(7)], world)  # checked by hand above
+    for rank, part in enumerate(shards):
+        assert [s.index for s in part.sequences] == expected[rank] and part.total == 7  # data order within a rank
+        assert [s.name for s in part.sequences] == [f"s{i}" for i in expected[rank]]
+        assert all(torch.equal(s.codes, codes[s.index]) for s in part.sequences)
+    merged = sorted((s for part in shards for s in part.sequences), key=lambda s: s.index)
+    assert [(s.name, s.index) for s in merged] == [(s.name, s.index) for s in full.sequences]  # no overlap, no gap
+    totals = [sum(s.frames for s in part.sequences) for part in shards]
+    assert totals == ([21, 20] if world == 2 else [14, 13, 14])
+
+
+def test_shard_estimates_cap_at_max_frames_and_bad_files_fail_on_their_owner(tmp_path, tiny_model):
+    _codes_dir(tmp_path, [5, 9, 3, 7], tiny_model)
+    (tmp_path / "s4.pt").write_bytes(b"junk")  # estimate 0: still assigned, fails only where owned
+    # max_frames=4 caps the estimates to [4, 4, 3, 4, 0]: s0→0, s1→1, s3→0 (8), s2→1 (7), s4→1 (7)
+    parts = [load_dataset(tiny_model, codes=tmp_path, max_frames=4, shard=(r, 2), on_error="collect") for r in (0, 1)]
+    assert [[s.name for s in p.sequences] for p in parts] == [["s0", "s3"], ["s1", "s2"]]
+    assert parts[0].failed == [] and [f["name"] for f in parts[1].failed] == ["s4"]
+
+
+def test_max_files_applies_before_sharding(tmp_path, tiny_model):
+    _codes_dir(tmp_path, [5, 9, 3, 7, 7, 2, 8], tiny_model)
+    parts = [load_dataset(tiny_model, codes=tmp_path, max_files=4, shard=(r, 2)) for r in (0, 1)]
+    # the first 4 of the full list, [5, 9, 3, 7]: s1→0 (9), s3→1 (7), s0→1 (12), s2→0 (12)
+    assert [[s.name for s in p.sequences] for p in parts] == [["s1", "s2"], ["s0", "s3"]]
+    assert all(p.total == 4 for p in parts)
+    generated = [load_sequences(tiny_model, generate=5, frames=6, max_files=3, shard=(r, 2)) for r in (0, 1)]
+    assert [[s.name for s in g] for g in generated] == [["generated_0", "generated_2"], ["generated_1"]]
+
+
+def test_audio_ranks_encode_only_their_own_files(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
+    root = tmp_path / "audio"
+    _write_tree(root, {"a.wav": 1.0, "b.wav": 0.4, "c.wav": 0.8, "d.wav": 0.6, "e.flac": -1})
+    import fused_stream.data as data_module
+
+    encoded: list[str] = []
+    real = data_module.encode_audio_file
+
+    def spy(mimi, path, **kw):
+        encoded.append(Path(path).name)
+        return real(mimi, path, **kw)
+
+    monkeypatch.setattr(data_module, "encode_audio_file", spy)
+    # durations give 13, 5, 10, 8 frames and 0 for the corrupt e: a→0, c→1, d→1 (18), b→0 (18), e→0 (18)
+    owned = [["a.wav", "b.wav", "e.flac"], ["c.wav", "d.wav"]]
+    parts = []
+    for rank in (0, 1):
+        encoded.clear()
+        cache = tmp_path / f"cache{rank}"
+        part = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, cache_dir=cache, shard=(rank, 2),
+                            on_error="collect")
+        assert sorted(encoded) == owned[rank]  # never a file of the other rank
+        cached = {Path(json.loads(p.read_text())["source"]).name for p in cache.glob("*.json")}
+        assert cached == {name for name in owned[rank] if name != "e.flac"}
+        parts.append(part)
+    assert [[s.name for s in p.sequences] for p in parts] == [["a", "b"], ["c", "d"]]
+    assert [f["name"] for f in parts[0].failed] == ["e"] and parts[1].failed == []
+    full = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, cache_dir=tmp_path / "cache0", on_error="collect")
+    merged = sorted((s for p in parts for s in p.sequences), key=lambda s: s.index)
+    assert [(s.name, s.index) for s in merged] == [(s.name, s.index) for s in full.sequences]
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(merged, full.sequences, strict=True))

@@ -352,3 +352,48 @@ def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
     assert memory["constant_memory"] is True, memory
     assert memory["samples_after_warmup"] >= 10
     assert result.report["cuda_graphs"]["graphed"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Out of memory: halve the batch and retry; a sequence that fails alone is recorded, not fatal
+# --------------------------------------------------------------------------------------------------------------
+def _inject_oom(monkeypatch, fail_when):
+    from fused_stream.runner import StreamRunner
+
+    real = StreamRunner.run
+    calls = []
+
+    def run(self, batch, lengths, progress, monitor):
+        calls.append(batch.shape[0])
+        if fail_when(len(calls), batch.shape[0]):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(self, batch, lengths, progress, monitor)
+
+    monkeypatch.setattr(StreamRunner, "run", run)
+    return calls
+
+
+def test_an_oom_halves_the_batch_and_changes_nothing(tiny_model, make_codes, monkeypatch):
+    sequences = make_codes(tiny_model, [40, 37, 33, 20, 18], seed=40)
+    expected = evaluate(tiny_model, sequences, chunk_size=2, batch_size=4)
+    calls = _inject_oom(monkeypatch, lambda n, B: n == 1)
+    saved = []
+    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=2, batch_size=4)).evaluate(
+        sequences, on_batch=lambda rows, _: saved.append(list(rows))
+    )
+    assert calls == [4, 2, 2, 1]  # 4 fails; the rest of the run goes on at 2
+    # Other batch sizes round differently in the batched matmuls: equal to float32 noise, masks exactly.
+    assert_losses_close(result.losses, expected.losses, atol=1e-5)
+    assert torch.equal(result.valid, expected.valid) and result.failed == {}
+    assert result.report["out_of_memory"] == [{"batch_size": 4, "action": "retry at batch size 2"}]
+    assert sorted(r for rows in saved for r in rows) == [0, 1, 2, 3, 4]  # every row reported once, after its batch
+
+
+def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make_codes, monkeypatch):
+    sequences = make_codes(tiny_model, [30, 25, 10], seed=41)
+    expected = evaluate(tiny_model, sequences, batch_size=2)
+    _inject_oom(monkeypatch, lambda n, B: B > 1 or n == 2)  # call 2 is the longest sequence alone: fails again
+    result = evaluate(tiny_model, sequences, batch_size=2)
+    assert set(result.failed) == {0} and "out of memory at batch size 1" in result.failed[0]
+    assert result.losses[0].isnan().all() and not result.valid[0].any()
+    assert_losses_close(result.losses[1:], expected.losses[1:], atol=1e-5)

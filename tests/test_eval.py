@@ -215,3 +215,109 @@ def test_unreadable_audio_exits_2(tmp_path, mimi_ckpt, capsys):
     out = tmp_path / "out"
     assert main(["--audio", str(audio), "--mimi", str(mimi_ckpt), "--out", str(out)]) == 2
     assert "broken.flac" in capsys.readouterr().err and _outputs(out) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Nothing lost: a killed run resumes to the same numbers; bad files are isolated; torchrun shards and reduces
+# --------------------------------------------------------------------------------------------------------------
+def _cli(*args):
+    return [sys.executable, "-m", "fused_stream.eval", *args]
+
+
+def _codes_dir(tmp_path, model, make_codes, lengths):
+    directory = tmp_path / "codes"
+    directory.mkdir()
+    for i, T in enumerate(lengths):
+        torch.save(make_codes(model, [T], seed=100 + i)[0].clone(), directory / f"f{i}.pt")  # full [17, T]
+    return directory
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model, make_codes):
+    import os
+    import signal
+    import time
+
+    data = _codes_dir(tmp_path, tiny_model, make_codes, [400, 380, 360, 340, 320, 300])
+    common = ["--codes", str(data), "--batch-size", "1", "-q", "--no-verify"]
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(*common, "--out", str(whole)), check=True, env=env, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", str(out)), env=env)
+    partial = out / "partial" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(partial.glob("*.pt"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = len(list(partial.glob("*.pt")))
+    assert 1 <= saved < 6, "the kill should land mid-run"
+    assert not (out / "results.json").exists()
+    subprocess.run(_cli(*common, "--out", str(out), "--resume"), check=True, env=env, timeout=600)
+    resumed, expected = _strict_json(out / "results.json"), _strict_json(whole / "results.json")
+    assert resumed["models"][0]["report"]["resumed_sequences"] == saved
+    assert resumed["models"][0]["metrics"] == expected["models"][0]["metrics"]  # bit-identical float64 sums
+    assert resumed["data"] == expected["data"]
+
+
+def test_sigterm_stops_and_says_how_to_resume(tmp_path, tiny_model, make_codes):
+    import os
+    import signal
+    import time
+
+    data = _codes_dir(tmp_path, tiny_model, make_codes, [600, 600, 600, 600])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli("--codes", str(data), "--batch-size", "1", "--out", str(out), "-q"),
+                            env=dict(os.environ, NO_TORCH_COMPILE="1"), stderr=subprocess.PIPE, text=True)
+    partial = out / "partial" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(partial.glob("*.pt")) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "--resume" in err and "SIGTERM" in err
+    assert not (out / "results.json").exists() and list(partial.glob("*.pt"))
+
+
+def test_a_corrupt_file_among_good_ones_is_recorded_and_the_rest_evaluated(tmp_path, tiny_model, make_codes, capsys):
+    data = _codes_dir(tmp_path, tiny_model, make_codes, [40, 30])
+    (data / "f1_broken.pt").write_bytes(b"definitely not a torch file")
+    out = tmp_path / "out"
+    assert main(["--codes", str(data), "--out", str(out), "-q"]) == 1
+    assert "f1_broken" in capsys.readouterr().err
+    results = _strict_json(out / "results.json")
+    assert [d["name"] for d in results["data"]] == ["f0", "f1"]
+    (failure,) = results["failed"]
+    assert failure["name"] == "f1_broken" and "f1_broken.pt" in failure["reason"]
+    assert main(["--codes", str(data), "--out", str(tmp_path / "again"), "-q", "--keep-going"]) == 0
+    assert main(["--codes", str(data), "--out", str(tmp_path / "short"), "-q", "--keep-going",
+                 "--min-frames", "35"]) == 0
+    assert [f["name"] for f in _strict_json(tmp_path / "short" / "results.json")["failed"]] == ["f1", "f1_broken"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_model, make_codes):
+    import os
+
+    data = _codes_dir(tmp_path, tiny_model, make_codes, [90, 70, 60, 40])
+    # Batch size 1: every sequence runs alone in both layouts (other batch sizes round differently in float32).
+    common = ["--codes", str(data), "--window", "20", "-q", "--no-verify", "--device", "cpu", "--batch-size", "1"]
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    one = tmp_path / "one"
+    subprocess.run(_cli(*common, "--out", str(one)), check=True, env=env, timeout=600)
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "fused_stream.eval", *common, "--out", str(two)], check=True, env=env, timeout=600)
+    a, b = _strict_json(one / "results.json"), _strict_json(two / "results.json")
+    assert a["data"] == b["data"]
+    assert len(b["models"][0]["report"]["ranks"]) == 2
+    ma, mb = a["models"][0]["metrics"], b["models"][0]["metrics"]
+    assert ma["flat"].keys() == mb["flat"].keys() and ma["n_sequences"] == mb["n_sequences"] == 4
+    for key, value in ma["flat"].items():
+        assert mb["flat"][key] == pytest.approx(value, abs=1e-9)
+    for wa, wb in zip(ma["windows"], mb["windows"], strict=True):
+        assert wb["combined"] == pytest.approx(wa["combined"], abs=1e-9) and wa["count"] == wb["count"]
+    rows_a = list(csv.reader((one / "per_position.csv").open()))
+    rows_b = list(csv.reader((two / "per_position.csv").open()))
+    assert len(rows_a) == len(rows_b) == 91

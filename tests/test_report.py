@@ -87,7 +87,7 @@ def test_all_files_written_and_json_strict(tmp_path):
     assert paths["json"].name == "results.json" and paths["csv"].name == "per_position.csv"
 
     doc = strict_load(paths["json"])
-    assert set(doc) == {"fused_stream_version", "created", "seed", "config", "environment", "data", "models"}
+    assert set(doc) == {"fused_stream_version", "created", "seed", "config", "environment", "data", "failed", "models"}
     assert doc["fused_stream_version"] == "0.1.0" and doc["seed"] == 7
     assert doc["created"].endswith("+00:00")  # UTC
     assert doc["config"] == {"chunk_size": 4, "limit": None, "lengths": [1, 2]}

@@ -32,3 +32,17 @@ def test_mode_restored_when_the_body_raises(tiny_model):
     with inference_mode(tiny_model):
         pass
     assert not tiny_model.training  # an eval-mode model stays in eval mode
+
+
+def test_each_module_gets_its_own_mode_back(tiny_model):
+    from fused_stream.runtime import inference_mode
+
+    tiny_model.train()
+    tiny_model.depformer.eval()  # e.g. a frozen part kept in eval mode inside a training model
+    try:
+        with inference_mode(tiny_model):
+            assert not any(m.training for m in tiny_model.modules())
+        assert tiny_model.training and tiny_model.transformer.training
+        assert not any(m.training for m in tiny_model.depformer.modules())
+    finally:
+        tiny_model.eval()

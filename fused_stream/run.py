@@ -1,0 +1,154 @@
+"""One evaluation run: every model over the same sequences, each sequence saved as soon as its batch is done.
+
+`evaluate_run` loads the data once (this rank's share, bad files collected, not fatal), then for each model in turn:
+skips the sequences an earlier run already saved (`--resume`), streams the rest (`driver`), saves each sequence's
+per-position sums (`partials`), adds all of them in data order, adds the ranks together (`distributed`), and on
+rank 0 turns the sums into metrics and curves (`metrics`) for the report (`report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataError, Dataset, EvalSequence, load_dataset
+from .distributed import World, all_reduce_sums, gather
+from .driver import EvalConfig, StreamingEvaluator
+from .metrics import TEXT, PositionSums, compute_metrics, position_means
+from .models import count_parameters, load_model
+from .parity import check_parity
+from .partials import PartialStore
+from .report import ModelRun
+from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    runs: list[ModelRun]
+    data: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    parity_ok: bool
+
+    def exit_code(self, settings: Settings) -> int:
+        if not self.parity_ok or (self.failed and not settings.keep_going):
+            return 1
+        return 0
+
+
+def evaluate_run(s: Settings, world: World) -> RunOutcome:
+    """Every model on the same sequences (this rank's share), one model in memory at a time."""
+    runs, dataset, parity_ok, failed = [], None, True, []
+    for entry in s.model:
+        label, spec = model_label(entry), model_spec(entry)
+        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
+        model = load_model(spec, device=world.device(s.device), dtype=dtype, seed=s.seed)
+        if dataset is None:
+            dataset = _load_data(s, model, world)
+            failed = list(dataset.failed)
+        else:
+            _check_same_layout(model, dataset, label)
+        log.info("model %s (%s): %s parameters, context %d, on %s", label, spec, f"{count_parameters(model):,}",
+                 model.context, model.device)
+        sums, report, model_failed, parity = _evaluate_model(s, world, model, label, spec, dataset.sequences)
+        failed += model_failed
+        parity_ok &= parity
+        sums = all_reduce_sums(sums, world)
+        reports = gather(report, world)
+        if world.is_main:
+            metrics = compute_metrics(sums, context=model.context, window=s.window,
+                                      codebook_weights=s.codebook_weights)
+            curves = position_means(sums, s.codebook_weights)
+            runs.append(ModelRun(label=label, spec=spec, parameters=count_parameters(model), context=model.context,
+                                 metrics=metrics, curves=curves,
+                                 driver_report=reports[0] if world.size == 1 else {"ranks": reports, **reports[0]}))
+        del model
+        gc.collect()
+    data = sorted((d for part in gather(_data_list(dataset), world) for d in part), key=lambda d: d["index"])
+    failed = sorted((f for part in gather(failed, world) for f in part), key=lambda f: f.get("index", -1))
+    parity_ok = all(gather(parity_ok, world))
+    return RunOutcome(runs, data, failed, parity_ok)
+
+
+def _evaluate_model(
+    s: Settings, world: World, model: Any, label: str, spec: str, sequences: list[EvalSequence]
+) -> tuple[PositionSums, dict[str, Any], list[dict[str, Any]], bool]:
+    """This rank's sequences through one model, each saved when its batch ends; sums added in data order."""
+    store = _open_store(s, world, label, spec)
+    todo = [q for q in sequences if store.load(q.name, q.codes) is None]
+    if len(todo) < len(sequences):
+        log.info("resume: %d of %d sequences already done for %s", len(sequences) - len(todo), len(sequences), label)
+    report: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+                              "resumed_sequences": len(sequences) - len(todo)}
+    failed, parity_ok = [], True
+    if todo:
+        def save(rows: list[int], result: Any) -> None:  # called by the driver as soon as a batch is done
+            for row in rows:
+                one = PositionSums.from_result(result.row(row))
+                per_file = compute_metrics(one, context=model.context, window=s.window)["overall"]
+                store.save(todo[row].name, todo[row].codes, one, per_file)
+
+        config = EvalConfig(
+            chunk_size=s.chunk_size, batch_size=s.batch_size, loss_backend=s.loss_backend, cuda_graphs=s.cuda_graphs,
+            assert_constant_memory=s.assert_constant_memory, progress=s.progress and s.verbosity >= 0,
+        )
+        result = StreamingEvaluator(model, config).evaluate([q.codes for q in todo], on_batch=save)
+        report = dict(result.report, **report)
+        failed = [{"index": todo[row].index, "name": todo[row].name, "sources": todo[row].sources,
+                   "reason": f"model {label}: {reason}"} for row, reason in sorted(result.failed.items())]
+        if s.verify if s.verify is not None else s.synthetic:
+            parity = check_parity(model, [q.codes for q in todo], result, frames=s.verify_frames)
+            report["parity"] = parity.as_dict()
+            parity_ok = parity.passed
+            log.info("parity vs LMModel.forward on the first %d frames: max |diff| %.2e, masks identical %s -> %s",
+                     parity.frames, parity.max_abs_diff, parity.masks_identical, "ok" if parity.passed else "FAILED")
+    names = [f"codebook_{k}" for k in range(model.dep_q)] + [TEXT]
+    sums, per_file = PositionSums.empty(names), []
+    for q in sequences:  # data order, whether computed now or resumed: the same float64 additions either way
+        entry = store.load(q.name, q.codes)
+        if entry is not None:
+            sums = sums.add(store.sums(entry))
+            per_file.append({"name": q.name, "frames": entry["frames"], **entry["metrics"]})
+    report["per_file"] = per_file
+    return sums, report, failed, parity_ok
+
+
+def _open_store(s: Settings, world: World, label: str, spec: str) -> PartialStore:
+    """Rank 0 prepares OUT/partial/<label> (fresh, or checked for --resume) before the other ranks use it."""
+    store = PartialStore(s.out, label, s.fingerprint(spec), resume=s.resume) if world.is_main else None
+    gather(None, world)  # a barrier
+    return store or PartialStore(s.out, label, s.fingerprint(spec), resume=True)
+
+
+def _load_data(s: Settings, model: Any, world: World) -> Dataset:
+    cache_dir = s.cache_dir or str(Path(s.out) / "cache")
+    dataset = load_dataset(
+        model, codes=s.codes, audio=s.audio, mimi=s.mimi,
+        generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
+        max_frames=s.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters, text_fill=s.text_fill,
+        other_fill=s.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
+        progress=s.progress and s.verbosity >= 0, on_error="collect", min_frames=s.min_frames, shard=world.shard,
+    )
+    good = sum(gather(len(dataset.sequences), world))
+    if good == 0:  # nothing at all to evaluate: that is bad input, not a partial failure
+        reasons = [f["reason"] for part in gather(dataset.failed, world) for f in part]
+        raise DataError(reasons[0] if len(reasons) == 1 else f"no sequence could be loaded ({len(reasons)} failed; "
+                        f"first: {reasons[0] if reasons else 'no data'})")
+    return dataset
+
+
+def _data_list(dataset: Dataset) -> list[dict[str, Any]]:
+    return [{"index": q.index, "name": q.name, "frames": q.frames, "sources": q.sources} for q in dataset.sequences]
+
+
+def _check_same_layout(model: Any, dataset: Dataset, label: str) -> None:
+    streams = dataset.sequences[0].codes.shape[0] if dataset.sequences else model.num_codebooks
+    if streams != model.num_codebooks:
+        raise SettingsError(f"model {label} has {model.num_codebooks} streams but the data was laid out for "
+                            f"{streams}: models compared side by side must share the stream layout")
