@@ -7,7 +7,9 @@ a local Mimi checkpoint --mimi) or --codes (pre-tokenized codes files).
 
 Outputs (--out): results.json (metrics, config, versions, timings, memory proof), per_position.csv, loss_curve.png,
 and a summary table on stdout. Several --model options run on identical data and are compared side by side.
-Exit codes: 0 done, 1 the parity check (--verify) failed, 2 bad input (nothing is written to --out then).
+Every sequence is saved as soon as its batch is done: --resume continues an interrupted run; torchrun shards files.
+Exit codes: 0 done; 1 the parity check (--verify) failed or some files failed (0 with --keep-going); 2 bad input
+(nothing is written to --out then); 130/143 interrupted by SIGINT/SIGTERM (rerun with --resume).
 """
 
 from __future__ import annotations
