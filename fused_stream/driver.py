@@ -192,6 +192,7 @@ class StreamingEvaluator:
             bad_targets=int(counts[2]),
             context_utilization=_context_utilization(model, lengths),
             cuda_graphs=runner.graph_report(),
+            **({"ttt": runner.tracker.report()} if runner.tracker is not None else {}),
             memory=memory,
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - a declared dependency, but a missing o
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+MAX_SAMPLES = 2048  # samples kept at most (see _take_sample)
 
 # --- NVML / torch access, one small function each so tests can monkeypatch them without a GPU -------------------
 
@@ -216,6 +217,7 @@ class Monitor:
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
         self.device = torch.device(device)
         self.interval = float(interval)
+        self._period = self.interval  # the sampling period now: doubles each time the series is thinned
         self.warmup_fraction = float(warmup_fraction)
         self.warmup_seconds = float(warmup_seconds)
         self.memory_source: str | None = None
@@ -310,9 +312,15 @@ class Monitor:
             self._samples.append(
                 _Sample(time.perf_counter(), self._frames, memory, utilization, allocated, reserved, max_allocated)
             )
+            if len(self._samples) >= MAX_SAMPLES:
+                # Bounded memory for runs of any length: a growing sample list would itself be the leak the
+                # monitor reports (RSS). Keep every other sample (the baseline stays first) and sample half as
+                # often from now on, so the series keeps covering the whole run evenly.
+                self._samples = self._samples[::2]
+                self._period *= 2
 
     def _run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        while not self._stop_event.wait(self._period):
             self._take_sample()
 
     def report(self) -> dict[str, Any]:

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
-from .graphs import GraphedStep, GraphPool, graphs_wanted, verify_replay
+from .graphs import GraphCaptureError, GraphedStep, GraphPool, graphs_wanted, verify_replay
+from .graphsafe import check_graph_safety, format_findings, unsafe
 from .monitor import Monitor
 from .stream import Stream
+from .ttt import TTTTracker, ttt_modules
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,12 @@ class StreamRunner:
         self.graphed: GraphedStep | None = None
         device = next(model.parameters()).device
         self.pool = GraphPool(device) if graphs_wanted(config.cuda_graphs, device)[0] else None  # one per run
+        self.graph_setting = config.cuda_graphs
+        self.unsafe: str | None = None  # why graphs are off when the graph-safety check refused them
+        if self.pool is not None:
+            self._refuse_unsafe_modules()
+        self.tracker = TTTTracker(model) if ttt_modules(model) else None  # per-sequence TTT statistics, on device
+        self.tracked_rows = 0
         self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
         self.opened = self.captures = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
@@ -51,6 +59,8 @@ class StreamRunner:
         if fresh:
             self._capture(stream)
         graphed = self.graphed
+        if self.tracker is not None:
+            self.tracker.begin_batch()  # after load/capture: the fast weights are at their reset values
         host_lengths = lengths.tolist()
         per_call = stream.frames_per_call
         start = time.perf_counter()
@@ -59,6 +69,9 @@ class StreamRunner:
             lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
             monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
             progress.advance()
+        if self.tracker is not None:
+            self.tracker.end_batch()
+            self.tracked_rows += B
         out = stream.host_losses(T)  # the batch's one host copy: waits for its last step
         seconds = time.perf_counter() - start
         if graphed.graphed:
@@ -76,10 +89,10 @@ class StreamRunner:
 
     def _capture(self, stream: Stream) -> None:
         """Capture (needs the loaded batch for warm-up) and optionally verify replay against eager."""
-        self.graphed = GraphedStep(stream, self.config.cuda_graphs, pool=self.pool)
+        self.graphed = GraphedStep(stream, self.graph_setting, pool=self.pool)
         self.capture_seconds += self.graphed.capture_seconds
         self.captures += self.graphed.graphed
-        self.reason = self.graphed.reason
+        self.reason = self.unsafe or self.graphed.reason
         if self.config.verify_graph:
             self.verified_calls += verify_replay(self.graphed, self.config.verify_graph, self.names, stream.lead)
         log.debug("stream opened: B=%d, capacity %d, %s", stream.batch_size, stream.capacity, self.reason)
@@ -110,6 +123,20 @@ class StreamRunner:
         self._close_stream()
         if self.pool is not None:
             self.pool.close()
+
+    def _refuse_unsafe_modules(self) -> None:
+        """A module whose step changes Python state or rebinds tensors would be silently wrong under replay
+        (DESIGN §6: TTT updates skipped by the graph): refuse ("on") or run eagerly, naming the modules."""
+        bad = unsafe(check_graph_safety(self.model, chunk_size=self.config.chunk_size))
+        if not bad:
+            return
+        names = ", ".join(sorted({f.module or "<model>" for f in bad}))
+        if self.config.cuda_graphs == "on":
+            raise GraphCaptureError(f"cuda_graphs='on' but these modules are not graph-safe: {names}\n"
+                                    f"{format_findings(bad)}")
+        self.unsafe = f"not captured: graph-unsafe modules ({names}), running eagerly"
+        log.warning("CUDA graphs off: %s\n%s", self.unsafe, format_findings(bad))
+        self.pool, self.graph_setting = None, "off"
 
     def recover(self) -> None:
         """After an out-of-memory error: drop the stream, the graphs and their pool, and return cached memory."""

@@ -397,3 +397,37 @@ def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make
     assert set(result.failed) == {0} and "out of memory at batch size 1" in result.failed[0]
     assert result.losses[0].isnan().all() and not result.valid[0].any()
     assert_losses_close(result.losses[1:], expected.losses[1:], atol=1e-5)
+
+
+def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):
+    from fused_stream.models import load_model
+    from fused_stream.ttt import attach_ttt
+
+    model = attach_ttt(load_model("tiny", device="cpu", dtype=torch.float32), layers=[1], mini_batch=4, seed=0)
+    codes = make_codes(model, [30, 17], seed=50)
+    report = evaluate(model, codes, chunk_size=2).report["ttt"]
+    (layer,) = report["layers"].values()
+    assert layer["weights_changed"] and len(layer["relative_change"]) == 2
+    assert layer["updates_applied"] == [30 // 4, 30 // 4]  # one batch padded to 30 frames: both rows step 30 times
+    assert "ttt" not in evaluate(load_model("tiny", device="cpu", dtype=torch.float32), codes).report
+
+
+@pytest.mark.gpu
+def test_graph_unsafe_modules_are_refused_or_run_eagerly(make_codes):
+    from fused_stream.graphs import GraphCaptureError
+    from fused_stream.models import load_model
+
+    model = load_model("tiny", device="cuda", dtype=torch.float32)
+    layer = model.transformer.layers[0]
+    original = layer.forward
+
+    def counting_forward(*args, **kwargs):  # a Python-side counter: a replay would never advance it
+        layer.steps_seen = getattr(layer, "steps_seen", 0) + 1
+        return original(*args, **kwargs)
+
+    layer.forward = counting_forward
+    codes = make_codes(model, [24], seed=51)
+    with pytest.raises(GraphCaptureError, match="not graph-safe"):
+        evaluate(model, codes, cuda_graphs="on")
+    result = evaluate(model, codes, cuda_graphs="auto")
+    assert not result.report["cuda_graphs"]["graphed"] and "graph-unsafe" in result.report["cuda_graphs"]["reason"]

@@ -297,3 +297,16 @@ def test_monitor_on_cuda_uses_nvml():
     assert report["torch_reserved_peak_bytes"] >= report["torch_allocated_peak_bytes"]
     assert report["torch_max_allocated_bytes"] >= 256 * MiB
     json.dumps(report)
+
+
+def test_the_sample_series_stays_bounded(monkeypatch):
+    """Hours of sampling must not grow the monitor's own memory: the series is thinned, the period doubled."""
+    monkeypatch.setattr(mon, "MAX_SAMPLES", 16)
+    monitor = Monitor("cpu", interval=0.001, warmup_seconds=0.0)
+    with monitor:
+        for _ in range(200):
+            monitor.add_frames(10)
+            time.sleep(0.001)
+    report = monitor.report()
+    assert report["samples"] < 16 and monitor._period > monitor.interval
+    assert report["frames"] == 2000 and report["baseline_bytes"] is not None
