@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a preset ({', '.join(PRESETS)}) or a local moshi checkpoint (a .safetensors file, or a "
                             "directory with config.json); repeat to compare models on identical data, e.g. "
                             "--model baseline=ckpt_a --model ttt=ckpt_b (default: tiny)")
+    model.add_argument("--ttt", action="append", metavar="LABEL:layers=L1,L2,mb=N",
+                       help="attach a TTT-Linear layer to the model labelled LABEL, in temporal layers L1, L2, ... "
+                            "with inner mini-batch N (optional lr=, alpha=); e.g. --model base=small --model ttt=small "
+                            "--ttt ttt:layers=2,3,mb=16 compares a model with and without TTT on identical data")
     model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default auto: cuda if available)")
     model.add_argument("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     data = p.add_argument_group("data (one source)")

@@ -24,7 +24,8 @@ from .models import count_parameters, load_model
 from .parity import check_parity
 from .partials import PartialStore
 from .report import ModelRun
-from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec
+from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec, parse_ttt
+from .ttt import attach_ttt
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ def evaluate_run(s: Settings, world: World) -> RunOutcome:
         label, spec = model_label(entry), model_spec(entry)
         dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
         model = load_model(spec, device=world.device(s.device), dtype=dtype, seed=s.seed)
+        for ttt_label, options in (parse_ttt(e) for e in s.ttt):
+            if ttt_label == label:  # the same weights plus TTT layers: baseline vs TTT on identical data
+                attach_ttt(model, seed=s.seed, **options)
         if dataset is None:
             dataset = _load_data(s, model, world)
             failed = list(dataset.failed)

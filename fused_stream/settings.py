@@ -25,6 +25,7 @@ class SettingsError(ValueError):
 @dataclass
 class Settings:
     model: list[str] = field(default_factory=lambda: ["tiny"])
+    ttt: list[str] = field(default_factory=list)  # "LABEL:layers=2,3,mb=16[,lr=1.0,alpha=0.1]": attach TTT to LABEL
     codes: str | None = None
     audio: str | None = None
     mimi: str | None = None
@@ -67,7 +68,7 @@ class Settings:
 
     def fingerprint(self, spec: str) -> dict[str, Any]:
         """What decides a sequence's losses: a resumed run must match it (batch size, device, output do not)."""
-        keys = ("codes", "audio", "mimi", "generate", "frames", "max_frames", "max_files", "min_frames",
+        keys = ("ttt", "codes", "audio", "mimi", "generate", "frames", "max_frames", "max_files", "min_frames",
                 "concat_chapters", "text_fill", "other_fill", "chunk_size", "dtype", "seed")
         from . import __version__
 
@@ -129,7 +130,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any, path: Path) -> Any:
-    if name == "model" and isinstance(value, str):
+    if name in ("model", "ttt") and isinstance(value, str):
         return [value]
     if name == "codebook_weights" and isinstance(value, str):
         return parse_weights(value)
@@ -179,6 +180,38 @@ def validate(s: Settings) -> None:
     labels = [model_label(spec) for spec in s.model]
     if len(set(labels)) != len(labels):
         raise SettingsError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
+    for entry in s.ttt:
+        label = parse_ttt(entry)[0]
+        if label not in labels:
+            raise SettingsError(f"--ttt {entry!r}: no --model is labelled {label!r} (labels: {', '.join(labels)})")
+
+
+def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
+    """`ttt:layers=2,3,mb=16,lr=1.0,alpha=0.1` -> ("ttt", {"layers": [2, 3], "mini_batch": 16, ...})."""
+    label, sep, spec = entry.partition(":")
+    if not sep or not label:
+        raise SettingsError(f"--ttt must look like LABEL:layers=2,3,mb=16, got {entry!r}")
+    options: dict[str, Any] = {"layers": []}
+    key = None
+    for token in spec.split(","):
+        name, eq, value = token.partition("=")
+        if eq:
+            key = {"layers": "layers", "mb": "mini_batch", "lr": "base_lr", "alpha": "alpha"}.get(name.strip())
+            if key is None:
+                raise SettingsError(f"--ttt {entry!r}: unknown option {name!r} (layers, mb, lr, alpha)")
+        elif key != "layers":
+            raise SettingsError(f"--ttt {entry!r}: expected NAME=VALUE, got {token!r}")
+        value = value if eq else name
+        try:
+            if key == "layers":
+                options["layers"].append(int(value))
+            else:
+                options[key] = int(value) if key == "mini_batch" else float(value)
+        except ValueError:
+            raise SettingsError(f"--ttt {entry!r}: {value!r} is not a number") from None
+    if not options["layers"]:
+        raise SettingsError(f"--ttt {entry!r}: give the layers, e.g. layers=2,3")
+    return label, options
 
 
 def model_label(spec: str) -> str:

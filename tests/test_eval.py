@@ -321,3 +321,23 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_model, make_codes):
     rows_a = list(csv.reader((one / "per_position.csv").open()))
     rows_b = list(csv.reader((two / "per_position.csv").open()))
     assert len(rows_a) == len(rows_b) == 91
+
+
+def test_a_model_and_the_same_model_with_ttt_side_by_side(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", "base=tiny", "--model", "ttt=tiny", "--ttt", "ttt:layers=0,1,mb=4,alpha=0.5",
+            "--generate", "2", "--frames", "40", "--out", str(out), "-q", "--verify"]
+    assert main(argv) == 0
+    results = _strict_json(out / "results.json")
+    base, ttt = results["models"]
+    assert "ttt" not in base["report"] and base["report"]["parity"]["passed"] and ttt["report"]["parity"]["passed"]
+    assert set(ttt["report"]["ttt"]["layers"]) == {"transformer.layers.0.ttt", "transformer.layers.1.ttt"}
+    assert all(layer["weights_changed"] for layer in ttt["report"]["ttt"]["layers"].values())
+    assert ttt["parameters"] > base["parameters"]
+    assert base["metrics"]["overall"]["combined"] != ttt["metrics"]["overall"]["combined"]
+
+
+def test_ttt_option_errors(tmp_path, capsys):
+    assert main(["--ttt", "nobody:layers=1", "--out", str(tmp_path)]) == 2
+    assert "no --model is labelled 'nobody'" in capsys.readouterr().err
+    assert main(["--ttt", "tiny:layers=1,mb=x", "--out", str(tmp_path)]) == 2
