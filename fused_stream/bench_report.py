@@ -115,10 +115,13 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     naive = reference(lambda p: p.startswith(NAIVE_PATH))
     lmgen = reference(lambda p: p.lower().startswith(LMGEN_PREFIX))
-    batch = reference(lambda p: p == BATCH_PATH)
     for row in out:
         row["vs_naive"] = _ratio(row["frames_per_second"], naive and naive["frames_per_second"])
         row["vs_lmgen"] = _ratio(row["frames_per_second"], lmgen and lmgen["frames_per_second"])
+        # Memory depends on the length: compare with a batch_losses row (`batch_losses`, `memory_batch_losses`)
+        # of the same T only, so the memory-vs-length suite gives one ratio per T.
+        batch = next((r for r in out if r["T"] == row["T"] and r["peak_memory_bytes"] is not None
+                      and (r["path"] == BATCH_PATH or r["path"].endswith("_" + BATCH_PATH))), None)
         row["memory_vs_batch"] = _ratio(row["peak_memory_bytes"], batch and batch["peak_memory_bytes"])
     return out
 
@@ -179,8 +182,8 @@ def markdown(results_list: list[dict[str, Any]]) -> str:
         if not table:
             lines.append("| " + " | ".join(MISSING for _ in COLUMNS) + " |")
         lines += ["", f"Ratios compare rows of this file only (the same run on the same machine): speed-ups vs "
-                  f"`{NAIVE_PATH}` and `{LMGEN_PREFIX}*`, memory vs `{BATCH_PATH}`. {MISSING} = not recorded "
-                  f"in the JSON (or its reference row is absent)."]
+                  f"`{NAIVE_PATH}` and `{LMGEN_PREFIX}*`, memory vs `{BATCH_PATH}` at the same T. "
+                  f"{MISSING} = not recorded in the JSON (or its reference row is absent)."]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
