@@ -62,6 +62,13 @@ def run_case(benchmark, bench_model, bench_codes):
             versions={"fused_stream": fused_stream.__version__, "torch": torch.__version__},
         )
         result = benchmark.pedantic(fn, args=(codes,), rounds=rounds, iterations=1)
+        report = getattr(result, "report", None) or {}  # streaming runs: the driver's own memory monitor
+        memory = report.get("memory") or {}
+        benchmark.extra_info.update(
+            C=report.get("chunk_size", benchmark.extra_info.get("C")),
+            peak_memory_bytes=memory.get("peak_bytes", benchmark.extra_info.get("peak_memory_bytes")),
+            memory_source=memory.get("memory_source"),
+        )
         if benchmark.stats is not None:  # None under --benchmark-disable
             fps = batch * FRAMES / benchmark.stats.stats.median
             benchmark.extra_info["frames_per_second"] = fps
