@@ -1,6 +1,7 @@
 """Shared set-up for the benchmarks: one model and one input factory per case, and a ratio table at the end.
 
-Sizes: `FUSED_STREAM_BENCH_PRESET` (default `small`), `FUSED_STREAM_BENCH_FRAMES` (default 600) frames and
+Sizes: `FUSED_STREAM_BENCH_PRESET` (default `moshi-7b` in bf16 on a GPU, `small` on the CPU),
+`FUSED_STREAM_BENCH_FRAMES` (default 600) frames and
 `FUSED_STREAM_BENCH_DEVICE` (default: cuda if available, else cpu; the model runs in that device's default dtype).
 Speed is reported as frames/s and as a ratio to the naive per-frame loop measured in the same run.
 """
@@ -17,9 +18,10 @@ import fused_stream
 from fused_stream.data import generate_codes
 from fused_stream.models import count_parameters, default_device, load_model
 
-PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET", "small")
-FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
 DEVICE = os.environ.get("FUSED_STREAM_BENCH_DEVICE") or None
+_ON_GPU = (DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET") or ("moshi-7b" if _ON_GPU else "small")  # sizes follow the device
+FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
 _frames_per_second: dict[str, float] = {}
 
 
