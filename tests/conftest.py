@@ -42,3 +42,19 @@ def make_codes():
         return generate_codes(model, len(lengths), list(lengths), seed=seed)
 
     return make
+
+
+@pytest.fixture
+def encode_calls(monkeypatch):
+    """Counts calls of Mimi's encode (every Mimi instance): a cache hit or memoized codes make none."""
+    from moshi.models.compression import MimiModel
+
+    calls = []
+    original = MimiModel.encode
+
+    def spy(self, x):
+        calls.append(x.shape[-1])
+        return original(self, x)
+
+    monkeypatch.setattr(MimiModel, "encode", spy)
+    return calls

@@ -72,20 +72,6 @@ def audio_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def encode_calls(monkeypatch):
-    """Counts calls of Mimi's encode (every Mimi instance): a cache hit makes none."""
-    calls = []
-    original = MimiModel.encode
-
-    def spy(self, x):
-        calls.append(x.shape[-1])
-        return original(self, x)
-
-    monkeypatch.setattr(MimiModel, "encode", spy)
-    return calls
-
-
 def test_flac_fixture_is_read_back_exactly(tmp_path):
     pcm = np.stack([speech_like(1.1, 16000), speech_like(1.1, 16000, seed=1)])
     write_flac(tmp_path / "x.flac", pcm, 16000)

@@ -9,7 +9,6 @@ import types
 import pytest
 import torch
 from audio_fixtures import speech_like, write_flac
-from moshi.models.compression import MimiModel
 
 from fused_stream import PaperMetricsLibriLight
 from fused_stream.compat import mimi_state_hash
@@ -50,20 +49,6 @@ def librilight(tmp_path_factory):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         write_flac(root / rel, speech_like(seconds, rate, seed=i), rate)
     return root
-
-
-@pytest.fixture
-def encode_calls(monkeypatch):
-    """Counts MimiModel.encode calls (every Mimi): memoized or cached codes make none."""
-    calls = []
-    original = MimiModel.encode
-
-    def spy(self, x):
-        calls.append(x.shape[-1])
-        return original(self, x)
-
-    monkeypatch.setattr(MimiModel, "encode", spy)
-    return calls
 
 
 def cli_flat(tmp_path, librilight, mimi_ckpt, *options: str) -> dict:
