@@ -43,12 +43,16 @@ class Step:
         device = delayed.device
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
         self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
+        # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
+        # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
+        # Clamped columns read the fill; every loss they produce falls past each length and is masked.
+        self.last_column = delayed.shape[2] - 1
         self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
         self.lead, self.chunk, self.backend = lead, chunk, backend
 
     def __call__(self) -> None:
         model, C = self.model, self.chunk
-        cols = self.delayed.index_select(2, self.pos + self.window)  # [B, K, C + 1]
+        cols = self.delayed.index_select(2, (self.pos + self.window).clamp_(max=self.last_column))  # [B, K, C + 1]
         transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
         logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
         targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column

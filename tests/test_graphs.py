@@ -226,3 +226,25 @@ def test_a_second_shape_is_captured_in_the_same_run(make_codes):
     graphs = result.report["cuda_graphs"]
     assert graphs["streams_opened"] == graphs["captures"] == 2 and graphs["graphed"]
     assert torch.equal(result.losses.view(torch.int32), eager.losses.view(torch.int32))
+
+
+def test_calls_past_the_loaded_batch_stay_inside_the_buffer(tiny_model, make_codes):
+    """The warm-up before a capture runs WARMUP_CALLS steps whatever the batch's length; a short batch (T=8, C=4:
+    two calls) must not gather past the delayed buffer (on CUDA a device-side assert), and a reset afterwards
+    must give the batch's exact losses."""
+    from fused_stream.graphs import WARMUP_CALLS
+
+    sequences = make_codes(tiny_model, [8], seed=61)
+    with inference_mode(tiny_model):
+        stream, batch, _ = _loaded_stream(tiny_model, sequences, chunk=4)
+        try:
+            assert stream.n_calls < WARMUP_CALLS
+            for _ in range(WARMUP_CALLS + 2):
+                stream.step()
+            stream.reset()
+            audio, text, _ = _run(GraphedStep(stream, "off"), stream, batch.shape[-1])
+        finally:
+            stream.close()
+    ref_audio, ref_text, _, _ = forward_losses(tiny_model, sequences[0][None])
+    assert_losses_close(audio[:1], ref_audio)
+    assert_losses_close(text[:1], ref_text)

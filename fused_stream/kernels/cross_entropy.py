@@ -28,6 +28,8 @@ Counters (`counts`, int64 [3], accumulated on the device, read once at the end):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -225,14 +227,18 @@ def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, 
     n_text_rows = B * C
     grid = (n_text_rows + B * K_audio * C,)
     block_text, block_audio = _block(V_text), _block(V_audio)
-    _step_cross_entropy_kernel[grid](
-        text_logits, audio_logits, targets, delays, lengths, offset, out, counts,
-        K_audio, C, V_text, V_audio, out.shape[2], lead,
-        *text_logits.stride(), *audio_logits.stride(), *targets.stride(), *out.stride(),
-        n_text_rows,
-        ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
-        num_warps=_warps(max(block_text, block_audio)),
-    )
+    # Triton launches on the *current* CUDA device, not on its arguments' device: with the model on cuda:1 and
+    # cuda:0 current, an unguarded launch would read cuda:1 pointers on cuda:0.
+    guard = torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _step_cross_entropy_kernel[grid](
+            text_logits, audio_logits, targets, delays, lengths, offset, out, counts,
+            K_audio, C, V_text, V_audio, out.shape[2], lead,
+            *text_logits.stride(), *audio_logits.stride(), *targets.stride(), *out.stride(),
+            n_text_rows,
+            ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
+            num_warps=_warps(max(block_text, block_audio)),
+        )
 
 
 def check_backend(backend: str, device: torch.device) -> str:
