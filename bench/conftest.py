@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fused_stream
-from fused_stream.data import generate_codes
-from fused_stream.models import count_parameters, default_device, load_model
+from fused_stream.data.dataset import generate_codes
+from fused_stream.data.models import count_parameters, default_device, load_model
 
 DEVICE = os.environ.get("FUSED_STREAM_BENCH_DEVICE") or None
 _ON_GPU = (DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.reference import batch_losses
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.reference import batch_losses
 
 PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET", "small")  # as in bench/conftest.py
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
@@ -29,10 +29,10 @@ _peaks: dict[tuple[str, int], int] = {}
 
 _CHILD = r"""
 import json, sys, torch
-from fused_stream.data import generate_codes
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.models import load_model
-from fused_stream.reference import batch_losses
+from fused_stream.data.dataset import generate_codes
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.data.models import load_model
+from fused_stream.core.reference import batch_losses
 preset, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = load_model(preset, device="cpu", seed=0)
 codes = generate_codes(model, 1, T, seed=0)
@@ -63,7 +63,7 @@ def _measure_cpu(path: str, T: int) -> dict:
 
 
 def _measure_cuda(model, path: str, T: int) -> dict:
-    from fused_stream.data import generate_codes
+    from fused_stream.data.dataset import generate_codes
 
     codes = generate_codes(model, 1, T, seed=0)
     torch.cuda.synchronize()

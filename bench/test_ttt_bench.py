@@ -10,8 +10,8 @@ import copy
 
 import pytest
 
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.ttt import attach_ttt
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.ttt.layer import attach_ttt
 
 _fps: dict[bool, float] = {}
 

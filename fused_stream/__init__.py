@@ -6,16 +6,16 @@ A frame's path: `data` (codes) -> `inputs` (checks, batching) -> `alignment` (de
 naive paths.
 """
 
-__version__ = "0.1.0"
-
 from .api import evaluate_long_context_loss
 from .compat import PaperMetricsLibriLight
-from .driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
-from .graphs import GraphCaptureError, GraphMismatchError
-from .models import load_model
-from .preflight import PreflightError
-from .reference import batch_losses, naive_streaming_losses
-from .result import EvalResult
+from .core.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
+from .core.graphs import GraphCaptureError, GraphMismatchError
+from .core.reference import batch_losses, naive_streaming_losses
+from .core.result import EvalResult
+from .data.models import load_model
+from .measure.preflight import PreflightError
+from .ttt.layer import attach_ttt
+from .version import __version__
 
 __all__ = [
     "ConstantMemoryError",
@@ -26,6 +26,8 @@ __all__ = [
     "PaperMetricsLibriLight",
     "PreflightError",
     "StreamingEvaluator",
+    "__version__",
+    "attach_ttt",
     "batch_losses",
     "evaluate_long_context_loss",
     "load_model",

@@ -22,9 +22,9 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 
-from .audio import crop_frames
-from .data import layout_codes
-from .driver import EvalConfig, StreamingEvaluator
+from .core.driver import EvalConfig, StreamingEvaluator
+from .data.audio import crop_frames
+from .data.dataset import layout_codes
 from .metrics import PositionSums, compute_metrics, position_means
 
 __all__ = ["evaluate_long_context_loss", "curves_as_lists", "is_streaming", "preserved_model_state"]

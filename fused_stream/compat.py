@@ -33,8 +33,8 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from .api import evaluate_long_context_loss
-from .audio import encode_audio_file
-from .data import audio_files, group_chapters
+from .data.audio import encode_audio_file
+from .data.dataset import audio_files, group_chapters
 from .errors import DataError
 
 __all__ = ["PaperMetricsLibriLight", "mimi_state_hash"]

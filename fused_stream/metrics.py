@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .result import EvalResult
+from .core.result import EvalResult
 
 __all__ = ["PositionSums", "TEXT", "position_means", "compute_metrics", "window_means", "log_slope"]
 

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fused_stream.data import generate_codes  # noqa: E402
-from fused_stream.models import load_model  # noqa: E402
+from fused_stream.data.dataset import generate_codes  # noqa: E402
+from fused_stream.data.models import load_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

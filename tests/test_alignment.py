@@ -6,7 +6,7 @@ import torch
 from moshi.models.lm_utils import _delay_sequence
 from reference_ce import forward_losses
 
-from fused_stream.alignment import audio_delays, delayed_sequence, initial_tokens, text_delay, valid_masks
+from fused_stream.core.alignment import audio_delays, delayed_sequence, initial_tokens, text_delay, valid_masks
 
 
 def test_delays_split_into_text_and_audio(tiny_model):

@@ -11,9 +11,9 @@ import torch
 
 import fused_stream.api as api
 from fused_stream import evaluate_long_context_loss
-from fused_stream.data import DataError, generate_codes
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.eval import main
+from fused_stream.cli.main import main
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.data.dataset import DataError, generate_codes
 from fused_stream.metrics import PositionSums, compute_metrics, position_means
 
 DEP_Q, K, CARD = 8, 17, 64  # the tiny preset

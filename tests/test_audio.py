@@ -13,10 +13,10 @@ import torch
 from audio_fixtures import speech_like, write_audio, write_flac
 from moshi.models.compression import MimiModel
 
-from fused_stream.audio import _enlarge_encoder_caches, _Resampler, encode_audio_file
-from fused_stream.data import load_sequences
+from fused_stream.data.audio import _enlarge_encoder_caches, _Resampler, encode_audio_file
+from fused_stream.data.dataset import load_sequences
+from fused_stream.data.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.errors import DataError
-from fused_stream.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
 
 K, DEP_Q, CARD = 17, 8, 64  # the tiny preset: text + 8 Moshi audio + 8 user audio streams, audio card 64
 
@@ -134,8 +134,8 @@ def _is_near_tie(mimi: MimiModel, latent: torch.Tensor, codes: torch.Tensor, lev
 
 def test_streaming_chunks_equal_one_encode_of_the_whole_file(audio_dir, mimi_ckpt, monkeypatch):
     """Streamed codes equal one encode of the whole file, except where float32 rounding decides a near tie."""
-    monkeypatch.setattr("fused_stream.audio.ENCODE_CHUNK_FRAMES", 3)  # several chunks per file, and a short last one
-    monkeypatch.setattr("fused_stream.audio.DECODE_PIECE_SECONDS", 1)  # several decoded pieces per file
+    monkeypatch.setattr("fused_stream.data.audio.ENCODE_CHUNK_FRAMES", 3)  # several chunks, a short last one
+    monkeypatch.setattr("fused_stream.data.audio.DECODE_PIECE_SECONDS", 1)  # several decoded pieces per file
     mimi, digest = load_mimi(mimi_ckpt, DEP_Q)
     differing_frames = 0
     for name, *_ in AUDIO:
@@ -212,7 +212,7 @@ def test_cache_hit_skips_mimi_and_misses_on_other_settings(tiny_model, audio_dir
 
 
 def test_max_frames_crops_without_a_cache(tiny_model, audio_dir, mimi_ckpt, monkeypatch, encode_calls):
-    monkeypatch.setattr("fused_stream.audio.ENCODE_CHUNK_FRAMES", 5)  # the full run's chunks too: bit-identical frames
+    monkeypatch.setattr("fused_stream.data.audio.ENCODE_CHUNK_FRAMES", 5)  # as the full run: bit-identical frames
     full = load_sequences(tiny_model, audio=audio_dir / "speech_16k.flac", mimi=mimi_ckpt)[0]
     assert len(encode_calls) == 9  # ceil(42 / 5)
     encode_calls.clear()

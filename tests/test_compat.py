@@ -11,10 +11,10 @@ import torch
 from audio_fixtures import speech_like, write_flac
 
 from fused_stream import PaperMetricsLibriLight
+from fused_stream.cli.main import main
 from fused_stream.compat import mimi_state_hash
+from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.errors import DataError
-from fused_stream.eval import main
-from fused_stream.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
 
 CARD = 64  # the tiny preset's audio card
 TOL = 1e-9

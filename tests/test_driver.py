@@ -8,10 +8,10 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream import stream as stream_module
-from fused_stream.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
+from fused_stream.core import stream as stream_module
+from fused_stream.core.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
+from fused_stream.core.reference import batch_losses
 from fused_stream.kernels.cross_entropy import triton_interpreted
-from fused_stream.reference import batch_losses
 
 CHUNKS = [1, 3, 8, 32]
 # The fused loss kernel runs here under Triton's interpreter (set in conftest); the GPU tests cover it compiled.
@@ -236,7 +236,7 @@ def test_config_rejects_bad_values(field, value):
 
 
 def test_config_moves_and_casts_the_model(make_codes):
-    from fused_stream.models import load_model
+    from fused_stream.data.models import load_model
 
     model = load_model("tiny", device="cpu", dtype=torch.float32)
     codes = make_codes(model, 24, seed=13)
@@ -250,7 +250,7 @@ def test_config_moves_and_casts_the_model(make_codes):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
-    from fused_stream.models import load_model
+    from fused_stream.data.models import load_model
 
     model = load_model("tiny", device="cuda", dtype=torch.float32)
     sequences = make_codes(model, [64, 20, 45], seed=14)
@@ -277,7 +277,7 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
 # --------------------------------------------------------------------------------------------------------------
 def test_report_carries_memory_preflight_and_throughput(tiny_model, make_codes, caplog):
     codes = make_codes(tiny_model, [40, 25], seed=20)
-    with caplog.at_level("INFO", logger="fused_stream.driver"):
+    with caplog.at_level("INFO", logger="fused_stream.core.driver"):
         report = evaluate(tiny_model, codes, chunk_size=4, monitor_interval=0.01).report
     assert report["memory"]["memory_source"] == "rss" and "cpu" in report["memory"]["memory_source_reason"]
     assert report["memory"]["peak_bytes"] >= report["memory"]["baseline_bytes"] > 0
@@ -305,7 +305,7 @@ def test_a_20k_frame_run_has_constant_memory(tiny_model, make_codes):
 
 
 def test_batch_size_auto_follows_the_memory_limit(tiny_model, make_codes):
-    from fused_stream.preflight import estimate_run_bytes
+    from fused_stream.measure.preflight import estimate_run_bytes
 
     codes = make_codes(tiny_model, [30] * 8, seed=22)
     per_four = estimate_run_bytes(tiny_model, 4, 1, 30).run_bytes
@@ -316,7 +316,7 @@ def test_batch_size_auto_follows_the_memory_limit(tiny_model, make_codes):
 
 
 def test_a_batch_that_cannot_fit_fails_before_anything_runs(tiny_model, make_codes):
-    from fused_stream.preflight import PreflightError
+    from fused_stream.measure.preflight import PreflightError
 
     calls = []
     with pytest.raises(PreflightError, match="batch_size=3"):
@@ -327,7 +327,7 @@ def test_a_batch_that_cannot_fit_fails_before_anything_runs(tiny_model, make_cod
 
 def test_assert_constant_memory_raises_on_growth(tiny_model, make_codes, monkeypatch):
     """The driver's wiring: a monitor verdict of growth raises (the verdict logic is tested in test_monitor)."""
-    from fused_stream.monitor import Monitor
+    from fused_stream.measure.monitor import Monitor
 
     def growing(self):
         return {"constant_memory": False, "implied_growth_bytes": 64 * 2**20, "tolerance_bytes": 2**20,
@@ -342,7 +342,7 @@ def test_assert_constant_memory_raises_on_growth(tiny_model, make_codes, monkeyp
 
 @pytest.mark.gpu
 def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
-    from fused_stream.models import load_model
+    from fused_stream.data.models import load_model
 
     model = load_model("small", device="cuda")  # bf16
     codes = make_codes(model, [2500] * 8, seed=30)
@@ -358,7 +358,7 @@ def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
 # Out of memory: halve the batch and retry; a sequence that fails alone is recorded, not fatal
 # --------------------------------------------------------------------------------------------------------------
 def _inject_oom(monkeypatch, fail_when):
-    from fused_stream.runner import StreamRunner
+    from fused_stream.core.runner import StreamRunner
 
     real = StreamRunner.run
     calls = []
@@ -400,8 +400,8 @@ def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make
 
 
 def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):
-    from fused_stream.models import load_model
-    from fused_stream.ttt import attach_ttt
+    from fused_stream.data.models import load_model
+    from fused_stream.ttt.layer import attach_ttt
 
     model = attach_ttt(load_model("tiny", device="cpu", dtype=torch.float32), layers=[1], mini_batch=4, seed=0)
     codes = make_codes(model, [30, 17], seed=50)
@@ -414,8 +414,8 @@ def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):
 
 @pytest.mark.gpu
 def test_graph_unsafe_modules_are_refused_or_run_eagerly(make_codes):
-    from fused_stream.graphs import GraphCaptureError
-    from fused_stream.models import load_model
+    from fused_stream.core.graphs import GraphCaptureError
+    from fused_stream.data.models import load_model
 
     model = load_model("tiny", device="cuda", dtype=torch.float32)
     layer = model.transformer.layers[0]

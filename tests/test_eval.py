@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fused_stream.eval import main
+from fused_stream.cli.main import main
 
 
 def _strict_json(path):
@@ -96,7 +96,7 @@ def test_codes_directory_end_to_end(tmp_path, tiny_model, make_codes):
 
 
 def test_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
-    import fused_stream.parity as parity
+    import fused_stream.core.parity as parity
 
     real = parity.batch_losses
 
@@ -175,7 +175,7 @@ def librilight(tmp_path_factory):
 
 
 def _mimi(tmp_path_factory, card):
-    from fused_stream.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+    from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
 
     config = small_mimi_config(card=card)
     return save_mimi_checkpoint(random_mimi(config, seed=0), tmp_path_factory.mktemp(f"mimi{card}") / "ckpt", config)

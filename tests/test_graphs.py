@@ -6,9 +6,9 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream.alignment import valid_masks
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.graphs import (
+from fused_stream.core.alignment import valid_masks
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.graphs import (
     DISABLE_ENV,
     GraphCaptureError,
     GraphedStep,
@@ -17,9 +17,9 @@ from fused_stream.graphs import (
     graphs_wanted,
     verify_replay,
 )
-from fused_stream.inputs import pad_batch
-from fused_stream.runtime import inference_mode
-from fused_stream.stream import Stream
+from fused_stream.core.inputs import pad_batch
+from fused_stream.core.runtime import inference_mode
+from fused_stream.core.stream import Stream
 
 NAMES = ["text"] + [f"audio codebook {k}" for k in range(8)]
 
@@ -174,7 +174,7 @@ def test_graphs_on_without_cuda_is_a_clear_error(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_graph_equals_eager_bitwise_over_200_steps(make_codes, chunk):
-    from fused_stream.models import load_model
+    from fused_stream.data.models import load_model
 
     model = load_model("small", device="cuda")  # bf16
     codes = make_codes(model, [200 * chunk, 200 * chunk - 5], seed=9)
@@ -188,8 +188,8 @@ def test_graph_equals_eager_bitwise_over_200_steps(make_codes, chunk):
 
 @pytest.mark.gpu
 def test_capture_falls_back_when_the_model_syncs(make_codes, monkeypatch, caplog):
-    from fused_stream.models import load_model
-    from fused_stream.reference import batch_losses
+    from fused_stream.core.reference import batch_losses
+    from fused_stream.data.models import load_model
 
     model = load_model("tiny", device="cuda", dtype=torch.float32)
     codes = make_codes(model, [40, 33], seed=10)
@@ -201,7 +201,7 @@ def test_capture_falls_back_when_the_model_syncs(make_codes, monkeypatch, caplog
         return out
 
     monkeypatch.setattr(model, "forward_text", forward_text_that_syncs)
-    with caplog.at_level("WARNING", logger="fused_stream.graphs"):
+    with caplog.at_level("WARNING", logger="fused_stream.core.graphs"):
         result = StreamingEvaluator(model, EvalConfig(cuda_graphs="auto")).evaluate(codes)
     assert not result.report["cuda_graphs"]["graphed"]
     assert "capture failed" in result.report["cuda_graphs"]["reason"]
@@ -215,7 +215,7 @@ def test_capture_falls_back_when_the_model_syncs(make_codes, monkeypatch, caplog
 @pytest.mark.gpu
 def test_a_second_shape_is_captured_in_the_same_run(make_codes):
     """B=2 then B=1: two captures into the run's one pool, both replayed, results equal to eager."""
-    from fused_stream.models import load_model
+    from fused_stream.data.models import load_model
 
     model = load_model("tiny", device="cuda", dtype=torch.float32)
     codes = make_codes(model, [48, 40, 33], seed=11)
@@ -232,7 +232,7 @@ def test_calls_past_the_loaded_batch_stay_inside_the_buffer(tiny_model, make_cod
     """The warm-up before a capture runs WARMUP_CALLS steps whatever the batch's length; a short batch (T=8, C=4:
     two calls) must not gather past the delayed buffer (on CUDA a device-side assert), and a reset afterwards
     must give the batch's exact losses."""
-    from fused_stream.graphs import WARMUP_CALLS
+    from fused_stream.core.graphs import WARMUP_CALLS
 
     sequences = make_codes(tiny_model, [8], seed=61)
     with inference_mode(tiny_model):

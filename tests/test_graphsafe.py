@@ -10,9 +10,9 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from fused_stream.data import generate_codes
-from fused_stream.graphsafe import Finding, check_graph_safety, format_findings, harmless_reason, unsafe
-from fused_stream.models import load_model
+from fused_stream.core.graphsafe import Finding, check_graph_safety, format_findings, harmless_reason, unsafe
+from fused_stream.data.dataset import generate_codes
+from fused_stream.data.models import load_model
 
 T = 20
 
@@ -208,9 +208,9 @@ def test_codes_too_short(model):
 
 
 def test_reference_ttt_layer_is_graph_safe(model):
-    ttt = pytest.importorskip("fused_stream.ttt")
+    ttt = pytest.importorskip("fused_stream.ttt.layer")
     if not hasattr(ttt, "attach_ttt"):
-        pytest.skip("fused_stream.ttt has no attach_ttt yet")
+        pytest.skip("fused_stream.ttt.layer has no attach_ttt yet")
     ttt.attach_ttt(model, layers=[0], mini_batch=4, seed=0)
     for chunk in (1, 4):
         findings = check_graph_safety(model, chunk_size=chunk, steps=5)  # crosses a mini-batch boundary

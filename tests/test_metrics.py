@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from fused_stream.core.result import EvalResult
 from fused_stream.metrics import PositionSums, compute_metrics, log_slope, position_means, window_means
-from fused_stream.result import EvalResult
 
 NAN = float("nan")
 

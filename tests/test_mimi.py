@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from fused_stream.data.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.errors import DataError
-from fused_stream.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
 
 CARD = 64  # the tiny preset's audio card
 

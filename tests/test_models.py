@@ -1,4 +1,4 @@
-"""Presets, seeding, the moshi-7b configuration and checkpoint round trips of `fused_stream.models`."""
+"""Presets, seeding, the moshi-7b configuration and checkpoint round trips of `fused_stream.data.models`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 
 from fused_stream import StreamingEvaluator, batch_losses
-from fused_stream.data import generate_codes
-from fused_stream.models import (
+from fused_stream.data.dataset import generate_codes
+from fused_stream.data.models import (
     MOSHI_DELAYS,
     PRESETS,
     count_parameters,

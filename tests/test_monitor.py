@@ -11,8 +11,8 @@ import pynvml
 import pytest
 import torch
 
-from fused_stream import monitor as mon
-from fused_stream.monitor import Monitor, constant_memory_check
+from fused_stream.measure import monitor as mon
+from fused_stream.measure.monitor import Monitor, constant_memory_check
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fused_stream.driver import EvalConfig, StreamingEvaluator
-from fused_stream.parity import check_parity
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.parity import check_parity
 
 
 def test_parity_passes_on_whole_and_cropped_sequences(tiny_model, make_codes):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_stream.driver import EvalConfig, StreamingEvaluator
+from fused_stream.cli.partials import PartialStore, ResumeMismatchError
+from fused_stream.core.driver import EvalConfig, StreamingEvaluator
 from fused_stream.metrics import PositionSums
-from fused_stream.partials import PartialStore, ResumeMismatchError
 
 
 def test_save_then_load_round_trips_and_checks_the_codes(tmp_path, tiny_model, make_codes):

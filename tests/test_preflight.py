@@ -13,8 +13,8 @@ import pytest
 import torch
 from moshi.models.lm import LMModel
 
-from fused_stream.models import load_model, preset_config
-from fused_stream.preflight import (
+from fused_stream.data.models import load_model, preset_config
+from fused_stream.measure.preflight import (
     RUNTIME_OVERHEAD,
     GiB,
     MemoryEstimate,
@@ -25,10 +25,10 @@ from fused_stream.preflight import (
     pick_batch_size,
 )
 
-try:  # the streaming state helpers are moving from the driver into fused_stream.stream
-    from fused_stream.stream import enlarge_kv_caches, streaming_state_bytes
+try:  # the streaming state helpers are moving from the driver into fused_stream.core.stream
+    from fused_stream.core.stream import enlarge_kv_caches, streaming_state_bytes
 except ImportError:  # pragma: no cover - older layout
-    from fused_stream.driver import enlarge_kv_caches, streaming_state_bytes
+    from fused_stream.core.driver import enlarge_kv_caches, streaming_state_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MOSHI_KV_PER_SEQUENCE = 32 * 2 * 3000 * 4096 * 2  # layers x (K, V) x context x dim x bf16 bytes (DESIGN §5)
@@ -111,9 +111,9 @@ def test_graph_margin_and_totals(tiny_model):
 _MEASURE = textwrap.dedent("""
     import json, os, sys, threading, time
     import torch
-    from fused_stream.data import generate_codes
-    from fused_stream.driver import EvalConfig, StreamingEvaluator
-    from fused_stream.models import load_model
+    from fused_stream.data.dataset import generate_codes
+    from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+    from fused_stream.data.models import load_model
 
     B, C, T = (int(x) for x in sys.argv[1:4])
     PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream.reference import batch_losses, naive_streaming_losses
+from fused_stream.core.reference import batch_losses, naive_streaming_losses
 
 
 def test_batch_losses_equal_float64_cross_entropy_of_forward(tiny_model, make_codes):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fused_stream import report
-from fused_stream.report import (
+from fused_stream.report import document as report
+from fused_stream.report.document import (
     ModelRun,
     environment_info,
     git_commit,

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fused_stream.result import EvalResult, empty_result, fill_rows
+from fused_stream.core.result import EvalResult, empty_result, fill_rows
 
 
 def test_mean_losses_ignore_invalid_positions():

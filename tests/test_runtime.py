@@ -6,7 +6,7 @@ import pytest
 import torch
 from moshi.utils import compile as moshi_compile
 
-from fused_stream.runtime import inference_mode
+from fused_stream.core.runtime import inference_mode
 
 
 def test_inside_eval_no_grad_no_compile_then_restored(tiny_model):
@@ -35,7 +35,7 @@ def test_mode_restored_when_the_body_raises(tiny_model):
 
 
 def test_each_module_gets_its_own_mode_back(tiny_model):
-    from fused_stream.runtime import inference_mode
+    from fused_stream.core.runtime import inference_mode
 
     tiny_model.train()
     tiny_model.depformer.eval()  # e.g. a frozen part kept in eval mode inside a training model

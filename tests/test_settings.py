@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fused_stream.eval import build_parser
-from fused_stream.settings import SettingsError, model_label, model_spec, read_config, resolve
+from fused_stream.cli.main import build_parser
+from fused_stream.cli.settings import SettingsError, model_label, model_spec, read_config, resolve
 
 
 def settings_for(argv):

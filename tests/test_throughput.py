@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fused_stream.throughput import chunk_mfu, flops_per_frame, frame_roofline, gpu_spec
+from fused_stream.measure.throughput import chunk_mfu, flops_per_frame, frame_roofline, gpu_spec
 
 
 @pytest.mark.parametrize(

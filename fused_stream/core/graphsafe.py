@@ -27,7 +27,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer
 
-from .data import generate_codes
+from ..data.dataset import generate_codes
 from .runtime import inference_mode
 from .stream import Stream
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..version import __version__
+
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn: the rest of this module must not need it
     from matplotlib.figure import Figure
 
@@ -123,8 +125,6 @@ def results_document(
     environment: dict[str, Any], failed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of results.json, already strict-JSON (see `to_jsonable`)."""
-    from . import __version__
-
     doc = {
         "fused_stream_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -360,8 +360,6 @@ def _verdict(value: Any) -> str:
 
 def environment_info(device: torch.device | str) -> dict[str, Any]:
     """Versions, platform, device name and git commit, for results.json. A failed probe gives None, never a crash."""
-    from . import __version__
-
     device = torch.device(device)
     return {
         "fused_stream": _dist_version("fused_stream") or __version__,

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Dataset, EvalSequence, load_dataset
+from ..core.driver import EvalConfig, StreamingEvaluator
+from ..core.parity import check_parity
+from ..data.dataset import DataError, Dataset, EvalSequence, load_dataset
+from ..data.models import count_parameters, load_model
+from ..metrics import TEXT, PositionSums, compute_metrics, position_means
+from ..report.document import ModelRun
+from ..ttt.layer import attach_ttt
 from .distributed import World, all_reduce_sums, gather
-from .driver import EvalConfig, StreamingEvaluator
-from .metrics import TEXT, PositionSums, compute_metrics, position_means
-from .models import count_parameters, load_model
-from .parity import check_parity
 from .partials import PartialStore
-from .report import ModelRun
 from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec, parse_ttt
-from .ttt import attach_ttt
 
 log = logging.getLogger(__name__)
 

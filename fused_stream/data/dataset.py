@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
+from ..errors import DataError, one_line
 from .audio import CACHE_VERSION, DECODE_PIECE_SECONDS, ENCODE_CHUNK_FRAMES, crop_frames, encode_audio_file
-from .errors import DataError, one_line
 from .mimi import MIMI_WEIGHTS, load_mimi, mimi_checkpoint, random_mimi, save_mimi_checkpoint, small_mimi_config
 
 __all__ = [

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 import torch
 from moshi.models.lm import LMModel
 
+from ..kernels.cross_entropy import N_COUNTERS, check_backend
+from ..measure.monitor import Monitor
+from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
+from ..measure.progress import Progress, ProgressFn, mib
+from ..measure.throughput import throughput_report
 from .alignment import valid_masks
 from .graphs import GRAPH_MODES, graphs_wanted
 from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
-from .kernels.cross_entropy import N_COUNTERS, check_backend
-from .monitor import Monitor
-from .preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
-from .progress import Progress, ProgressFn, mib
 from .result import EvalResult, empty_result, fill_rows
 from .runner import StreamRunner
 from .runtime import inference_mode
 from .stream import enlarge_kv_caches, streaming_state_bytes
-from .throughput import throughput_report
 
 __all__ = ["EvalConfig", "StreamingEvaluator", "ConstantMemoryError", "enlarge_kv_caches", "streaming_state_bytes"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .metrics import PositionSums
+from ..metrics import PositionSums
 
 
 @dataclass

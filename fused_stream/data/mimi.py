@@ -19,8 +19,8 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
-from .errors import DataError, one_line
-from .runtime import inference_mode
+from ..core.runtime import inference_mode
+from ..errors import DataError, one_line
 
 MIMI_WEIGHTS = "mimi.safetensors"  # default weights file name of a Mimi checkpoint directory
 

@@ -21,9 +21,9 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
-from .errors import DataError, one_line
+from ..core.runtime import inference_mode
+from ..errors import DataError, one_line
 from .mimi import file_sha256
-from .runtime import inference_mode
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
+from ..measure.monitor import Monitor
+from ..ttt.layer import TTTTracker, ttt_modules
 from .graphs import GraphCaptureError, GraphedStep, GraphPool, graphs_wanted, verify_replay
 from .graphsafe import check_graph_safety, format_findings, unsafe
-from .monitor import Monitor
 from .stream import Stream
-from .ttt import TTTTracker, ttt_modules
 
 log = logging.getLogger(__name__)
 

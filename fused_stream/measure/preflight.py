@@ -17,7 +17,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformer
 
-from .alignment import scored_delays
+from ..core.alignment import scored_delays
 
 GiB = 1024**3
 # Per-run fixed cost outside any tensor we can name: compute-library workspaces. On CPU the first gemm of each

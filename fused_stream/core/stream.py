@@ -21,8 +21,8 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
+from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
 from .alignment import delayed_sequence, scored_delays
-from .kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
 
 
 class Step:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
+
 DEMO_SEQUENCES = 4  # the embedded default: 4 generated sequences of 200 frames on `tiny`
 
 
@@ -70,8 +72,6 @@ class Settings:
         """What decides a sequence's losses: a resumed run must match it (batch size, device, output do not)."""
         keys = ("ttt", "codes", "audio", "mimi", "generate", "frames", "max_frames", "max_files", "min_frames",
                 "concat_chapters", "text_fill", "other_fill", "chunk_size", "dtype", "seed")
-        from . import __version__
-
         return {"model": spec, "fused_stream": __version__} | {k: getattr(self, k) for k in keys}
 
 
