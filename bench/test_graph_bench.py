@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 
 CASES = [(1, 1), (1, 8), (1, 32), (64, 1)]  # (chunk, batch)
 

@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.reference import batch_losses
 
 PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET", "small")  # as in bench/conftest.py
@@ -30,7 +31,8 @@ _peaks: dict[tuple[str, int], int] = {}
 _CHILD = r"""
 import json, sys, torch
 from fused_stream.data.dataset import generate_codes
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.data.models import load_model
 from fused_stream.core.reference import batch_losses
 preset, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -10,7 +10,8 @@ import copy
 
 import pytest
 
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.ttt.layer import attach_ttt
 
 _fps: dict[bool, float] = {}

@@ -8,7 +8,8 @@ naive paths.
 
 from .api import evaluate_long_context_loss
 from .compat import PaperMetricsLibriLight
-from .core.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
+from .core.config import EvalConfig
+from .core.driver import ConstantMemoryError, StreamingEvaluator
 from .core.graphs import GraphCaptureError, GraphMismatchError
 from .core.reference import batch_losses, naive_streaming_losses
 from .core.result import EvalResult

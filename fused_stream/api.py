@@ -1,6 +1,6 @@
 """The drop-in call for fine-tuning code: long-context loss of a model on a list of codes, in one function.
 
-`evaluate_long_context_loss(model, codes_list)` lays each item out exactly as the CLI does (`data.layout_codes`),
+`evaluate_long_context_loss(model, codes_list)` lays each item out exactly as the CLI does (`core.inputs.layout_codes`),
 streams it with `StreamingEvaluator` on the model *as it is* (no move, no cast: a training loop owns its model's
 device and dtype) and returns the CLI's numbers: the flat `librilight_*` keys at the top level, plus the
 per-position curves, the full metrics dict and the driver's report.
@@ -22,9 +22,10 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 
-from .core.driver import EvalConfig, StreamingEvaluator
+from .core.config import EvalConfig
+from .core.driver import StreamingEvaluator
+from .core.inputs import layout_codes
 from .data.audio import crop_frames
-from .data.dataset import layout_codes
 from .metrics import PositionSums, compute_metrics, position_means
 
 __all__ = ["evaluate_long_context_loss", "curves_as_lists", "is_streaming", "preserved_model_state"]

@@ -12,7 +12,8 @@ import torch
 import fused_stream.api as api
 from fused_stream import evaluate_long_context_loss
 from fused_stream.cli.main import main
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.data.dataset import DataError, generate_codes
 from fused_stream.metrics import PositionSums, compute_metrics, position_means
 

@@ -11,6 +11,7 @@ import torch
 from audio_fixtures import write_audio
 from safetensors.torch import save_file
 
+from fused_stream.core.inputs import layout_codes
 from fused_stream.data.dataset import (
     DataError,
     assign_shards,
@@ -18,7 +19,6 @@ from fused_stream.data.dataset import (
     codes_files,
     generate_codes,
     group_chapters,
-    layout_codes,
     load_codes_file,
     load_dataset,
     load_mimi,

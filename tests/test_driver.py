@@ -9,7 +9,8 @@ import torch
 from reference_ce import assert_losses_close, forward_losses
 
 from fused_stream.core import stream as stream_module
-from fused_stream.core.driver import ConstantMemoryError, EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import ConstantMemoryError, StreamingEvaluator
 from fused_stream.core.reference import batch_losses
 from fused_stream.kernels.cross_entropy import triton_interpreted
 

@@ -7,7 +7,8 @@ import torch
 from reference_ce import assert_losses_close, forward_losses
 
 from fused_stream.core.alignment import valid_masks
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.graphs import (
     DISABLE_ENV,
     GraphCaptureError,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.parity import check_parity
 
 

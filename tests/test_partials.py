@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fused_stream.cli.partials import PartialStore, ResumeMismatchError
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.metrics import PositionSums
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from moshi.models.lm import LMModel
 
+from fused_stream.core.stream import enlarge_kv_caches, streaming_state_bytes
 from fused_stream.data.models import load_model, preset_config
 from fused_stream.measure.preflight import (
     RUNTIME_OVERHEAD,
@@ -24,11 +25,6 @@ from fused_stream.measure.preflight import (
     estimate_run_bytes,
     pick_batch_size,
 )
-
-try:  # the streaming state helpers are moving from the driver into fused_stream.core.stream
-    from fused_stream.core.stream import enlarge_kv_caches, streaming_state_bytes
-except ImportError:  # pragma: no cover - older layout
-    from fused_stream.core.driver import enlarge_kv_caches, streaming_state_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MOSHI_KV_PER_SEQUENCE = 32 * 2 * 3000 * 4096 * 2  # layers x (K, V) x context x dim x bf16 bytes (DESIGN §5)
@@ -112,7 +108,8 @@ _MEASURE = textwrap.dedent("""
     import json, os, sys, threading, time
     import torch
     from fused_stream.data.dataset import generate_codes
-    from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+    from fused_stream.core.config import EvalConfig
+    from fused_stream.core.driver import StreamingEvaluator
     from fused_stream.data.models import load_model
 
     B, C, T = (int(x) for x in sys.argv[1:4])

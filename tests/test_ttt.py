@@ -6,12 +6,14 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream.core.driver import EvalConfig, StreamingEvaluator
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.runtime import inference_mode
 from fused_stream.core.stream import Stream
 from fused_stream.data.dataset import generate_codes
 from fused_stream.data.models import load_model
-from fused_stream.ttt.layer import TTTLinear, TTTTracker, attach_ttt, ttt_modules, ttt_report
+from fused_stream.ttt.layer import TTTLinear, attach_ttt
+from fused_stream.ttt.tracker import TTTTracker, ttt_modules, ttt_report
 
 MB = 4
 # Large enough that the layer visibly changes the losses: with alpha ~ 0 every equivalence would hold trivially.

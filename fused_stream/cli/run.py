@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..core.driver import EvalConfig, StreamingEvaluator
+from ..core.config import EvalConfig
+from ..core.driver import StreamingEvaluator
 from ..core.parity import check_parity
 from ..data.dataset import DataError, Dataset, EvalSequence, load_dataset
 from ..data.models import count_parameters, load_model

@@ -15,7 +15,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from moshi.models.lm import LMModel
@@ -23,11 +22,12 @@ from moshi.models.lm import LMModel
 from ..kernels.cross_entropy import N_COUNTERS, check_backend
 from ..measure.monitor import Monitor
 from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
-from ..measure.progress import Progress, ProgressFn, mib
+from ..measure.progress import Progress, mib
 from ..measure.throughput import throughput_report
 from .alignment import valid_masks
-from .graphs import GRAPH_MODES, graphs_wanted
-from .inputs import INVALID_TOKEN_POLICIES, batches_by_length, check_codes, pad_batch
+from .config import EvalConfig
+from .graphs import graphs_wanted
+from .inputs import batches_by_length, check_codes, pad_batch
 from .result import EvalResult, empty_result, fill_rows
 from .runner import StreamRunner
 from .runtime import inference_mode
@@ -42,57 +42,6 @@ BatchFn = Callable[[list[int], EvalResult], None]  # (rows just filled, the resu
 
 class ConstantMemoryError(AssertionError):
     """assert_constant_memory=True and memory grew with the frames processed."""
-
-
-@dataclass
-class EvalConfig:
-    chunk_size: int = 1  # frames per step: 1 = frame mode (deployment semantics), C > 1 = exact chunk mode
-    batch_size: int | str | None = None  # sequences per batch; None = all at once; "auto" = the most that fit
-    device: str | None = None  # move the model there first; None = where the model is
-    dtype: str | torch.dtype | None = None  # cast the model first ("bfloat16", torch.float32, ...); None = as is
-    loss_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton" (CPU: interpreter only)
-    cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" (capture failure raises) | "off"
-    graph_unroll: int = 1  # steps per graph replay (batch lengths padded to a multiple of C * U, padding masked)
-    verify_graph: int = 0  # N > 0: per new shape, N replays must equal N eager calls bit for bit
-    invalid_tokens: str = "raise"  # "raise" a ValueError, or "mask" bad tokens and count them
-    memory_limit: int | None = None  # bytes the run may use (default: free device memory / available RAM)
-    assert_constant_memory: bool = False  # raise ConstantMemoryError when the monitor sees memory grow
-    monitor_interval: float = 0.1  # seconds between memory samples
-    progress: bool | ProgressFn = False  # tqdm bar, or a callback (calls done, total calls)
-
-    def validate(self) -> None:
-        if not _is_positive_int(self.chunk_size):
-            raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        if not (self.batch_size is None or self.batch_size == "auto" or _is_positive_int(self.batch_size)):
-            raise ValueError(f"batch_size must be None, 'auto' or an int >= 1, got {self.batch_size!r}")
-        self.torch_dtype()
-        if self.loss_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"loss_backend must be 'auto', 'torch' or 'triton', got {self.loss_backend!r}")
-        if self.cuda_graphs not in GRAPH_MODES:
-            raise ValueError(f"cuda_graphs must be one of {GRAPH_MODES}, got {self.cuda_graphs!r}")
-        if not _is_positive_int(self.graph_unroll):
-            raise ValueError(f"graph_unroll must be an int >= 1, got {self.graph_unroll!r}")
-        if not (_is_positive_int(self.verify_graph) or self.verify_graph == 0) or isinstance(self.verify_graph, bool):
-            raise ValueError(f"verify_graph must be an int >= 0, got {self.verify_graph!r}")
-        if self.invalid_tokens not in INVALID_TOKEN_POLICIES:
-            raise ValueError(f"invalid_tokens must be one of {INVALID_TOKEN_POLICIES}, got {self.invalid_tokens!r}")
-        if self.memory_limit is not None and not _is_positive_int(self.memory_limit):
-            raise ValueError(f"memory_limit must be None or a number of bytes >= 1, got {self.memory_limit!r}")
-        if not (isinstance(self.monitor_interval, (int, float)) and self.monitor_interval > 0):
-            raise ValueError(f"monitor_interval must be a number of seconds > 0, got {self.monitor_interval!r}")
-
-    def torch_dtype(self) -> torch.dtype | None:
-        """`dtype` as a torch.dtype (None = keep the model's)."""
-        if self.dtype is None or isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        dtype = getattr(torch, str(self.dtype), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as 'bfloat16', got {self.dtype!r}")
-        return dtype
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class StreamingEvaluator:

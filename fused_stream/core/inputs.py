@@ -1,17 +1,26 @@
-"""Checking and batching the codes a user hands to an evaluator, before any compute.
+"""The codes a user hands to an evaluator: laid out in the model's streams, checked and batched before any compute.
 
-Accepted: a LongTensor [B, K, T] in `LMModel.forward` layout, or a list of [K, T_i] tensors of different
-lengths. Every problem is reported with the stream, batch index and first offending position.
+Moshi's layout: stream 0 text, streams 1..dep_q the model's own audio codebooks, the rest the user's audio.
+`layout_codes` turns audio-only codes into that layout; `check_codes` accepts a LongTensor [B, K, T] in
+`LMModel.forward` layout, or a list of [K, T_i] tensors of different lengths, and reports every problem with the
+stream, batch index and first offending position.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from moshi.models.lm import LMModel
 
-INVALID_TOKEN_POLICIES = ("raise", "mask")
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+INVALID_TOKEN_POLICIES = ("raise", "mask")  # what check_codes does with a token outside the model's vocabulary
+TEXT_FILLS = ("zero", "pad")  # the text stream of audio-only codes: the zero token (never scored) or text padding
+OTHER_FILLS = ("zero", "copy")  # the user's audio streams of audio-only codes: the zero token or a copy
 
 
 @dataclass
@@ -110,3 +119,55 @@ def _describe_bad_token(model: LMModel, value: int, k: int, b: int, t: int) -> s
         f"invalid token {value} in {stream}, batch index {b}, position {t}: tokens must lie in {allowed} or be "
         f"the zero token {model.zero_token_id}; pass invalid_tokens='mask' to mask such tokens instead"
     )
+
+
+def layout_codes(
+    model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = ""
+) -> torch.Tensor:
+    """Codes [K, T] in the model's layout from the full layout (as is) or from n >= dep_q audio codebooks.
+
+    Audio codebooks: the first dep_q go to streams 1..dep_q; the text stream gets the zero token (`text_fill=
+    "zero"`, never scored) or the text padding id ("pad"); the user streams the zero token (`other_fill="zero"`)
+    or a copy of the same audio codes ("copy"). Audio tokens must lie in [0, card) or be the zero token.
+    """
+    src = source or "codes"
+    if text_fill not in TEXT_FILLS:
+        raise DataError(f"text fill must be one of {', '.join(TEXT_FILLS)}, got {text_fill!r}")
+    if other_fill not in OTHER_FILLS:
+        raise DataError(f"other-stream fill must be one of {', '.join(OTHER_FILLS)}, got {other_fill!r}")
+    if codes.dim() != 2:
+        raise DataError(f"{src} has shape {tuple(codes.shape)}: expected [n_codebooks, T]")
+    K, dep_q, zero = model.num_codebooks, model.dep_q, model.zero_token_id
+    n, T = codes.shape
+    codes = codes.to(torch.int64)
+    if n == K:  # already the full layout: text and user streams are the caller's
+        _check_audio_range(model, codes[1:], src, first_stream=1)
+        return codes.clone()
+    if n < dep_q:
+        raise DataError(f"model expects dep_q={dep_q} audio codebooks (or all K={K} streams), {src} has {n}")
+    if n > dep_q:
+        log.info("%s: %d codebooks, using the first dep_q=%d", src, n, dep_q)
+    audio = codes[:dep_q]
+    _check_audio_range(model, audio, src, first_stream=0)
+    out = torch.full((K, T), zero, dtype=torch.int64)
+    out[1 : 1 + dep_q] = audio
+    if text_fill == "pad":
+        if model.existing_text_padding_id is None:
+            raise DataError("text fill 'pad' needs a model with a text padding id (existing_text_padding_id)")
+        out[0] = model.existing_text_padding_id
+    n_user = K - 1 - dep_q
+    if other_fill == "copy" and n_user > 0:
+        if n_user > dep_q:
+            raise DataError(f"cannot copy {dep_q} audio codebooks of {src} into {n_user} user streams")
+        out[1 + dep_q :] = audio[:n_user]
+    return out
+
+
+def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int) -> None:
+    bad = ((audio < 0) | (audio >= model.card)) & (audio != model.zero_token_id)
+    if bool(bad.any()):
+        row, t = (int(i) for i in bad.nonzero()[0])
+        raise DataError(
+            f"{src} has audio token {int(audio[row, t])} at row {first_stream + row}, frame {t}, outside the "
+            f"model's card [0, {model.card}): the Mimi codebooks and the model's card do not match"
+        )

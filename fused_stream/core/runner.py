@@ -16,7 +16,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..measure.monitor import Monitor
-from ..ttt.layer import TTTTracker, ttt_modules
+from ..ttt.tracker import TTTTracker, ttt_modules
 from .graphs import GraphCaptureError, GraphedStep, GraphPool, graphs_wanted, verify_replay
 from .graphsafe import check_graph_safety, format_findings, unsafe
 from .stream import Stream

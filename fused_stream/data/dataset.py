@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
+from ..core.inputs import layout_codes
 from ..errors import DataError, one_line
 from .audio import CACHE_VERSION, DECODE_PIECE_SECONDS, ENCODE_CHUNK_FRAMES, crop_frames, encode_audio_file
 from .mimi import MIMI_WEIGHTS, load_mimi, mimi_checkpoint, random_mimi, save_mimi_checkpoint, small_mimi_config
@@ -30,7 +31,7 @@ from .mimi import MIMI_WEIGHTS, load_mimi, mimi_checkpoint, random_mimi, save_mi
 __all__ = [
     "AUDIO_SUFFIXES", "CACHE_VERSION", "CODES_SUFFIXES", "DECODE_PIECE_SECONDS", "ENCODE_CHUNK_FRAMES", "MIMI_WEIGHTS",
     "DataError", "Dataset", "EvalSequence", "assign_shards", "audio_files", "codes_files", "encode_audio_file",
-    "generate_codes", "group_chapters", "layout_codes", "load_codes_file", "load_dataset", "load_mimi",
+    "generate_codes", "group_chapters", "load_codes_file", "load_dataset", "load_mimi",
     "load_sequences", "mimi_checkpoint", "natural_key", "random_mimi", "save_mimi_checkpoint", "small_mimi_config",
 ]
 
@@ -144,58 +145,6 @@ def codes_files(path: str | Path) -> list[Path]:
     if not files:
         raise DataError(f"codes directory {path} holds no {'/'.join(CODES_SUFFIXES)} files")
     return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def layout_codes(
-    model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = ""
-) -> torch.Tensor:
-    """Codes [K, T] in the model's layout from the full layout (as is) or from n >= dep_q audio codebooks.
-
-    Audio codebooks: the first dep_q go to streams 1..dep_q; the text stream gets the zero token (`text_fill=
-    "zero"`, never scored) or the text padding id ("pad"); the user streams the zero token (`other_fill="zero"`)
-    or a copy of the same audio codes ("copy"). Audio tokens must lie in [0, card) or be the zero token.
-    """
-    src = source or "codes"
-    if text_fill not in ("zero", "pad"):
-        raise DataError(f"text fill must be 'zero' or 'pad', got {text_fill!r}")
-    if other_fill not in ("zero", "copy"):
-        raise DataError(f"other-stream fill must be 'zero' or 'copy', got {other_fill!r}")
-    if codes.dim() != 2:
-        raise DataError(f"{src} has shape {tuple(codes.shape)}: expected [n_codebooks, T]")
-    K, dep_q, zero = model.num_codebooks, model.dep_q, model.zero_token_id
-    n, T = codes.shape
-    codes = codes.to(torch.int64)
-    if n == K:  # already the full layout: text and user streams are the caller's
-        _check_audio_range(model, codes[1:], src, first_stream=1)
-        return codes.clone()
-    if n < dep_q:
-        raise DataError(f"model expects dep_q={dep_q} audio codebooks (or all K={K} streams), {src} has {n}")
-    if n > dep_q:
-        log.info("%s: %d codebooks, using the first dep_q=%d", src, n, dep_q)
-    audio = codes[:dep_q]
-    _check_audio_range(model, audio, src, first_stream=0)
-    out = torch.full((K, T), zero, dtype=torch.int64)
-    out[1 : 1 + dep_q] = audio
-    if text_fill == "pad":
-        if model.existing_text_padding_id is None:
-            raise DataError("text fill 'pad' needs a model with a text padding id (existing_text_padding_id)")
-        out[0] = model.existing_text_padding_id
-    n_user = K - 1 - dep_q
-    if other_fill == "copy" and n_user > 0:
-        if n_user > dep_q:
-            raise DataError(f"cannot copy {dep_q} audio codebooks of {src} into {n_user} user streams")
-        out[1 + dep_q :] = audio[:n_user]
-    return out
-
-
-def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int) -> None:
-    bad = ((audio < 0) | (audio >= model.card)) & (audio != model.zero_token_id)
-    if bool(bad.any()):
-        row, t = (int(i) for i in bad.nonzero()[0])
-        raise DataError(
-            f"{src} has audio token {int(audio[row, t])} at row {first_stream + row}, frame {t}, outside the "
-            f"model's card [0, {model.card}): the Mimi codebooks and the model's card do not match"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- files

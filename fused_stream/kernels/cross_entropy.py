@@ -241,14 +241,17 @@ def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, 
         )
 
 
+LOSS_BACKENDS = ("auto", "torch", "triton")  # auto: the Triton kernel on CUDA, its torch twin elsewhere
+
+
 def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve `loss_backend` ("auto" | "torch" | "triton") for `device`, or raise saying what to do."""
+    """Resolve `loss_backend` (one of LOSS_BACKENDS) for `device` to "torch" or "triton", or raise saying what to do."""
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"loss_backend must be one of {', '.join(LOSS_BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "torch":
         return backend
-    if backend != "triton":
-        raise ValueError(f"loss_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if not triton_available():
         raise RuntimeError("loss_backend='triton' needs the triton package (it ships with torch on Linux)")
     if device.type != "cuda" and not triton_interpreted():

@@ -1,4 +1,4 @@
-"""A graph-safe reference TTT-Linear layer for moshi `LMModel`s, and the device-side report of its fast weights.
+"""A graph-safe reference TTT-Linear layer for moshi `LMModel`s, and `attach_ttt` to add it to a model.
 
 TTT-Linear (Sun et al. 2024, "Learning to (Learn at Test Time)"): per head a fast linear model f(k) = k + LN(k W + b)
 is trained online on the reconstruction loss ½‖LN(θ_K x W + b) − (θ_V x − θ_K x)‖², and the layer outputs
@@ -17,7 +17,6 @@ Two implementations of that one recurrence, so each checks the other:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
-__all__ = ["TTTLinear", "TTTTransformerLayer", "attach_ttt", "ttt_modules", "TTTTracker", "ttt_report"]
+__all__ = ["TTTLinear", "TTTTransformerLayer", "attach_ttt"]
 
 _EPS = 1e-6
 
@@ -245,87 +244,3 @@ def attach_ttt(
         if isinstance(module, StreamingModule):
             module._cached_children = None
     return model
-
-
-def ttt_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """TTT layers: ours, any module with `fast_weight_tensors()`, or (fallback) a streaming module named *ttt*."""
-    found = []
-    for name, module in model.named_modules():
-        own = callable(getattr(module, "fast_weight_tensors", None))
-        by_name = "ttt" in name.rsplit(".", 1)[-1].lower() and getattr(module, "_streaming_state", None) is not None
-        if own or (by_name and not any(name.startswith(f + ".") for f, _ in found)):
-            found.append((name, module))
-    return found
-
-
-def _fast_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    if callable(getattr(module, "fast_weight_tensors", None)):
-        return dict(module.fast_weight_tensors())
-    # Fallback: the floating tensors of its streaming state that hold one entry per batch element.
-    state = getattr(module, "_streaming_state", None)
-    if state is None:
-        return {}
-    return {k: v for k, v in vars(state).items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0 and v.shape[0] == state.batch_size}
-
-
-class TTTTracker:
-    """Device-side statistics of every TTT layer per sequence; `report()` makes the one host copy.
-
-    Driver protocol: `begin_batch()` after a batch is loaded (streaming state reset), `end_batch()` after its last
-    step and before the next load. Nothing here syncs with the host until `report()`.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = ttt_modules(model)
-        self._start: dict[str, dict[str, torch.Tensor]] = {}
-        self._rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in self.modules}
-
-    def begin_batch(self) -> None:
-        self._start = {name: {k: t.detach().clone() for k, t in _fast_weights(m).items()} for name, m in self.modules}
-
-    def end_batch(self) -> None:
-        for name, module in self.modules:
-            start, now = self._start.get(name, {}), _fast_weights(module)
-            if not now or not start:
-                continue
-            B = next(iter(now.values())).shape[0]
-            diff = sum(((now[k].float() - start[k].float()).reshape(B, -1) ** 2).sum(1) for k in now)
-            base = sum((start[k].float().reshape(B, -1) ** 2).sum(1) for k in now)
-            rel = diff.sqrt() / base.sqrt().clamp_min(1e-30)
-            counter = module.updates_applied() if hasattr(module, "updates_applied") else None
-            updates = counter.clone() if counter is not None else torch.full((B,), -1, device=rel.device)
-            self._rows[name].append((updates.double(), rel.double()))
-
-    def report(self) -> dict:
-        """{"layers": {name: {updates_applied, relative_change, weights_changed, ...}}} with one host copy."""
-        names = [n for n in self._rows if self._rows[n]]
-        if not names:
-            return {"layers": {}}
-        per_layer = [torch.stack([torch.cat([u for u, _ in self._rows[n]]), torch.cat([r for _, r in self._rows[n]])])
-                     for n in names]
-        flat = torch.cat(per_layer, dim=1).cpu()  # the one host copy
-        layers, col = {}, 0
-        for name in names:
-            count = sum(u.shape[0] for u, _ in self._rows[name])
-            updates, rel = flat[0, col : col + count].tolist(), flat[1, col : col + count].tolist()
-            col += count
-            layers[name] = {
-                "updates_applied": [int(u) if u >= 0 else None for u in updates],  # per batch row, incl. padding
-                "relative_change": rel,  # ‖W_end − W_start‖_F / ‖W_start‖_F per sequence
-                "weights_changed": all(r > 0 and math.isfinite(r) for r in rel),
-            }
-        return {"layers": layers}
-
-
-def ttt_report(model: nn.Module) -> dict:
-    """The current streaming state of every TTT layer vs its reset value, one host copy (for our layers exactly;
-    third-party layers report their counter only, as their start value is unknown without a TTTTracker)."""
-    tracker = TTTTracker(model)
-    for name, module in tracker.modules:
-        state = module._streaming_state
-        if isinstance(state, _TTTState):
-            B = state.batch_size
-            tracker._start[name] = {"w": state.init_w.expand_as(state.w0), "b": state.init_b.expand(B, -1, -1)}
-    tracker.end_batch()
-    return tracker.report()

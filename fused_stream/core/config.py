@@ -1,0 +1,160 @@
+"""`EvalConfig`: every option of an evaluation, its default and its allowed values, declared once.
+
+Who reads what: the driver reads the run options (chunk and batch size, loss backend, CUDA graphs, memory);
+`layout_codes` and the croppers read `max_frames`, `text_fill` and `other_fill` (the API and the CLI lay codes out
+before the driver sees them); `metrics` reads `window` and `codebook_weights`. The CLI builds its evaluation options
+from these fields (`metadata`: help text and how to parse the command line), the drop-in API passes its keyword
+arguments through, and the finetune-config reader maps its keys onto these names; none of them repeats a default.
+Choice lists belong to the code that consumes them and are only imported here.
+
+`Plan` is the resolved form the rest of a run reads: device, dtype, loss backend and graph mode, decided once when
+the evaluator is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..kernels.cross_entropy import LOSS_BACKENDS, check_backend
+from .graphs import GRAPH_MODES, graphs_wanted
+from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
+
+
+class ConfigError(ValueError):
+    """A bad option value, from any source (keyword, config file, command line): the message names the option."""
+
+
+def parse_batch_size(text: str) -> int | str:
+    """The command line's and a config file's spelling of `batch_size`: an integer or "auto"."""
+    if str(text) == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {text!r}") from None
+
+
+def parse_weights(text: str) -> list[float]:
+    """`100,1,1,1,1,1,1,1` -> a list of codebook weights."""
+    try:
+        return [float(w) for w in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"codebook_weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _option(default: Any, help: str, *, cli: bool = True, parse: Callable[[str], Any] | None = None,
+            choices: Sequence[str] | None = None) -> Any:
+    """A field with its command-line description: `cli=False` keeps it out of `python -m fused_stream.eval`."""
+    return field(default=default, metadata={"help": help, "cli": cli, "parse": parse, "choices": choices})
+
+
+@dataclass
+class EvalConfig:
+    # --- the run (read by the driver)
+    chunk_size: int = _option(1, "frames per step: 1 = frame mode, the deployment semantics (default); C > 1 = "
+                                 "exact chunk mode, faster", parse=int)
+    batch_size: int | str | None = _option("auto", "sequences per batch, or auto (default): the most that fit in "
+                                                   "free memory (None in Python: all at once)", parse=parse_batch_size)
+    loss_backend: str = _option("auto", "auto (fused Triton kernel on CUDA, torch on CPU), torch, triton",
+                                choices=LOSS_BACKENDS)
+    cuda_graphs: str = _option("auto", "auto (on CUDA), on (fail if capture fails), off", choices=GRAPH_MODES)
+    graph_unroll: int = _option(1, "steps per graph replay (lengths padded to a multiple of C * U, padding masked)",
+                                cli=False)
+    verify_graph: int = _option(0, "N > 0: per new shape, N replays must equal N eager calls bit for bit", cli=False)
+    invalid_tokens: str = _option("raise", "a token outside the vocabulary: raise, or mask it (never scored) and count",
+                                  cli=False, choices=INVALID_TOKEN_POLICIES)
+    memory_limit: int | None = _option(None, "bytes the run may use (default: free device memory / available RAM)",
+                                       cli=False)
+    assert_constant_memory: bool = _option(False, "fail when the memory monitor sees memory grow with frames")
+    monitor_interval: float = _option(0.1, "seconds between memory samples", cli=False)
+    progress: Any = _option(False, "a tqdm bar (True) or a callback (calls done, total calls)", cli=False)
+    device: str | None = _option(None, "move the model there first (None: where it is)", cli=False)
+    dtype: str | torch.dtype | None = _option(None, "cast the model first, e.g. 'bfloat16' (None: as it is)",
+                                              cli=False)
+    # --- the codes (read where they are laid out, before the driver)
+    max_frames: int | None = _option(None, "crop every sequence to its first N frames", parse=int)
+    text_fill: str = _option("zero", "text stream for audio-only codes: zero (the zero token -1, never scored; "
+                                     "default) or pad (the model's text padding id, scored as text)",
+                             choices=TEXT_FILLS)
+    other_fill: str = _option("zero", "the user's audio streams for audio-only codes: zero (default) or copy (the "
+                                      "same codes)", choices=OTHER_FILLS)
+    # --- the metrics (read by `metrics`)
+    window: int = _option(1000, "window of the window means and flat keys, in frames (default 1000)", parse=int)
+    codebook_weights: list[float] | None = _option(
+        None, "also report a weighted combined loss, e.g. 100,1,1,1,1,1,1,1 (moshi-finetune's weighting)",
+        parse=parse_weights)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first option whose value is not allowed."""
+        for name in ("chunk_size", "graph_unroll", "window"):
+            _require(_is_count(getattr(self, name)), name, "an int >= 1", getattr(self, name))
+        for name in ("max_frames", "memory_limit"):
+            value = getattr(self, name)
+            _require(value is None or _is_count(value), name, "None or an int >= 1", value)
+        _require(self.batch_size in (None, "auto") or _is_count(self.batch_size), "batch_size",
+                 "'auto', None or an int >= 1", self.batch_size)
+        _require(_is_count(self.verify_graph) or self.verify_graph == 0 and not isinstance(self.verify_graph, bool),
+                 "verify_graph", "an int >= 0", self.verify_graph)
+        for f in fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None:
+                _require(value in choices, f.name, f"one of {', '.join(choices)}", value)
+        _require(isinstance(self.monitor_interval, (int, float)) and self.monitor_interval > 0, "monitor_interval",
+                 "a number of seconds > 0", self.monitor_interval)
+        weights = self.codebook_weights
+        if weights is not None:
+            ok = (isinstance(weights, Sequence) and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+                  and any(w > 0 for w in weights))
+            _require(ok, "codebook_weights", "numbers >= 0 with at least one > 0", weights)
+        self.torch_dtype()
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """`dtype` as a torch.dtype (None = keep the model's)."""
+        if self.dtype is None or isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        dtype = getattr(torch, str(self.dtype), None)
+        _require(isinstance(dtype, torch.dtype) and dtype.is_floating_point, "dtype",
+                 "a floating torch dtype such as 'bfloat16'", self.dtype)
+        return dtype
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _require(ok: bool, name: str, what: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does, resolved once from the config and the model's device; everything after reads only this."""
+
+    device: torch.device
+    loss_backend: str  # "torch" | "triton"
+    graphs: bool  # capture CUDA graphs
+    strict_graphs: bool  # cuda_graphs="on": a capture that fails raises instead of running eagerly
+    graph_reason: str  # why graphs are on or off, for the report
+    chunk_size: int
+    unroll: int
+
+    @property
+    def frames_per_call(self) -> int:
+        """Frames of one sequence covered by one call of the captured unit (U steps of C frames)."""
+        return self.chunk_size * self.unroll
+
+
+def make_plan(config: EvalConfig, device: torch.device) -> Plan:
+    """Resolve `config` for a model on `device`: raises now (not after a model ran) if the two do not go together."""
+    graphs, reason = graphs_wanted(config.cuda_graphs, device)
+    return Plan(device=device, loss_backend=check_backend(config.loss_backend, device), graphs=graphs,
+                strict_graphs=config.cuda_graphs == "on", graph_reason=reason, chunk_size=config.chunk_size,
+                unroll=config.graph_unroll)
