@@ -209,7 +209,7 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(torch, name, guarded_fn)
-    original_call = stream_module.Step.__call__
+    original_call = stream_module.Stream.step_once
 
     def guarded_step(self):
         in_step["on"] = True
@@ -218,7 +218,7 @@ def test_no_host_sync_inside_the_step(tiny_model, make_codes, monkeypatch):
         finally:
             in_step["on"] = False
 
-    monkeypatch.setattr(stream_module.Step, "__call__", guarded_step)
+    monkeypatch.setattr(stream_module.Stream, "step_once", guarded_step)
     codes = make_codes(tiny_model, 30, seed=12)
     for chunk in (1, 8):
         result = evaluate(tiny_model, codes, chunk_size=chunk)
@@ -257,7 +257,7 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
     sequences = make_codes(model, [64, 20, 45], seed=14)
     reference = batch_losses(model, sequences)
     evaluate(model, sequences, chunk_size=chunk)  # first call: moshi's lazy torch.compile, cuBLAS init
-    original_call = stream_module.Step.__call__
+    original_call = stream_module.Stream.step_once
 
     def step_that_must_not_sync(self):
         torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
@@ -266,7 +266,7 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(stream_module.Step, "__call__", step_that_must_not_sync)
+    monkeypatch.setattr(stream_module.Stream, "step_once", step_that_must_not_sync)
     result = evaluate(model, sequences, chunk_size=chunk, cuda_graphs="off")  # eager: __call__ runs every step
     assert torch.equal(result.valid, reference.valid)
     assert_losses_close(result.losses, reference.losses)
@@ -359,18 +359,16 @@ def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
 # Out of memory: halve the batch and retry; a sequence that fails alone is recorded, not fatal
 # --------------------------------------------------------------------------------------------------------------
 def _inject_oom(monkeypatch, fail_when):
-    from fused_stream.core.runner import StreamRunner
-
-    real = StreamRunner.run
+    real = StreamingEvaluator._run_batch
     calls = []
 
-    def run(self, batch, lengths, progress, monitor):
+    def run(self, streams, batch, lengths, progress, monitor):
         calls.append(batch.shape[0])
         if fail_when(len(calls), batch.shape[0]):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return real(self, batch, lengths, progress, monitor)
+        return real(self, streams, batch, lengths, progress, monitor)
 
-    monkeypatch.setattr(StreamRunner, "run", run)
+    monkeypatch.setattr(StreamingEvaluator, "_run_batch", run)
     return calls
 
 
@@ -403,14 +401,16 @@ def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make
 def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):
     from fused_stream.data.models import load_model
     from fused_stream.ttt.layer import attach_ttt
+    from fused_stream.ttt.tracker import ttt_hooks
 
     model = attach_ttt(load_model("tiny", device="cpu", dtype=torch.float32), layers=[1], mini_batch=4, seed=0)
     codes = make_codes(model, [30, 17], seed=50)
-    report = evaluate(model, codes, chunk_size=2).report["ttt"]
+    report = StreamingEvaluator(model, EvalConfig(chunk_size=2), hooks=ttt_hooks(model)).evaluate(codes).report["ttt"]
     (layer,) = report["layers"].values()
     assert layer["weights_changed"] and len(layer["relative_change"]) == 2
     assert layer["updates_applied"] == [30 // 4, 30 // 4]  # one batch padded to 30 frames: both rows step 30 times
-    assert "ttt" not in evaluate(load_model("tiny", device="cpu", dtype=torch.float32), codes).report
+    plain = load_model("tiny", device="cpu", dtype=torch.float32)
+    assert ttt_hooks(plain) == {} and "ttt" not in evaluate(plain, codes).report
 
 
 @pytest.mark.gpu

@@ -7,12 +7,12 @@ import torch
 from reference_ce import assert_losses_close, forward_losses
 
 from fused_stream.core.alignment import valid_masks
-from fused_stream.core.config import EvalConfig
+from fused_stream.core.config import EvalConfig, make_plan
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.graphs import (
     DISABLE_ENV,
+    CUDAGraphed,
     GraphCaptureError,
-    GraphedStep,
     GraphMismatchError,
     first_difference,
     graphs_wanted,
@@ -47,9 +47,13 @@ def _loaded_stream(model, sequences, chunk=1, unroll=1, capacity=None):
     return stream, batch, lengths
 
 
+def _eager(stream):
+    return CUDAGraphed(stream.step, stream.reset, None)
+
+
 def _run(graphed, stream, T):
     for _ in range(stream.n_calls):
-        graphed.step()
+        graphed()
     return stream.host_losses(T)
 
 
@@ -58,8 +62,11 @@ def test_cpu_falls_back_to_eager_and_stays_exact(tiny_model, make_codes):
     with inference_mode(tiny_model):
         stream, batch, lengths = _loaded_stream(tiny_model, sequences, chunk=4)
         try:
-            graphed = GraphedStep(stream, "auto")
-            assert not graphed.graphed and graphed.reason == "device is cpu"
+            plan = make_plan(EvalConfig(cuda_graphs="auto"), torch.device("cpu"))
+            assert not plan.graphs and plan.graph_reason == "device is cpu"
+            graphed = _eager(stream)
+            graphed.capture()  # no pool: nothing to capture
+            assert not graphed.graphed
             audio, text, _ = _run(graphed, stream, batch.shape[-1])
         finally:
             stream.close()
@@ -77,13 +84,13 @@ def test_a_reset_stream_is_bit_identical_to_a_fresh_one(tiny_model, make_codes):
     with inference_mode(tiny_model):
         fresh, batch, _ = _loaded_stream(tiny_model, second, chunk=8, capacity=64)
         try:
-            graphed = GraphedStep(fresh, "off")
+            graphed = _eager(fresh)
             expected = _run(graphed, fresh, batch.shape[-1])
         finally:
             fresh.close()
         reused, other, other_lengths = _loaded_stream(tiny_model, first, chunk=8, capacity=64)
         try:
-            graphed = GraphedStep(reused, "off")
+            graphed = _eager(reused)
             _run(graphed, reused, other.shape[-1])
             reused.load(*pad_batch(tiny_model, second))
             got = _run(graphed, reused, batch.shape[-1])
@@ -99,9 +106,9 @@ def test_verify_replay_passes_for_two_eager_runs(tiny_model, make_codes):
     with inference_mode(tiny_model):
         stream, _, _ = _loaded_stream(tiny_model, sequences, chunk=2)
         try:
-            graphed = GraphedStep(stream, "auto")
-            assert verify_replay(graphed, 10, NAMES, stream.lead) == 10
-            assert verify_replay(graphed, 1000, NAMES, stream.lead) == stream.n_calls  # capped at the batch
+            graphed = _eager(stream)
+            assert verify_replay(graphed, stream, 10, NAMES) == 10
+            assert verify_replay(graphed, stream, 1000, NAMES) == stream.n_calls  # capped at the batch
         finally:
             stream.close()
 
@@ -111,7 +118,6 @@ def test_verify_replay_names_the_first_difference(tiny_model, make_codes):
     with inference_mode(tiny_model):
         stream, _, _ = _loaded_stream(tiny_model, sequences, chunk=1)
         try:
-            graphed = GraphedStep(stream, "auto")
             calls = {"n": 0}
 
             def replay_with_a_flipped_bit():  # stands in for a replay that went wrong at one position
@@ -121,9 +127,8 @@ def test_verify_replay_names_the_first_difference(tiny_model, make_codes):
                     cell = stream.losses[1, 3, stream.lead + 7]
                     cell.copy_((cell.view(torch.int32) ^ 1).view(torch.float32))
 
-            graphed.step = replay_with_a_flipped_bit
             with pytest.raises(GraphMismatchError, match=r"batch 1, audio codebook 2, position 7"):
-                verify_replay(graphed, 20, NAMES, stream.lead)
+                verify_replay(replay_with_a_flipped_bit, stream, 20, NAMES)
         finally:
             stream.close()
 
@@ -243,7 +248,7 @@ def test_calls_past_the_loaded_batch_stay_inside_the_buffer(tiny_model, make_cod
             for _ in range(WARMUP_CALLS + 2):
                 stream.step()
             stream.reset()
-            audio, text, _ = _run(GraphedStep(stream, "off"), stream, batch.shape[-1])
+            audio, text, _ = _run(_eager(stream), stream, batch.shape[-1])
         finally:
             stream.close()
     ref_audio, ref_text, _, _ = forward_losses(tiny_model, sequences[0][None])

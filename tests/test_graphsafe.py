@@ -11,7 +11,7 @@ from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
 from fused_stream.core.graphsafe import Finding, check_graph_safety, format_findings, harmless_reason, unsafe
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
 
 T = 20
@@ -126,6 +126,11 @@ class StatefulTTT(StreamingModule[_ToyState]):
         return y
 
 
+def _check(model, chunk_size: int = 1, steps: int = 3):
+    """The check on 2 generated sequences exactly `steps` calls long."""
+    return check_graph_safety(model, generate_codes(model, 2, steps * chunk_size), chunk_size=chunk_size, steps=steps)
+
+
 def attach(model, index: int, toy: type) -> nn.Module:
     layers = model.transformer.layers
     layers[index] = toy(layers[index])
@@ -149,7 +154,7 @@ def test_plain_tiny_model_is_graph_safe(model, chunk):
 
 def test_python_side_counter_and_list_are_caught(model):
     attach(model, 0, PythonSideTTT)
-    findings = unsafe(check_graph_safety(model, steps=3))
+    findings = unsafe(_check(model, steps=3))
     assert kinds(findings, "transformer.layers.0") == {"step": {"python_value"}, "pending": {"python_value"}}
     step = next(f for f in findings if f.attribute == "step")
     assert "0 -> 1 -> 2 -> 3" in step.detail
@@ -159,19 +164,19 @@ def test_python_side_counter_and_list_are_caught(model):
 
 def test_rebound_tensors_are_caught(model):
     attach(model, 1, RebindingTTT)
-    findings = unsafe(check_graph_safety(model, steps=3))
+    findings = unsafe(_check(model, steps=3))
     assert kinds(findings, "transformer.layers.1") == {"fast": {"rebound_tensor"}, "slow": {"rebound_tensor"}}
     assert all("step 1, 2, 3" in f.detail for f in findings)
 
 
 def test_in_place_update_passes(model):
     attach(model, 0, InPlaceTTT)
-    assert unsafe(check_graph_safety(model, steps=3)) == []
+    assert unsafe(_check(model, steps=3)) == []
 
 
 def test_shape_change_is_caught(model):
     attach(model, 0, GrowingTTT)
-    findings = unsafe(check_graph_safety(model, steps=3))
+    findings = unsafe(_check(model, steps=3))
     assert kinds(findings, "transformer.layers.0") == {"history": {"rebound_tensor", "shape_change"}}
     shape = next(f for f in findings if f.kind == "shape_change")
     assert "[0] -> [1] -> [2] -> [3]" in shape.detail
@@ -179,7 +184,7 @@ def test_shape_change_is_caught(model):
 
 def test_streaming_state_is_searched(model):
     attach(model, 1, StatefulTTT)
-    findings = unsafe(check_graph_safety(model, chunk_size=2, steps=2))
+    findings = unsafe(_check(model, chunk_size=2, steps=2))
     assert kinds(findings, "transformer.layers.1") == {
         "_streaming_state.count": {"python_value"},
         "_streaming_state.fast": {"rebound_tensor"},
@@ -202,9 +207,13 @@ def test_offset_cpu_is_harmless_only_without_weights_per_step(model):
     assert harmless_reason(model, "_cached_children", "python_value")
 
 
-def test_codes_too_short(model):
-    with pytest.raises(ValueError, match="need 8 frames"):
-        check_graph_safety(model, generate_codes(model, 1, 5), chunk_size=4, steps=2)
+def test_steps_past_the_codes_are_checked_too(model):
+    """The driver checks its first batch whatever its length: steps past the data still run (clamped reads)."""
+    attach(model, 0, PythonSideTTT)
+    findings = unsafe(check_graph_safety(model, generate_codes(model, 1, 5), chunk_size=4, steps=3))
+    step = next(f for f in findings if f.attribute == "step")
+    assert "0 -> 1 -> 2 -> 3" in step.detail
+    assert model._streaming_state is None
 
 
 def test_reference_ttt_layer_is_graph_safe(model):
@@ -213,5 +222,5 @@ def test_reference_ttt_layer_is_graph_safe(model):
         pytest.skip("fused_stream.ttt.layer has no attach_ttt yet")
     ttt.attach_ttt(model, layers=[0], mini_batch=4, seed=0)
     for chunk in (1, 4):
-        findings = check_graph_safety(model, chunk_size=chunk, steps=5)  # crosses a mini-batch boundary
+        findings = _check(model, chunk_size=chunk, steps=5)  # crosses a mini-batch boundary
         assert unsafe(findings) == [], format_findings(findings)

@@ -10,7 +10,7 @@ from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.runtime import inference_mode
 from fused_stream.core.stream import Stream
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
 from fused_stream.ttt.layer import TTTLinear, attach_ttt
 from fused_stream.ttt.tracker import TTTTracker, ttt_modules, ttt_report

@@ -1,43 +1,60 @@
 """The exact teacher-forced streaming driver: one frame (or an exact chunk of C frames) per step.
 
 `evaluate()` checks the codes, sizes the batches against free memory (`preflight`), then for each batch: copies it
-into a `stream.Stream` (static device buffers and the model's streaming state, allocated once per (B, C) shape
-and reset in place), runs its steps — replays of a CUDA graph on GPU (`graphs`), eager calls elsewhere — and
-copies the losses to the host once, after the batch's last step. A background `monitor.Monitor` samples memory
-and the host-side frame count meanwhile; its verdict (constant memory) and throughput land in `result.report`.
-Nothing in the step loop reads a device value on the host.
+into a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and reset
+in place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU (`CUDAGraphed`),
+eager calls elsewhere — and copies the losses to the host once, after the batch's last call. An out-of-memory error
+frees the stream and its graphs, halves the batch size and retries. A background `Monitor` samples memory and the
+host-side frame count meanwhile; its verdict (constant memory) and throughput land in `result.report`. Nothing in
+the step loop reads a device value on the host.
+
+What the driver does not know about: TTT layers, or anything else that wants to watch each batch, come in as
+`hooks` (`begin_batch()` after a batch is loaded, `end_batch()` after its last call, `report()` at the end, put
+in the run's report under the hook's name).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from moshi.models.lm import LMModel
 
-from ..kernels.cross_entropy import N_COUNTERS, check_backend
+from ..kernels.cross_entropy import N_COUNTERS
 from ..measure.monitor import Monitor
 from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
 from ..measure.progress import Progress, mib
 from ..measure.throughput import throughput_report
 from .alignment import valid_masks
-from .config import EvalConfig
-from .graphs import graphs_wanted
+from .config import EvalConfig, Plan, make_plan
+from .graphs import CUDAGraphed, GraphCaptureError, GraphPool, verify_replay
+from .graphsafe import check_stream, format_findings, unsafe
 from .inputs import batches_by_length, check_codes, pad_batch
 from .result import EvalResult, empty_result, fill_rows
-from .runner import StreamRunner
 from .runtime import inference_mode
-from .stream import enlarge_kv_caches, streaming_state_bytes
+from .stream import Stream
 
-__all__ = ["EvalConfig", "StreamingEvaluator", "ConstantMemoryError", "enlarge_kv_caches", "streaming_state_bytes"]
+__all__ = ["BatchHook", "ConstantMemoryError", "StreamingEvaluator"]
 
 log = logging.getLogger(__name__)
 
 BatchFn = Callable[[list[int], EvalResult], None]  # (rows just filled, the result so far), after each batch
+
+
+class BatchHook(Protocol):
+    """Watches each batch of a run from outside the driver (e.g. `ttt.tracker.TTTTracker`); device work only."""
+
+    def begin_batch(self) -> None: ...  # the batch is loaded and the streaming state reset
+
+    def end_batch(self) -> None: ...  # after the batch's last call, before the next batch is loaded
+
+    def report(self) -> dict: ...  # at the end of the run: the one host copy
 
 
 class ConstantMemoryError(AssertionError):
@@ -50,9 +67,11 @@ class StreamingEvaluator:
     >>> result = StreamingEvaluator(model, EvalConfig(chunk_size=16)).evaluate(codes)  # codes [B, K, T]
     """
 
-    def __init__(self, model: LMModel, config: EvalConfig | None = None) -> None:
+    def __init__(
+        self, model: LMModel, config: EvalConfig | None = None, *, hooks: Mapping[str, BatchHook] | None = None
+    ) -> None:
         self.config = config or EvalConfig()
-        self.config.validate()
+        self.config.validate()  # a config mutated after construction
         if model.fuser is not None or model.condition_provider is not None:
             raise ValueError("conditioned LMModels (fuser / condition_provider) are not supported")
         if model.dep_q < 1:
@@ -63,8 +82,8 @@ class StreamingEvaluator:
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
-        self.loss_backend = check_backend(self.config.loss_backend, self.device)
-        graphs_wanted(self.config.cuda_graphs, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
+        self.hooks = dict(hooks or {})
+        self.plan: Plan = make_plan(self.config, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
 
     @property
     def device(self) -> torch.device:
@@ -76,24 +95,23 @@ class StreamingEvaluator:
         `on_batch(rows, result)` is called after each batch with the rows it filled (to save them at once). An
         out-of-memory error halves the batch size and retries; a sequence that fails alone lands in `result.failed`.
         """
-        model, cfg = self.model, self.config
+        model, cfg, plan = self.model, self.config, self.plan
         checked = check_codes(model, codes, cfg.invalid_tokens)
         lengths = [s.shape[1] for s in checked.sequences]
         preflight = self._preflight(lengths)
         queue = deque(batches_by_length(lengths, preflight["batch_size"]))
-        frames_per_call = cfg.chunk_size * cfg.graph_unroll
-        total_calls = sum(math.ceil(lengths[rows[0]] / frames_per_call) for rows in queue)
+        total_calls = sum(math.ceil(lengths[rows[0]] / plan.frames_per_call) for rows in queue)
         result = empty_result(len(lengths), model.dep_q, max(lengths))
         result.n_masked_tokens = checked.n_masked_tokens
         log.info(
             "streaming %d sequences (%d frames, longest %d) on %s: B=%d, C=%d, graphs=%s; estimated %.2f GiB, "
             "%.2f GiB available (%s); context utilization %.2f",
             len(lengths), sum(lengths), max(lengths), self.device, preflight["batch_size"], cfg.chunk_size,
-            cfg.cuda_graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
+            plan.graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
             preflight["available_source"], _context_utilization(model, lengths),
         )
         progress = Progress(cfg.progress, total_calls)
-        runner = StreamRunner(model, cfg, self.loss_backend)
+        streams = _Streams(model, plan, cfg.verify_graph)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long)
         monitor = Monitor(self.device, interval=cfg.monitor_interval)
         progress.monitor = monitor
@@ -106,9 +124,10 @@ class StreamingEvaluator:
                     rows = queue.popleft()
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
                     try:
-                        losses, text_losses, batch_counts = runner.run(batch, batch_lengths, progress, monitor)
+                        losses, text_losses, batch_counts = self._run_batch(streams, batch, batch_lengths, progress,
+                                                                            monitor)
                     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-                        runner.recover()
+                        streams.recover()
                         queue = _after_oom(rows, queue, error, result, oom)
                         continue
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
@@ -119,7 +138,7 @@ class StreamingEvaluator:
                         on_batch(rows, result)
         finally:
             progress.close()
-            runner.close()
+            streams.close()
         elapsed = time.perf_counter() - start
         memory = monitor.report()
         preflight["measured_peak_increase_bytes"] = _peak_increase(memory)
@@ -127,25 +146,26 @@ class StreamingEvaluator:
             path="streaming",
             chunk_size=cfg.chunk_size,
             batch_size=preflight["batch_size"],
-            loss_backend=self.loss_backend,
+            loss_backend=plan.loss_backend,
             batches=batches,
             out_of_memory=oom,  # each OOM: the batch size it hit and what happened next
             failed=dict(result.failed),
-            steps=total_calls * cfg.graph_unroll,
+            steps=total_calls * plan.unroll,
             frames=sum(lengths),
             seconds=elapsed,
             frames_per_second=sum(lengths) / elapsed if elapsed > 0 else float("nan"),
-            state_bytes=runner.max_state_bytes,
+            state_bytes=streams.max_state_bytes,
             scored_positions=int(counts[0]),  # counted on the device by the loss kernel
             nonfinite_logit_rows=int(counts[1]),
             bad_targets=int(counts[2]),
             context_utilization=_context_utilization(model, lengths),
-            cuda_graphs=runner.graph_report(),
-            **({"ttt": runner.tracker.report()} if runner.tracker is not None else {}),
+            cuda_graphs=streams.report(cfg.cuda_graphs),
+            **{name: hook.report() for name, hook in self.hooks.items()},
             memory=memory,
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,
-            throughput=throughput_report(model, cfg, preflight, memory, self.device, total_calls, elapsed),
+            throughput=throughput_report(model, cfg.chunk_size, preflight, memory, self.device,
+                                         total_calls * plan.unroll, elapsed),
         )
         self._log_done(result.report)
         if cfg.assert_constant_memory and memory.get("constant_memory") is False:
@@ -155,19 +175,40 @@ class StreamingEvaluator:
             )
         return result
 
+    def _run_batch(
+        self, streams: _Streams, batch: torch.Tensor, lengths: torch.Tensor, progress: Progress, monitor: Monitor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stream one padded batch codes [B, K, T]; host tensors (audio [B, dep_q, T], text [B, 1, T], counts)."""
+        stream, step = streams.load(batch, lengths)
+        for hook in self.hooks.values():
+            hook.begin_batch()  # after load/capture: the streaming state is at its reset values
+        host_lengths = lengths.tolist()  # a host tensor: no sync
+        per_call = stream.frames_per_call
+        start = time.perf_counter()
+        for call in range(stream.n_calls):
+            step()
+            lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
+            monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
+            progress.advance()
+        for hook in self.hooks.values():
+            hook.end_batch()
+        out = stream.host_losses(batch.shape[-1])  # the batch's one host copy: waits for its last call
+        streams.add_time(step.graphed, time.perf_counter() - start)
+        return out
+
     def _preflight(self, lengths: list[int]) -> dict:
         """Resolve batch_size and check that the run fits, before anything is allocated."""
-        cfg, model = self.config, self.model
-        graphs = graphs_wanted(cfg.cuda_graphs, self.device)[0]  # the graph pool needs a margin
+        cfg, model, plan = self.config, self.model, self.plan
         available, source = available_bytes(self.device)
         if cfg.memory_limit is not None:
             available, source = min(available, cfg.memory_limit), f"memory_limit ({source})"
-        frames = math.ceil(max(lengths) / (cfg.chunk_size * cfg.graph_unroll)) * cfg.chunk_size * cfg.graph_unroll
+        frames = math.ceil(max(lengths) / plan.frames_per_call) * plan.frames_per_call
         if cfg.batch_size == "auto":
-            batch_size = pick_batch_size(model, len(lengths), cfg.chunk_size, frames, available, cuda_graphs=graphs)
+            batch_size = pick_batch_size(model, len(lengths), cfg.chunk_size, frames, available,
+                                         cuda_graphs=plan.graphs)
         else:
             batch_size = min(len(lengths), cfg.batch_size or len(lengths))
-        estimate = estimate_run_bytes(model, batch_size, cfg.chunk_size, frames, cuda_graphs=graphs)
+        estimate = estimate_run_bytes(model, batch_size, cfg.chunk_size, frames, cuda_graphs=plan.graphs)
         check_fits(estimate, available, source)
         return {
             "batch_size": batch_size,
@@ -186,6 +227,105 @@ class StreamingEvaluator:
             memory.get("constant_memory"),
             graphs["reason"],
         )
+
+
+class _Streams:
+    """The run's current Stream and its CUDAGraphed step; reopened (and recaptured) only when (B, capacity) changes.
+
+    Batches come longest first, so a run opens a Stream for its first batch and reuses it (copy in, reset in place,
+    replay) until the batch size changes (the last, smaller batch). Graphs of the run share one `GraphPool`.
+    """
+
+    def __init__(self, model: LMModel, plan: Plan, verify_graph: int) -> None:
+        self.model, self.plan, self.verify_graph = model, plan, verify_graph
+        self.graphs, self.reason = plan.graphs, plan.graph_reason
+        self.pool = GraphPool(plan.device) if plan.graphs else None  # one per run
+        self.safety_checked = False
+        self.stream: Stream | None = None
+        self.step: CUDAGraphed | None = None
+        self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
+        self.opened = self.captures = self.verified_calls = self.max_state_bytes = 0
+        self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
+
+    def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, CUDAGraphed]:
+        """The stream holding `batch` (opened and captured if its shape is new) and the step to call."""
+        B, _, T = batch.shape
+        if self.stream is not None and self.stream.fits(B, T):
+            self.stream.load(batch.to(self.stream.losses.device), lengths)
+            return self.stream, self.step
+        self._close_stream()
+        plan = self.plan
+        self.stream = stream = Stream(self.model, B, plan.chunk_size, T, plan.loss_backend, unroll=plan.unroll)
+        self.max_state_bytes = max(self.max_state_bytes, stream.state_bytes())
+        self.opened += 1
+        stream.load(batch.to(stream.losses.device), lengths)
+        if self.graphs and not self.safety_checked:
+            self._refuse_unsafe_modules(stream)
+        self.step = CUDAGraphed(stream.step, stream.reset, self.pool if self.graphs else None,
+                                strict=plan.strict_graphs, reason=self.reason)
+        self.step.capture()
+        self.capture_seconds += self.step.capture_seconds
+        self.captures += self.step.graphed
+        self.reason = self.step.reason if self.graphs else self.reason
+        if self.verify_graph:
+            self.verified_calls += verify_replay(self.step, stream, self.verify_graph, self.names)
+        log.debug("stream opened: B=%d, capacity %d, %s", stream.batch_size, stream.capacity, self.reason)
+        return stream, self.step
+
+    def _refuse_unsafe_modules(self, stream: Stream) -> None:
+        """A module whose step changes Python state or rebinds tensors would be silently wrong under replay (a TTT
+        update kept in a Python counter happens once, at capture): refuse ("on") or run eagerly, naming the modules.
+        Checked on the run's own first stream, so no second copy of the streaming state is allocated."""
+        self.safety_checked = True
+        bad = unsafe(check_stream(stream))
+        if not bad:
+            return
+        names = ", ".join(sorted({f.module or "<model>" for f in bad}))
+        if self.plan.strict_graphs:
+            raise GraphCaptureError(f"cuda_graphs='on' but these modules are not graph-safe: {names}\n"
+                                    f"{format_findings(bad)}")
+        self.reason = f"not captured: graph-unsafe modules ({names}), running eagerly"
+        log.warning("CUDA graphs off: %s\n%s", self.reason, format_findings(bad))
+        self.graphs = False
+
+    def add_time(self, graphed: bool, seconds: float) -> None:
+        if graphed:
+            self.graphed_seconds += seconds
+        else:
+            self.eager_seconds += seconds
+
+    def report(self, setting: str) -> dict[str, Any]:
+        return {
+            "setting": setting,
+            "graphed": self.opened > 0 and self.captures == self.opened,
+            "reason": self.reason if self.opened else "no batch run",
+            "unroll": self.plan.unroll,
+            "streams_opened": self.opened,
+            "captures": self.captures,
+            "capture_seconds": self.capture_seconds,
+            "graphed_seconds": self.graphed_seconds,
+            "eager_seconds": self.eager_seconds,
+            "verified_calls": self.verified_calls,
+        }
+
+    def _close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = self.step = None  # a retired graph lives on in the pool until close(): see GraphPool
+
+    def close(self) -> None:
+        """End of the run: the stream, then every graph of the run."""
+        self._close_stream()
+        if self.pool is not None:
+            self.pool.close()
+
+    def recover(self) -> None:
+        """After an out-of-memory error: drop the stream, the graphs and their pool, and return cached memory."""
+        self.close()
+        gc.collect()
+        if self.plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.pool = GraphPool(self.plan.device) if self.pool is not None else None  # a fresh pool: see GraphPool
 
 
 def _after_oom(

@@ -1,14 +1,14 @@
 """CUDA Graphs for the streaming step: capture once per (B, C) shape, replay every step, verify bit for bit.
 
 A graph replays recorded kernels on recorded addresses, so it repeats exactly the device work of the captured
-step: the gather by the device counter, the model, the loss kernel and the counter's advance (DESIGN §3). It does
-not repeat Python: an attribute a module bumps on the host (moshi's `offset_cpu`) moves once, at capture. The
+step: the gather by the device counter, the model, the loss kernel and the counter's advance. It does not repeat
+Python: an attribute a module bumps on the host (moshi's `offset_cpu`) moves once, at capture. The
 `Stream` therefore allocates every tensor before capture and resets in place, so one graph serves all batches of
 its shape.
 
-Capture recipe: warm up on the run's capture stream (cuBLAS workspaces, Triton compilation, moshi's lazy
-torch.compile), reset, capture `unroll` steps into one graph in the run's shared memory pool, reset again (capture
-moved Python state).
+Capture recipe (`CUDAGraphed`, a small wrapper around any no-argument callable, like moshi's own `CUDAGraphed`):
+warm up on the run's capture stream (cuBLAS workspaces, Triton compilation, moshi's lazy torch.compile), reset,
+capture one call into one graph in the run's shared memory pool, reset again (capture moved Python state).
 If capture fails — a module that reads a device value on the host, a data-dependent shape — the step runs eagerly
 and one log line says why; `cuda_graphs="on"` raises instead.
 """
@@ -75,41 +75,42 @@ class GraphPool:
         self.graphs.clear()
 
 
-class GraphedStep:
-    """`step()` replays a CUDA graph of `stream.step` when capture worked, and runs it eagerly otherwise.
+class CUDAGraphed:
+    """`graphed()` replays a CUDA graph of `fn` once `capture()` worked, and calls `fn` eagerly otherwise.
 
-    `stream` must provide `step()` (the captured unit, all work on static device tensors), `reset()` (back to the
-    start of the loaded batch, in place) and `losses` (a device tensor: where it runs). One GraphedStep per Stream.
+    `fn` takes no arguments and works only on tensors allocated before capture (a `Stream.step`); `reset` puts
+    those tensors back to the start of the loaded batch, in place. `pool` is None when graphs are off.
     """
 
-    def __init__(self, stream: Any, setting: str, pool: GraphPool | None = None) -> None:
-        self.stream = stream
-        self.enabled, self.reason = graphs_wanted(setting, stream.losses.device)
-        self.strict = setting == "on"
+    def __init__(self, fn: Callable[[], None], reset: Callable[[], None], pool: GraphPool | None, *,
+                 strict: bool = False, reason: str = "captured") -> None:
+        self.fn, self.reset, self.pool, self.strict = fn, reset, pool, strict
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.reason = reason  # why this runs graphed or eagerly, for the report
         self.capture_seconds = 0.0
-        if self.enabled:
-            if pool is None:
-                raise ValueError("capturing a CUDA graph needs the run's GraphPool")
-            if pool.failure is not None:
-                self.reason = f"not captured: an earlier capture of this run failed ({pool.failure})"
-            else:
-                self._capture(pool)
 
     @property
     def graphed(self) -> bool:
         return self.graph is not None
 
-    def step(self) -> None:
+    def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.stream.step()
+            self.fn()
 
-    def eager_step(self) -> None:
-        self.stream.step()
+    def capture(self) -> None:
+        """Warm up, capture one call of `fn`, reset. On failure run eagerly (or raise GraphCaptureError if strict).
 
-    def _capture(self, pool: GraphPool) -> None:
+        An out-of-memory error is re-raised as is: it is not a property of the model but of the batch size, and
+        the caller's out-of-memory path (free, halve the batch, retry) must handle it with graphs still on.
+        """
+        pool = self.pool
+        if pool is None:
+            return
+        if pool.failure is not None:
+            self.reason = f"not captured: an earlier capture of this run failed ({pool.failure})"
+            return
         device, start = pool.device, time.perf_counter()
         began = ended = False
         try:
@@ -119,8 +120,8 @@ class GraphedStep:
                 # now, outside the graph pool, instead of during capture.
                 with torch.cuda.stream(pool.stream):
                     for _ in range(WARMUP_CALLS):
-                        self.stream.step()
-                    self.stream.reset()
+                        self.fn()
+                    self.reset()
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 # The outer stream context restores the current stream even if capture_end raises.
@@ -129,7 +130,7 @@ class GraphedStep:
                     graph.capture_begin(pool.handle, capture_error_mode="thread_local")
                     began = True
                     try:
-                        self.stream.step()
+                        self.fn()
                     except BaseException:
                         with contextlib.suppress(Exception):  # an invalidated capture makes capture_end raise too
                             graph.capture_end()
@@ -142,18 +143,16 @@ class GraphedStep:
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly (or raise if "on")
             if began and not ended:
                 _abandon_capture(device, pool.handle)
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
             self.reason = f"capture failed, running eagerly: {type(error).__name__}: {_first_line(error)}"
             pool.failure = self.reason
             if self.strict:
                 raise GraphCaptureError(f"cuda_graphs='on' but the step cannot be captured: {error}") from error
             log.warning("CUDA graph %s", self.reason)
         torch.cuda.synchronize(device)
-        self.stream.reset()  # capture ran the step's Python once (and warm-up ran it for real)
+        self.reset()  # capture ran the step's Python once (and warm-up ran it for real)
         self.capture_seconds = time.perf_counter() - start
-
-    def release(self) -> None:
-        """Stop replaying (the graph itself lives on in the run's GraphPool until the run ends)."""
-        self.graph = None
 
 
 def _abandon_capture(device: torch.device, handle: Any) -> None:
@@ -173,19 +172,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def verify_replay(graphed: GraphedStep, calls: int, names: list[str], lead: int) -> int:
-    """Run `calls` step() calls eagerly and as replays from the same start; losses must be bit-identical.
+def verify_replay(graphed: Callable[[], None], stream: Any, calls: int, names: list[str]) -> int:
+    """Run `calls` calls of `stream.step` eagerly and of `graphed` (its replay) from the same start; the losses must
+    be bit-identical.
 
     Returns the number of calls compared (at most the loaded batch's). Raises GraphMismatchError naming the first
     differing (batch, stream, position). Leaves the stream reset to the start of its batch. Without a graph (CPU,
     failed capture) it compares two eager runs: a reset stream must then be bit-identical to itself.
     """
-    stream = graphed.stream
     calls = max(1, min(calls, stream.n_calls))
-    reference = _run_from_start(stream, graphed.eager_step, calls)
-    candidate = _run_from_start(stream, graphed.step, calls)
+    reference = _run_from_start(stream, stream.step, calls)
+    candidate = _run_from_start(stream, graphed, calls)
     stream.reset()
-    first_difference(reference, candidate, names, lead)
+    first_difference(reference, candidate, names, stream.lead)
     return calls
 
 

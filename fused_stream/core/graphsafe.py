@@ -1,4 +1,4 @@
-"""A CPU-capable check that a model's streaming step can be captured in a CUDA graph and replayed (DESIGN §3, §6).
+"""A CPU-capable check that a model's streaming step can be captured in a CUDA graph and replayed.
 
 A CUDA graph replays the device work of the captured step on the captured addresses, and nothing else. So three
 things a module may do per step are silently lost on replay:
@@ -9,7 +9,7 @@ things a module may do per step are silently lost on replay:
   (`self.w.add_(dw)`): the replay keeps reading and writing the tensor that existed at capture;
 - change a tensor's shape between steps: a graph has one shape per captured kernel.
 
-`check_graph_safety` runs a few streaming steps through `fused_stream.stream.Stream` (the unit the driver captures)
+`check_stream` runs a few steps of a loaded `Stream` (the unit the driver captures)
 and snapshots, between steps, every module's attributes, parameters, buffers and `_streaming_state` (recursing
 into state objects such as moshi's `RingKVCache`, and one level into containers). Every attribute that moves is a
 `Finding`; the few moshi attributes known to move harmlessly carry the reason, and `unsafe()` keeps the rest.
@@ -27,7 +27,6 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer
 
-from ..data.dataset import generate_codes
 from .runtime import inference_mode
 from .stream import Stream
 
@@ -216,42 +215,47 @@ def _under_reported(module: str, attribute: str, reported: set[tuple[str, str]])
 
 
 def check_graph_safety(
-    model: LMModel, codes: torch.Tensor | None = None, *, chunk_size: int = 1, steps: int = 3
+    model: LMModel, codes: torch.Tensor, *, chunk_size: int = 1, steps: int = 3, backend: str = "torch"
 ) -> list[Finding]:
-    """Run `steps` streaming steps of `model` (chunk `chunk_size`) and report every attribute that moves.
+    """Open a Stream of `model` on `codes` [B, K, T] (or [K, T]), run `steps` steps, report what moves.
 
-    `codes` [B, K, T] (or [K, T]) with T >= steps * chunk_size; random codes of 2 sequences when None. The model
-    must not be streaming already (the check opens its own Stream and closes it). Runs on the model's device;
-    on CPU it needs no GPU. Use `unsafe(findings)` for what would break a captured graph.
+    The model must not be streaming already; the Stream is closed afterwards. Runs on the model's device (no GPU
+    needed). Use `unsafe(findings)` for what would break a captured graph.
     """
     if steps < 1 or chunk_size < 1:
         raise ValueError(f"steps and chunk_size must be >= 1, got steps={steps}, chunk_size={chunk_size}")
-    frames = steps * chunk_size
     device = next(model.parameters()).device
-    if codes is None:
-        codes = generate_codes(model, 2, frames)
-    if codes.dim() == 2:
-        codes = codes[None]
+    codes = (codes[None] if codes.dim() == 2 else codes).to(device)
     B, _, T = codes.shape
-    if T < frames:
-        raise ValueError(f"{steps} steps of chunk {chunk_size} need {frames} frames, codes have {T}")
-    codes = codes[:, :, :frames].to(device)
-    lengths = torch.full((B,), frames, dtype=torch.long, device=device)
-    modules = dict(model.named_modules())
-    changes: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
+    lengths = torch.full((B,), T, dtype=torch.long, device=device)
     with inference_mode(model):
-        stream = Stream(model, B, chunk_size, frames, backend="torch")
+        stream = Stream(model, B, chunk_size, T, backend=backend)
         try:
-            stream.load(codes, lengths)  # resets: the state a captured graph starts from
-            before = snapshot(model)
-            for index in range(1, steps + 1):
-                stream.step()
-                after = snapshot(model)
-                for module, attribute, kind, old, new in compare(before, after):
-                    changes.setdefault((module, attribute, kind), []).append((index, old, new))
-                before = after  # keeps the previous step's tensors alive (see Leaf)
+            stream.load(codes, lengths)
+            return check_stream(stream, steps)
         finally:
             stream.close()
+
+
+def check_stream(stream: Stream, steps: int = 3) -> list[Finding]:
+    """Run `steps` calls of a loaded `stream` (the unit a graph captures), snapshot the model between them, and
+    report every attribute that moves; the stream is reset to the start of its batch afterwards.
+
+    The driver runs this on its run's first stream before capturing it: the real batch, shape and backend, and no
+    second copy of the model's streaming state.
+    """
+    model = stream.model
+    modules = dict(model.named_modules())
+    changes: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
+    stream.reset()  # the state a captured graph starts from
+    before = snapshot(model)
+    for index in range(1, steps + 1):
+        stream.step()
+        after = snapshot(model)
+        for module, attribute, kind, old, new in compare(before, after):
+            changes.setdefault((module, attribute, kind), []).append((index, old, new))
+        before = after  # keeps the previous step's tensors alive (see Leaf)
+    stream.reset()
     findings = []
     for (module, attribute, kind), moves in sorted(changes.items()):
         reason = harmless_reason(modules[module], attribute, kind) if module in modules else None

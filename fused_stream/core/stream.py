@@ -25,78 +25,48 @@ from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
 from .alignment import delayed_sequence, scored_delays
 
 
-class Step:
-    """One streaming step; all its inputs and outputs are device tensors, its position a device counter."""
-
-    def __init__(
-        self,
-        model: LMModel,
-        delayed: torch.Tensor,  # [B, K, capacity + 1] int64
-        lengths: torch.Tensor,  # [B] int64
-        losses: torch.Tensor,  # [B, 1 + dep_q, lead + capacity + 1] float32: text, then audio codebooks
-        counts: torch.Tensor,  # [3] int64 loss counters (see kernels.cross_entropy)
-        lead: int,
-        chunk: int,
-        backend: str,
-    ) -> None:
-        self.model, self.delayed, self.lengths, self.losses, self.counts = model, delayed, lengths, losses, counts
-        device = delayed.device
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on device
-        self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
-        # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
-        # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
-        # Clamped columns read the fill; every loss they produce falls past each length and is masked.
-        self.last_column = delayed.shape[2] - 1
-        self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
-        self.lead, self.chunk, self.backend = lead, chunk, backend
-
-    def __call__(self) -> None:
-        model, C = self.model, self.chunk
-        cols = self.delayed.index_select(2, (self.pos + self.window).clamp_(max=self.last_column))  # [B, K, C + 1]
-        transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
-        logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
-        targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
-        step_cross_entropy_(
-            text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
-            self.lead, self.backend,
-        )
-        advance_(self.pos, C)
-
-    def nbytes(self) -> int:
-        """Bytes of the per-step working tensors (excluding the [B, K, T] inputs and loss outputs)."""
-        tensors = (self.pos, self.window, self.delays, self.lengths, self.counts)
-        return sum(t.untyped_storage().nbytes() for t in tensors)
-
-
 class Stream:
-    """The model in streaming mode for B sequences, chunk C, unroll U, and the step's static buffers.
+    """The model in streaming mode for B sequences, chunk C, unroll U, and every tensor its step touches.
 
     `capacity` (frames) bounds the longest batch it can hold; `load()` copies a batch in and resets everything in
-    place; `step()` is the captured unit (U steps); `close()` leaves streaming mode.
+    place; `step()` is the unit a CUDA graph captures (U steps of C frames); `close()` leaves streaming mode.
     """
 
     def __init__(
         self, model: LMModel, batch_size: int, chunk: int, capacity: int, backend: str, unroll: int = 1
     ) -> None:
-        self.model, self.batch_size, self.chunk, self.unroll = model, batch_size, chunk, unroll
+        self.model, self.batch_size, self.chunk, self.unroll, self.backend = model, batch_size, chunk, unroll, backend
         self.frames_per_call = chunk * unroll  # frames of one sequence covered by one `step()` call
         self.capacity = _round_up(capacity, self.frames_per_call)
+        self.n_calls = 0  # `step()` calls the loaded batch needs
         device = next(model.parameters()).device
-        K = model.num_codebooks
         self.lead = max(scored_delays(model))
         # The loss buffer is indexed by original time shifted right by `lead`, so the (discarded) rows of negative
         # times at the start land in the lead columns; its last column is the kernel's trash column.
         self.losses = torch.full((batch_size, 1 + model.dep_q, self.lead + self.capacity + 1), float("nan"),
-                                 device=device)
-        self.delayed = torch.full((batch_size, K, self.capacity + 1), -1, dtype=torch.long, device=device)
+                                 device=device)  # [B, 1 + dep_q, lead + capacity + 1] float32: text, then audio
+        self.delayed = torch.full((batch_size, model.num_codebooks, self.capacity + 1), -1, dtype=torch.long,
+                                  device=device)  # [B, K, capacity + 1] the whole delayed batch
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)
+        self.counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=device)  # see kernels.cross_entropy
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on the device
+        self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
+        self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
+        # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
+        # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
+        # Clamped columns read the fill; every loss they produce falls past each length and is masked.
+        self.last_column = self.capacity
         self._exit = contextlib.ExitStack()
-        self._exit.enter_context(model.streaming(batch_size))
-        if chunk > 1:
-            enlarge_kv_caches(model, context_extra=chunk - 1)
-        self._step = Step(model, self.delayed, self.lengths, self.losses, self.counts, self.lead, chunk, backend)
-        self.n_calls = 0  # `step()` calls the loaded batch needs
+        try:
+            self._exit.enter_context(model.streaming(batch_size))
+            if chunk > 1:
+                enlarge_kv_caches(model, context_extra=chunk - 1)
+        except BaseException:
+            # The ring caches are the largest allocations: an out-of-memory error here must leave the model as it
+            # was (out of streaming mode, no cache referenced) so the caller can free memory and retry smaller.
+            self._exit.close()
+            model._stop_streaming()  # moshi leaves the modules opened before a failure in streaming mode
+            raise
 
     def fits(self, batch_size: int, frames: int) -> bool:
         return batch_size == self.batch_size and frames <= self.capacity
@@ -122,14 +92,27 @@ class Stream:
             # moshi's reset rewinds the ring's offsets, and its masks hide the old entries; zeroing them too makes
             # a reset stream bit-identical to a fresh one even if a previous batch left NaN or inf behind.
             cache.cache.zero_()
-        self._step.pos.zero_()
+        self.pos.zero_()
         self.losses.fill_(float("nan"))
         self.counts.zero_()
 
     def step(self) -> None:
         """`unroll` consecutive steps: the unit a CUDA graph captures."""
         for _ in range(self.unroll):
-            self._step()
+            self.step_once()
+
+    def step_once(self) -> None:
+        """One step of C frames; its inputs are gathered by the device counter and its losses written on the device."""
+        model, C = self.model, self.chunk
+        cols = self.delayed.index_select(2, (self.pos + self.window).clamp_(max=self.last_column))  # [B, K, C + 1]
+        transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
+        logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
+        targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
+        step_cross_entropy_(
+            text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
+            self.lead, self.backend,
+        )
+        advance_(self.pos, C)
 
     def host_losses(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's copy to host after its last step: audio [B, dep_q, T], text [B, 1, T], counters [3]."""
@@ -138,7 +121,8 @@ class Stream:
 
     def state_bytes(self) -> int:
         """Bytes of the streaming state (KV caches, offsets) plus the step's working tensors."""
-        return streaming_state_bytes(self.model) + self._step.nbytes()
+        small = (self.pos, self.window, self.delays, self.lengths, self.counts)
+        return streaming_state_bytes(self.model) + sum(t.untyped_storage().nbytes() for t in small)
 
     def close(self) -> None:
         self._exit.close()

@@ -81,15 +81,14 @@ def flops_per_frame(model: LMModel) -> float:
 
 def throughput_report(
     model: LMModel,
-    config: Any,
+    chunk_size: int,
     preflight: dict[str, Any],
     memory: dict[str, Any],
     device: torch.device,
-    calls: int,
+    steps: int,
     seconds: float,
 ) -> dict[str, Any]:
     """frames/s overall and steady (from the monitor), steps/s, and the roofline ratio (C = 1) or MFU (C > 1)."""
-    steps = calls * config.graph_unroll
     out: dict[str, Any] = {
         "frames_per_second": memory.get("frames_per_second"),
         "steady_frames_per_second": memory.get("steady_frames_per_second"),
@@ -101,7 +100,7 @@ def throughput_report(
         out["bound_reason"] = f"no bandwidth/FLOPs table entry for {_device_name(device)}"
         return out
     out["gpu"] = spec.name
-    if config.chunk_size == 1:
+    if chunk_size == 1:
         estimate, batch = preflight["estimate"], preflight["batch_size"]
         bound = frame_roofline(estimate["weights"], estimate["kv_cache"] // batch, batch, spec.hbm_bytes_per_s)
         out["roofline_frames_per_second"] = bound
