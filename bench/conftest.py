@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fused_stream
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import count_parameters, default_device, load_model
 
 DEVICE = os.environ.get("FUSED_STREAM_BENCH_DEVICE") or None

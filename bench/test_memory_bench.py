@@ -30,7 +30,7 @@ _peaks: dict[tuple[str, int], int] = {}
 
 _CHILD = r"""
 import json, sys, torch
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.data.models import load_model
@@ -65,7 +65,7 @@ def _measure_cpu(path: str, T: int) -> dict:
 
 
 def _measure_cuda(model, path: str, T: int) -> dict:
-    from fused_stream.data.dataset import generate_codes
+    from fused_stream.data.codes import generate_codes
 
     codes = generate_codes(model, 1, T, seed=0)
     torch.cuda.synchronize()

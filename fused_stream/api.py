@@ -3,18 +3,19 @@
 `evaluate_long_context_loss(model, codes_list)` lays each item out exactly as the CLI does (`core.inputs.layout_codes`),
 streams it with `StreamingEvaluator` on the model *as it is* (no move, no cast: a training loop owns its model's
 device and dtype) and returns the CLI's numbers: the flat `librilight_*` keys at the top level, plus the
-per-position curves, the full metrics dict and the driver's report.
+per-position curves, the full metrics dict and the driver's report. Its options are `EvalConfig`'s, by name or as
+a config, with EvalConfig's defaults: the call and the CLI cannot drift apart.
 
 The model is handed back as it came: every module's train/eval flag, every parameter's `requires_grad`, and out
-of streaming mode. The driver's `runtime.inference_mode` only restores the *root* flag (`model.train(was)`
-flattens per-module modes, e.g. a frozen encoder kept in eval inside a training model), so the per-module flags
-and `requires_grad` are snapshotted here and put back in a `finally`, whatever happened inside.
+of streaming mode, whatever happened inside (`preserved_model_state`).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,12 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 
-from .core.config import EvalConfig
+from .core.config import ConfigError, EvalConfig
 from .core.driver import StreamingEvaluator
 from .core.inputs import layout_codes
 from .data.audio import crop_frames
 from .metrics import PositionSums, compute_metrics, position_means
+from .ttt.tracker import ttt_hooks
 
 __all__ = ["evaluate_long_context_loss", "curves_as_lists", "is_streaming", "preserved_model_state"]
 
@@ -35,24 +37,16 @@ PER_POSITION, METRICS, REPORT = "per_position", "metrics", "report"
 
 
 def evaluate_long_context_loss(
-    model: LMModel,
-    codes_list: Sequence[torch.Tensor],
-    *,
-    chunk_size: int = 1,
-    batch_size: int | str | None = "auto",
-    max_frames: int | None = None,
-    codebook_weights: Sequence[float] | None = None,
-    window: int = 1000,
-    text_fill: str = "zero",
-    other_fill: str = "zero",
-    cuda_graphs: str = "auto",
-    progress: bool = False,
+    model: LMModel, codes_list: Sequence[torch.Tensor], config: EvalConfig | None = None, **options: Any
 ) -> dict[str, Any]:
     """Teacher-forced long-context metrics of `model` on `codes_list`, as `python -m fused_stream.eval` computes them.
 
     Each item is `[dep_q, T]` (or more) audio codes, laid out into the model's streams like the CLI's `--codes`
     (`text_fill`, `other_fill`), or a full `[K, T]` layout used as is; a leading batch dim of 1 is dropped; any
     device. `max_frames` crops every sequence after layout. The model runs where and in the dtype it is.
+
+    `config` and `options` (EvalConfig field names, e.g. `chunk_size=16, window=100`; they override `config`)
+    choose the evaluation; a name EvalConfig does not have raises TypeError, a bad value ConfigError.
 
     Returns a dict with:
     - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_slope*`,
@@ -63,14 +57,14 @@ def evaluate_long_context_loss(
     - `"metrics"`: the full `compute_metrics` dict (overall, windows, first_frames, slopes, flat, ...);
     - `"report"`: the driver's `result.report` (timings, memory verdict, preflight, CUDA graphs).
     """
-    sequences = _prepare(model, codes_list, max_frames, text_fill, other_fill)
-    _check_metric_args(model, window, codebook_weights)
-    config = EvalConfig(chunk_size=chunk_size, batch_size=batch_size, cuda_graphs=cuda_graphs, progress=progress)
+    config = _config(model, config, options)
+    sequences = _prepare(model, codes_list, config)
     with preserved_model_state(model):
-        result = StreamingEvaluator(model, config).evaluate(sequences)
+        result = StreamingEvaluator(model, config, hooks=ttt_hooks(model)).evaluate(sequences)
     sums = PositionSums.from_result(result)
-    metrics = compute_metrics(sums, context=model.context, window=window, codebook_weights=codebook_weights)
-    curves = position_means(sums, codebook_weights)
+    metrics = compute_metrics(sums, context=model.context, window=config.window,
+                              codebook_weights=config.codebook_weights)
+    curves = position_means(sums, config.codebook_weights)
     return {
         **metrics["flat"],
         PER_POSITION: curves_as_lists(curves),
@@ -79,18 +73,31 @@ def evaluate_long_context_loss(
     }
 
 
-def _prepare(
-    model: LMModel, codes_list: Sequence[torch.Tensor], max_frames: int | None, text_fill: str, other_fill: str
-) -> list[torch.Tensor]:
+def _config(model: LMModel, config: EvalConfig | None, options: dict[str, Any]) -> EvalConfig:
+    """`config` with `options` applied, checked before the run, not after minutes of streaming."""
+    names = [f.name for f in fields(EvalConfig)]
+    for name in options:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (EvalConfig's options: {', '.join(names)})"
+            raise TypeError(f"evaluate_long_context_loss() got an unknown option {name!r}{hint}")
+    config = replace(config, **options) if config is not None else EvalConfig(**options)
+    for name in ("device", "dtype"):  # the driver would move or cast a training loop's model
+        if getattr(config, name) is not None:
+            raise ConfigError(f"{name} must be None here: the model runs where and as it is (move or cast it first)")
+    weights = config.codebook_weights
+    if weights is not None and len(weights) != model.dep_q:
+        raise ConfigError(f"codebook_weights needs one weight per audio codebook ({model.dep_q}), got {len(weights)}")
+    return config
+
+
+def _prepare(model: LMModel, codes_list: Sequence[torch.Tensor], config: EvalConfig) -> list[torch.Tensor]:
     """Every item as [K, T] int64 on the CPU in the model's layout, cropped: what the CLI hands the driver."""
     if isinstance(codes_list, torch.Tensor) and codes_list.dim() != 3:
         # A [B, n, T] tensor iterates as B items; anything else is not a list of sequences.
         raise ValueError(f"codes_list must be a sequence of [n, T] tensors, got a tensor {tuple(codes_list.shape)}")
     if len(codes_list) == 0:
         raise ValueError("codes_list is empty: nothing to evaluate")
-    if max_frames is not None and not (isinstance(max_frames, int) and not isinstance(max_frames, bool)
-                                       and max_frames >= 1):
-        raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
     out = []
     for i, codes in enumerate(codes_list):
         if not isinstance(codes, torch.Tensor):
@@ -101,19 +108,10 @@ def _prepare(
             raise ValueError(f"codes_list[{i}] has shape {tuple(codes.shape)}: expected [n_codebooks, T] "
                              f"(or [1, n_codebooks, T]) with T >= 1")
         # The CPU, like the CLI's loaded files: layout and checks are host work, the driver moves each batch once.
-        laid = layout_codes(model, codes.detach().cpu(), text_fill=text_fill, other_fill=other_fill,
+        laid = layout_codes(model, codes.detach().cpu(), text_fill=config.text_fill, other_fill=config.other_fill,
                             source=f"codes_list[{i}]")
-        out.append(crop_frames(laid, max_frames))
+        out.append(crop_frames(laid, config.max_frames))
     return out
-
-
-def _check_metric_args(model: LMModel, window: int, codebook_weights: Sequence[float] | None) -> None:
-    """Fail before the run, not after minutes of streaming, on arguments only the metrics read."""
-    if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
-        raise ValueError(f"window must be an int >= 1 (frames), got {window!r}")
-    if codebook_weights is not None and len(list(codebook_weights)) != model.dep_q:
-        raise ValueError(f"codebook_weights needs one weight per audio codebook ({model.dep_q}), "
-                         f"got {len(list(codebook_weights))}")
 
 
 def curves_as_lists(curves: dict[str, np.ndarray]) -> dict[str, list]:
@@ -130,8 +128,11 @@ def curves_as_lists(curves: dict[str, np.ndarray]) -> dict[str, list]:
 class preserved_model_state:  # noqa: N801 - used as a context manager, named like one
     """Snapshot every module's `training` flag and every parameter's `requires_grad`; restore them on exit.
 
-    Also refuses a model already in streaming mode (the driver would hit moshi's bare assertion) and, on exit,
-    leaves streaming mode if anything inside left the model in it (e.g. an exception between open and close).
+    Why the flags, when the driver's `runtime.inference_mode` restores every module's flag too: it restores them
+    as its loop found them, so a flag changed earlier in the call (by code around `evaluate`) stays changed; this
+    snapshot is taken before anything runs. `requires_grad` only this restores. Also refuses a model already in
+    streaming mode (the driver would hit moshi's bare assertion) and, on exit, leaves streaming mode if anything
+    inside left the model in it (e.g. an exception between open and close).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:

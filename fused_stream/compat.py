@@ -3,28 +3,25 @@
 Training loops written around moshi-finetune's `PaperMetricsEvaluator` build it once with a Mimi and the config,
 then call `evaluate_librilight_long_context(model)` every N steps and log each returned key as
 `paper_metrics/{key}`. This class keeps that shape: it reads the same config keys, tokenizes the audio with the
-given (already loaded) Mimi exactly as the CLI's `--audio` path does (`data.audio_files`, `data.group_chapters`,
+given (already loaded) Mimi exactly as the CLI's `--audio` path does (`librilight.audio_files`, `group_chapters`,
 `audio.encode_audio_file`), and returns the flat `librilight_*` dict of `api.evaluate_long_context_loss` - the same
 numbers `python -m fused_stream.eval --audio DIR --mimi CKPT` writes under `metrics.flat`.
 
-Config keys (a dict or an object with attributes; at the top level or in a nested `paper_metrics` block):
-- `librilight_audio_dir` (required when enabled): a LibriLight directory (speaker/book/chapter.flac) or one file;
-- `librilight_max_files`: the first N sequences (files, or books with concatenation);
-- `max_sequence_length`: crop every sequence to N frames (also read from the `librilight_streaming` sub-block,
-  where legacy configs keep it; the sub-block wins);
-- `enabled` (in `librilight_streaming`, or at the block's top level): False -> `{}` without touching anything;
-- `librilight_concat_chapters` (default False), `librilight_chunk_size` (default 1), `librilight_batch_size`
-  (default "auto");
-- `librilight_window` (default 1000, the CLI's `--window`): an extension, for eval sets too short for 1000-frame
-  windows.
-A key set to None counts as absent. Other keys are ignored: a finetune config holds many unrelated ones.
+The config (a dict, or an object with attributes: a whole finetune config) is read by the CLI's own reader,
+`cli.settings.read_finetune_config`: the same keys as `--config`, with the same meaning and the same `ConfigError`
+for a bad value. The keys this evaluator uses: `librilight_audio_dir` (required when enabled; a LibriLight
+directory speaker/book/chapter.flac, or one file), `librilight_max_files`, `librilight_concat_chapters`,
+`max_sequence_length`, `memory_check`, `enabled` (false -> `{}` without touching anything), every evaluation option
+(`librilight_chunk_size`, `librilight_batch_size`, `librilight_window`, or any `EvalConfig` option by name inside a
+`librilight_streaming` block), and `ttt_verification` and `cache_clear_interval`, accepted and unused here. Options
+only the command line has (models, outputs, ...) are an error in a `librilight_streaming` block; other keys of a
+finetune config are ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +30,15 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from .api import evaluate_long_context_loss
+from .cli.settings import EVAL_OPTIONS, ConfigError, Settings, make_settings, read_finetune_config
 from .data.audio import encode_audio_file
-from .data.dataset import audio_files, group_chapters
-from .errors import DataError
+from .data.librilight import audio_files, group_chapters
 
 __all__ = ["PaperMetricsLibriLight", "mimi_state_hash"]
 
-_MISSING = object()
-_BLOCK, _STREAMING = "paper_metrics", "librilight_streaming"
-
-
-@dataclass(frozen=True)
-class _LibriLightSettings:
-    enabled: bool
-    audio_dir: Path | None
-    max_files: int | None
-    max_frames: int | None
-    concat_chapters: bool
-    chunk_size: int
-    batch_size: int | str | None
-    window: int
+# What this evaluator does with the reader's values besides the EvalConfig: the rest is the command line's alone.
+_USED = {"enabled", "audio", "max_files", "concat_chapters"}
+_UNUSED = {"ttt_verification"}  # recorded in the CLI's report; a training loop logs only the metrics
 
 
 class PaperMetricsLibriLight:
@@ -67,6 +53,7 @@ class PaperMetricsLibriLight:
                  cache_dir: str | Path | None = None) -> None:
         self.mimi = mimi
         self.settings = _read_settings(config)
+        self.config = self.settings.eval  # what `evaluate_long_context_loss` runs with
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         # Hashed once: the weights of a Mimi do not change during finetuning, and hashing them is not free.
         self.mimi_hash = mimi_state_hash(mimi)
@@ -75,15 +62,11 @@ class PaperMetricsLibriLight:
 
     def evaluate_librilight_long_context(self, model: LMModel) -> dict[str, float | int]:
         """The flat `librilight_*` metrics of `model` on the configured audio ({} when disabled)."""
-        s = self.settings
-        if not s.enabled:
+        if not self.settings.enabled:
             return {}
         self._check_mimi(model)
         codes = [codes for _, codes in self._sequences(model.dep_q)]
-        result = evaluate_long_context_loss(
-            model, codes, chunk_size=s.chunk_size, batch_size=s.batch_size, max_frames=s.max_frames,
-            window=s.window,
-        )
+        result = evaluate_long_context_loss(model, codes, self.config)
         return dict(result["metrics"]["flat"])
 
     def _check_mimi(self, model: LMModel) -> None:
@@ -94,8 +77,8 @@ class PaperMetricsLibriLight:
 
     def _sequences(self, dep_q: int) -> list[tuple[str, torch.Tensor]]:
         """(name, codes [dep_q, T]) per sequence, grouped and cut exactly like the CLI's `--audio` path."""
-        s = self.settings
-        root = s.audio_dir
+        s, max_frames = self.settings, self.config.max_frames
+        root = Path(s.audio)
         files = audio_files(root)
         base = root if root.is_dir() else root.parent
         if s.concat_chapters:
@@ -107,9 +90,9 @@ class PaperMetricsLibriLight:
             parts: list[torch.Tensor] = []
             done = 0
             for chapter in chapters:
-                if s.max_frames is not None and done >= s.max_frames:
+                if max_frames is not None and done >= max_frames:
                     break  # the rest of the book would be cropped away: never encode it
-                left = None if s.max_frames is None else s.max_frames - done
+                left = None if max_frames is None else max_frames - done
                 parts.append(self._encode(chapter, left, dep_q))
                 done += parts[-1].shape[1]
             out.append((name, torch.cat(parts, dim=1)))
@@ -143,61 +126,19 @@ def mimi_state_hash(mimi: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------- config
 
 
-def _get(obj: Any, key: str) -> Any:
-    """obj[key] for a mapping, obj.key otherwise; _MISSING when absent or None (None means "not set")."""
-    if obj is None or obj is _MISSING:
-        return _MISSING
-    value = obj.get(key, _MISSING) if isinstance(obj, Mapping) else getattr(obj, key, _MISSING)
-    return _MISSING if value is None else value
-
-
-def _read_settings(config: Mapping[str, Any] | Any) -> _LibriLightSettings:
-    if config is None:
-        raise DataError("PaperMetricsLibriLight needs a config with librilight_audio_dir")
-    blocks = [b for b in (_get(config, _BLOCK), config) if b is not _MISSING]  # the nested block first
-    streaming = [s for s in (_get(b, _STREAMING) for b in blocks) if s is not _MISSING]
-
-    def value(key: str, default: Any = None, *, in_streaming: bool = False) -> Any:
-        for source in [*(streaming if in_streaming else []), *blocks]:
-            found = _get(source, key)
-            if found is not _MISSING:
-                return found
-        return default
-
-    enabled = value("enabled", True, in_streaming=True)
-    if not isinstance(enabled, bool):
-        raise DataError(f"config key enabled must be true or false, got {enabled!r}")
-    audio_dir = value("librilight_audio_dir")
-    if enabled and audio_dir is None:
-        raise DataError("config key librilight_audio_dir is missing: the LibriLight audio directory to evaluate on "
-                        f"(looked at the top level and in {_BLOCK})")
-    settings = _LibriLightSettings(
-        enabled=enabled,
-        audio_dir=None if audio_dir is None else Path(audio_dir),
-        max_files=_positive("librilight_max_files", value("librilight_max_files")),
-        max_frames=_positive("max_sequence_length", value("max_sequence_length", in_streaming=True)),
-        concat_chapters=bool(value("librilight_concat_chapters", False)),
-        chunk_size=_positive("librilight_chunk_size", value("librilight_chunk_size", 1)),
-        batch_size=_batch_size(value("librilight_batch_size", "auto")),
-        window=_positive("librilight_window", value("librilight_window", 1000)),
-    )
+def _read_settings(config: Mapping[str, Any] | Any) -> Settings:
+    """The CLI's settings from a finetune config: one reader, one set of defaults, one error type."""
+    source = "PaperMetricsLibriLight config"
+    values = {} if config is None else read_finetune_config(config, strict=False, source=source)
+    cli_only = sorted(set(values) - _USED - _UNUSED - set(EVAL_OPTIONS))
+    if cli_only:
+        raise ConfigError(f"{source}: {', '.join(cli_only)} only apply to the command line (python -m "
+                          "fused_stream.eval); give the Mimi and the model to PaperMetricsLibriLight instead")
+    settings = make_settings(values)
+    if settings.enabled and settings.audio is None:
+        raise ConfigError(f"{source}: librilight_audio_dir is missing: the LibriLight audio directory to evaluate on "
+                          "(looked at the top level, in paper_metrics and in librilight_streaming)")
     return settings
-
-
-def _positive(key: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"config key {key} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _batch_size(value: Any) -> int | str | None:
-    if value == "auto":
-        return value
-    if isinstance(value, str) and value.lower() == "none":  # YAML may spell "all at once" as a string
-        return None
-    return _positive("librilight_batch_size", value)
 
 
 def _relative_stem(file: Path, base: Path) -> str:

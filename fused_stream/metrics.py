@@ -1,4 +1,4 @@
-"""Long-context metrics read off per-position losses (DESIGN §7): curves, window means, log-position slopes.
+"""Long-context metrics read off per-position losses: curves, window means, log-position slopes.
 
 Everything is float64 and NaN-aware: a (sequence, stream, position) whose loss is NaN is not counted anywhere, and
 a statistic with nothing to average is NaN (None in JSON, or an omitted key in `flat`) — never 0.0.

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fused_stream.data.dataset import generate_codes  # noqa: E402
+from fused_stream.data.codes import generate_codes  # noqa: E402
 from fused_stream.data.models import load_model  # noqa: E402
 
 

@@ -12,9 +12,10 @@ import torch
 import fused_stream.api as api
 from fused_stream import evaluate_long_context_loss
 from fused_stream.cli.main import main
-from fused_stream.core.config import EvalConfig
+from fused_stream.core.config import ConfigError, EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.data.dataset import DataError, generate_codes
+from fused_stream.data.codes import generate_codes
+from fused_stream.errors import DataError
 from fused_stream.metrics import PositionSums, compute_metrics, position_means
 
 DEP_Q, K, CARD = 8, 17, 64  # the tiny preset
@@ -137,7 +138,7 @@ def test_fill_and_crop_options_follow_the_layout(tiny_model):
     assert len(padded["per_position"]["combined"]) == 12
     assert padded["per_position"]["text"][0] is not None  # the padding id is scored as text
     assert "text" in padded["metrics"]["overall"]
-    with pytest.raises(DataError, match="text fill"):
+    with pytest.raises(ConfigError, match="text_fill"):
         evaluate_long_context_loss(tiny_model, [a], text_fill="nope")
 
 
@@ -213,3 +214,30 @@ def test_bad_input_is_refused_before_the_run(tiny_model):
         with pytest.raises(ValueError, match="streaming mode"):
             evaluate_long_context_loss(tiny_model, [codes])
     assert tiny_model._streaming_state is None
+
+
+def test_options_are_eval_configs(tiny_model, monkeypatch):
+    """A config, keyword options over it, EvalConfig's defaults (batch_size "auto"), and clear errors."""
+    codes = torch.randint(0, CARD, (DEP_Q, 12), generator=torch.Generator().manual_seed(6))
+    built, init = [], StreamingEvaluator.__init__
+
+    def spy(self, model, config=None, **kwargs):
+        built.append((config, kwargs))
+        init(self, model, config, **kwargs)
+
+    monkeypatch.setattr(StreamingEvaluator, "__init__", spy)
+    evaluate_long_context_loss(tiny_model, [codes])
+    (config, kwargs), = built
+    assert config == EvalConfig() and config.batch_size == "auto" and kwargs == {"hooks": {}}  # no TTT layers
+    by_config = evaluate_long_context_loss(tiny_model, [codes], EvalConfig(chunk_size=4, window=5))
+    by_name = evaluate_long_context_loss(tiny_model, [codes], chunk_size=4, window=5)
+    overridden = evaluate_long_context_loss(tiny_model, [codes], EvalConfig(chunk_size=2, window=5), chunk_size=4)
+    assert_close(by_config["metrics"], by_name["metrics"])
+    assert_close(overridden["metrics"], by_name["metrics"])
+    assert by_name["report"]["chunk_size"] == 4
+    with pytest.raises(TypeError, match="'chunksize'.*'chunk_size'"):
+        evaluate_long_context_loss(tiny_model, [codes], chunksize=4)
+    with pytest.raises(ConfigError, match="batch_size"):
+        evaluate_long_context_loss(tiny_model, [codes], batch_size=0)
+    with pytest.raises(ConfigError, match="dtype"):
+        evaluate_long_context_loss(tiny_model, [codes], dtype="bfloat16")  # would cast the caller's model

@@ -13,8 +13,8 @@ from audio_fixtures import speech_like, write_flac
 from fused_stream import PaperMetricsLibriLight
 from fused_stream.cli.main import main
 from fused_stream.compat import mimi_state_hash
+from fused_stream.core.config import ConfigError
 from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
-from fused_stream.errors import DataError
 
 CARD = 64  # the tiny preset's audio card
 TOL = 1e-9
@@ -139,13 +139,13 @@ def test_disabled_returns_nothing(tiny_model, mimi_setup, encode_calls):
 def test_config_errors_name_the_key(mimi_setup):
     mimi, _ = mimi_setup
     for config in ({}, types.SimpleNamespace(lr=1.0), {"paper_metrics": {"librilight_audio_dir": None}}):
-        with pytest.raises(DataError, match="librilight_audio_dir"):
+        with pytest.raises(ConfigError, match="librilight_audio_dir"):
             PaperMetricsLibriLight(mimi, config)
-    with pytest.raises(ValueError, match="librilight_max_files"):
+    with pytest.raises(ConfigError, match="librilight_max_files"):
         PaperMetricsLibriLight(mimi, {"librilight_audio_dir": "x", "librilight_max_files": 0})
-    with pytest.raises(ValueError, match="max_sequence_length"):
+    with pytest.raises(ConfigError, match="max_sequence_length"):
         PaperMetricsLibriLight(mimi, {"librilight_audio_dir": "x", "librilight_streaming": {"max_sequence_length": -1}})
-    with pytest.raises(ValueError, match="enabled"):
+    with pytest.raises(ConfigError, match="enabled"):
         PaperMetricsLibriLight(mimi, {"librilight_audio_dir": "x", "librilight_streaming": {"enabled": "yes"}})
 
 

@@ -200,6 +200,23 @@ def test_audio_end_to_end_with_concatenated_chapters(tmp_path, librilight, mimi_
     assert sorted((out / "cache").glob("*.safetensors")) == cached
 
 
+def test_the_finetune_blocks_audio_dir_selects_the_audio(tmp_path, librilight, mimi_ckpt, capsys):
+    """`paper_metrics.librilight_audio_dir` beside the `librilight_streaming` block, as finetune configs hold it."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"paper_metrics:\n  librilight_audio_dir: {librilight}\n  librilight_concat_chapters: true\n"
+                      "  other_metric_key: 7\n  librilight_streaming:\n    enabled: true\n"
+                      "    max_sequence_length: 30\n    cache_clear_interval: 100\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--out", str(out)]) == 2  # audio, not the demo: it needs a Mimi
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--mimi" in err and str(librilight) in err and len(err.splitlines()) == 1
+    assert _outputs(out) == []
+    assert main(["--config", str(config), "--mimi", str(mimi_ckpt), "--out", str(out), "-q"]) == 0
+    results = _strict_json(out / "results.json")
+    assert {d["name"]: d["frames"] for d in results["data"]} == {"100/bookA": 30, "200/bookB": 30}
+    assert results["config"]["audio"] == str(librilight) and results["config"]["max_frames"] == 30
+
+
 def test_mimi_card_mismatch_exits_2(tmp_path, librilight, tmp_path_factory, capsys):
     wrong = _mimi(tmp_path_factory, 128)
     out = tmp_path / "out"

@@ -49,7 +49,7 @@ class Wrapped(nn.Module):
 
 
 class PythonSideTTT(Wrapped):
-    """The public attempts' mistake (DESIGN §6): a Python counter and a Python list of pending updates."""
+    """The public attempts' mistake: a Python counter and a Python list of pending updates."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__(layer)

@@ -9,7 +9,7 @@ import torch
 
 from fused_stream import EvalConfig, StreamingEvaluator, batch_losses, naive_streaming_losses
 from fused_stream.core.inputs import batches_by_length, check_codes, pad_batch
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
 
 T = 24  # frames per sequence: > the tiny preset's context is not needed here, validation runs before compute

@@ -12,7 +12,7 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 
 from fused_stream import StreamingEvaluator, batch_losses
-from fused_stream.data.dataset import generate_codes
+from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import (
     MOSHI_DELAYS,
     PRESETS,

@@ -27,7 +27,7 @@ from fused_stream.measure.preflight import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MOSHI_KV_PER_SEQUENCE = 32 * 2 * 3000 * 4096 * 2  # layers x (K, V) x context x dim x bf16 bytes (DESIGN §5)
+MOSHI_KV_PER_SEQUENCE = 32 * 2 * 3000 * 4096 * 2  # layers x (K, V) x context x dim x bf16 bytes
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,14 @@ def test_moshi_7b_on_meta(moshi_7b_meta):
     assert one.weights == pytest.approx(15.4e9, rel=0.01)
     assert estimate_run_bytes(moshi_7b_meta, 1, 1, 3000, dtype=torch.float32).weights == pytest.approx(30.8e9, rel=0.01)
     b32 = estimate_run_bytes(moshi_7b_meta, 32, 1, max_length=45000)
-    assert b32.kv_cache == pytest.approx(32 * MOSHI_KV_PER_SEQUENCE, rel=1e-6)  # DESIGN §8: 50 GB at B = 32
+    assert b32.kv_cache == pytest.approx(32 * MOSHI_KV_PER_SEQUENCE, rel=1e-6)  # 50 GB at B = 32
     # Chunk mode enlarges every ring to context + C - 1 slots.
     chunked = estimate_run_bytes(moshi_7b_meta, 1, 64, max_length=3000)
     assert chunked.kv_cache - MOSHI_KV_PER_SEQUENCE == pytest.approx(MOSHI_KV_PER_SEQUENCE * 63 / 3000, abs=1000)
 
 
 def test_moshi_7b_batch_of_32_fits_an_h100(moshi_7b_meta):
-    # DESIGN §8: B = 32 needs 50 GB beside 15.4 GB of weights, which an 80 GB H100 (79.1 GiB usable) must hold.
+    # B = 32 needs 50 GB beside 15.4 GB of weights, which an 80 GB H100 (79.1 GiB usable) must hold.
     h100 = int(79.1 * GiB)
     weights = estimate_run_bytes(moshi_7b_meta, 1, 1, 45000).weights
     assert pick_batch_size(moshi_7b_meta, 64, 1, 45000, h100 - weights) >= 32
@@ -107,7 +107,7 @@ def test_graph_margin_and_totals(tiny_model):
 _MEASURE = textwrap.dedent("""
     import json, os, sys, threading, time
     import torch
-    from fused_stream.data.dataset import generate_codes
+    from fused_stream.data.codes import generate_codes
     from fused_stream.core.config import EvalConfig
     from fused_stream.core.driver import StreamingEvaluator
     from fused_stream.data.models import load_model

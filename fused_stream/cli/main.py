@@ -21,17 +21,21 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
+from ..core.config import ConfigError
 from ..core.graphs import GraphCaptureError
-from ..data.dataset import DataError
 from ..data.models import PRESETS
+from ..errors import DataError
 from ..measure.preflight import PreflightError
-from ..report.document import environment_info, summary_table, write_reports
+from ..report.environment import environment_info
+from ..report.results import write_reports
+from ..report.summary import summary_table
 from .distributed import init_world
 from .run import evaluate_run
-from .settings import DEMO_SEQUENCES, SettingsError, parse_weights, resolve
+from .settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 
 log = logging.getLogger("fused_stream.eval")
 
@@ -68,31 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--generate", type=int, metavar="N",
                       help=f"N synthetic sequences (the default, N={DEMO_SEQUENCES}, when no --codes/--audio is given)")
     data.add_argument("--frames", type=int, help="frames per synthetic sequence (default 200)")
-    data.add_argument("--max-frames", type=int, metavar="N", help="crop every sequence to its first N frames")
     data.add_argument("--max-files", type=int, metavar="N", help="evaluate only the first N sequences")
     data.add_argument("--concat-chapters", action="store_true", default=None,
                       help="join each LibriLight book's chapters in order into one long sequence")
-    data.add_argument("--text-fill", help="text stream for audio-only data: zero (the zero token -1, never scored; "
-                      "default) or pad (the model's text padding id, scored as text)")
-    data.add_argument("--other-fill", help="the user's audio stream for audio-only data: zero (default) or copy "
-                      "(the same codes)")
     data.add_argument("--cache-dir", metavar="DIR", help="where Mimi codes are cached, keyed by file content, Mimi "
                       "checkpoint and codebook count (default OUT/cache); reruns skip encoding")
     run = p.add_argument_group("evaluation")
-    run.add_argument("--chunk-size", type=int, help="frames per step: 1 = frame mode, the deployment semantics "
-                     "(default); C > 1 = exact chunk mode, faster")
-    run.add_argument("--batch-size", type=_batch_size, help="sequences per batch, or auto (default): the most that "
-                     "fit in free memory")
-    run.add_argument("--loss-backend", help="auto (fused Triton kernel on CUDA, torch on CPU), torch, triton")
-    run.add_argument("--cuda-graphs", help="auto (on CUDA), on (fail if capture fails), off")
-    run.add_argument("--window", type=int, help="window of the window means and flat keys, in frames (default 1000)")
-    run.add_argument("--codebook-weights", type=_weights, metavar="W0,W1,...",
-                     help="also report a weighted combined loss, e.g. 100,1,1,1,1,1,1,1 (moshi-finetune's weighting)")
+    for f in EVAL_OPTIONS.values():
+        run.add_argument(f"--{f.name.replace('_', '-')}", help=f.metadata["help"], **_argument(f))
     run.add_argument("--verify", action=argparse.BooleanOptionalAction, help="check the losses against the batch path "
                      "(LMModel.forward) on a prefix that fits; on by default for generated data")
     run.add_argument("--verify-frames", type=int, metavar="N", help="the parity prefix (default 256 frames)")
-    run.add_argument("--assert-constant-memory", action="store_true", default=None,
-                     help="fail when the memory monitor sees memory grow with frames")
     run.add_argument("--seed", type=int, help="seed of random weights and generated codes (default 0)")
     run.add_argument("--min-frames", type=int, metavar="N", help="a sequence shorter than N frames is recorded as "
                      "failed instead of evaluated (default 1)")
@@ -102,35 +92,41 @@ def build_parser() -> argparse.ArgumentParser:
                      "(they are listed under 'failed' in results.json either way)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
-    out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win); accepts the "
-                     "paper_metrics.librilight_streaming block (enabled, memory_check, cache_clear_interval, "
-                     "max_sequence_length, ttt_verification)")
+    out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win): options by "
+                     "name, and a finetune config's LibriLight keys (paper_metrics.librilight_audio_dir, "
+                     "librilight_streaming: enabled, memory_check, max_sequence_length, ...; see "
+                     "fused_stream.cli.settings)")
     out.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only errors and paths")
     out.add_argument("-v", "--verbose", dest="verbosity", action="count", help="more log lines (-vv: debug)")
     return p
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
+_METAVARS = {"max_frames": "N", "codebook_weights": "W0,W1,..."}
 
 
-def _weights(text: str) -> list[float]:
-    try:
-        return parse_weights(text)
-    except SettingsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument(f: Field) -> dict[str, Any]:
+    """argparse keywords of an EvalConfig option; its value is checked with the other options, in `resolve`."""
+    if isinstance(f.default, bool):
+        return {"action": "store_true", "default": None}
+    kwargs: dict[str, Any] = {"choices": f.metadata["choices"], "metavar": _METAVARS.get(f.name)}
+    parse = f.metadata["parse"]
+    if parse is not None:
+        def parse_arg(text: str) -> Any:
+            try:
+                return parse(text)
+            except ConfigError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        parse_arg.__name__ = parse.__name__  # argparse names it in "invalid int value"
+        kwargs["type"] = parse_arg
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = resolve(args)
-    except SettingsError as exc:
+    except ConfigError as exc:
         return _fail(exc)
     _setup_logging(settings.verbosity)
     if not settings.enabled:
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'}; "
               "run the same command again with --resume to continue", file=sys.stderr)
         return 128 + stop.signum
-    except (DataError, PreflightError, GraphCaptureError, SettingsError, FileNotFoundError, ValueError,
+    except (DataError, PreflightError, GraphCaptureError, ConfigError, FileNotFoundError, ValueError,
             RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured with "on"
         return _fail(exc)
     finally:

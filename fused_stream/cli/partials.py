@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ..jsonio import atomic_write, to_jsonable
 from ..metrics import PositionSums
-from ..report.document import atomic_write, to_jsonable
 
 log = logging.getLogger(__name__)
 

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.config import EvalConfig
+from ..core.config import ConfigError
 from ..core.driver import StreamingEvaluator
 from ..core.parity import check_parity
-from ..data.dataset import DataError, Dataset, EvalSequence, load_dataset
+from ..data.codes import EvalSequence
+from ..data.dataset import Dataset, load_dataset
 from ..data.models import count_parameters, load_model
+from ..errors import DataError
 from ..metrics import TEXT, PositionSums, compute_metrics, position_means
-from ..report.document import ModelRun
+from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
+from ..ttt.tracker import ttt_hooks
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore
-from .settings import DEMO_SEQUENCES, Settings, SettingsError, model_label, model_spec, parse_ttt
+from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,9 @@ def evaluate_run(s: Settings, world: World) -> RunOutcome:
         sums = all_reduce_sums(sums, world)
         reports = gather(report, world)
         if world.is_main:
-            metrics = compute_metrics(sums, context=model.context, window=s.window,
-                                      codebook_weights=s.codebook_weights)
-            curves = position_means(sums, s.codebook_weights)
+            metrics = compute_metrics(sums, context=model.context, window=s.eval.window,
+                                      codebook_weights=s.eval.codebook_weights)
+            curves = position_means(sums, s.eval.codebook_weights)
             runs.append(ModelRun(label=label, spec=spec, parameters=count_parameters(model), context=model.context,
                                  metrics=metrics, curves=curves,
                                  driver_report=reports[0] if world.size == 1 else {"ranks": reports, **reports[0]}))
@@ -96,14 +99,12 @@ def _evaluate_model(
         def save(rows: list[int], result: Any) -> None:  # called by the driver as soon as a batch is done
             for row in rows:
                 one = PositionSums.from_result(result.row(row))
-                per_file = compute_metrics(one, context=model.context, window=s.window)["overall"]
+                per_file = compute_metrics(one, context=model.context, window=s.eval.window)["overall"]
                 store.save(todo[row].name, todo[row].codes, one, per_file)
 
-        config = EvalConfig(
-            chunk_size=s.chunk_size, batch_size=s.batch_size, loss_backend=s.loss_backend, cuda_graphs=s.cuda_graphs,
-            assert_constant_memory=s.assert_constant_memory, progress=s.progress and s.verbosity >= 0,
-        )
-        result = StreamingEvaluator(model, config).evaluate([q.codes for q in todo], on_batch=save)
+        config = replace(s.eval, progress=s.progress and s.verbosity >= 0)
+        evaluator = StreamingEvaluator(model, config, hooks=ttt_hooks(model))
+        result = evaluator.evaluate([q.codes for q in todo], on_batch=save)
         report = dict(result.report, **report)
         failed = [{"index": todo[row].index, "name": todo[row].name, "sources": todo[row].sources,
                    "reason": f"model {label}: {reason}"} for row, reason in sorted(result.failed.items())]
@@ -136,8 +137,8 @@ def _load_data(s: Settings, model: Any, world: World) -> Dataset:
     dataset = load_dataset(
         model, codes=s.codes, audio=s.audio, mimi=s.mimi,
         generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
-        max_frames=s.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters, text_fill=s.text_fill,
-        other_fill=s.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
+        max_frames=s.eval.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters,
+        text_fill=s.eval.text_fill, other_fill=s.eval.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
         progress=s.progress and s.verbosity >= 0, on_error="collect", min_frames=s.min_frames, shard=world.shard,
     )
     good = sum(gather(len(dataset.sequences), world))
@@ -155,5 +156,5 @@ def _data_list(dataset: Dataset) -> list[dict[str, Any]]:
 def _check_same_layout(model: Any, dataset: Dataset, label: str) -> None:
     streams = dataset.sequences[0].codes.shape[0] if dataset.sequences else model.num_codebooks
     if streams != model.num_codebooks:
-        raise SettingsError(f"model {label} has {model.num_codebooks} streams but the data was laid out for "
+        raise ConfigError(f"model {label} has {model.num_codebooks} streams but the data was laid out for "
                             f"{streams}: models compared side by side must share the stream layout")

@@ -1,60 +1,73 @@
-"""The settings of one evaluation run: built-in defaults < a YAML config file < the command line.
+"""The settings of one evaluation run: `EvalConfig`'s defaults < a YAML config file < the command line.
 
-A config file holds CLI options by name (`chunk_size: 16` or `chunk-size: 16`) and/or the block finetune configs
-already carry, `paper_metrics: {librilight_streaming: {...}}` (or that block at the top level), whose legacy keys map
-onto options: `max_sequence_length` -> max_frames, `memory_check` -> assert_constant_memory, `enabled: false` ->
-the run is skipped, `librilight_audio_dir` -> audio, `librilight_max_files` -> max_files. `cache_clear_interval`
-is accepted and ignored (streaming memory is constant by construction: there is nothing to clear);
-`ttt_verification` is recorded and reported. Unknown keys are an error, so a typo never silently does nothing.
+`Settings` holds an `EvalConfig` (every evaluation option, its default and its allowed values live there) and only
+the options of the command-line tool itself: models, data source, output, resume. Values from any source go through
+`check_option`, so a config file and the command line accept the same values and fail with the same `ConfigError`.
+
+`read_finetune_config` is the one reader of a finetune config's LibriLight block, used by `--config` and by
+`compat.PaperMetricsLibriLight`. Keys are read at three levels, the more specific winning: the top level, the
+`paper_metrics` block, and `librilight_streaming` (at the top level or, winning, inside `paper_metrics`):
+
+- `enabled` (false: nothing is evaluated), `memory_check` -> assert_constant_memory, `max_sequence_length` ->
+  max_frames, `librilight_audio_dir` -> audio, `librilight_max_files` -> max_files, `librilight_concat_chapters`
+  -> concat_chapters, `librilight_chunk_size` -> chunk_size, `librilight_batch_size` -> batch_size,
+  `librilight_window` -> window, `ttt_verification` (recorded in the CLI's report);
+- `cache_clear_interval`: accepted and ignored (streaming memory is constant by construction: nothing to clear);
+- any option of the command line by name (`chunk_size` or `chunk-size`), at the top level of a `--config` file and
+  inside a `librilight_streaming` block.
+
+A `librilight_streaming` block is addressed to this evaluation alone, so an unknown key there is an error (a typo
+never silently does nothing), and so is one at the top level of a `--config` file. A finetune config's top level
+and its `paper_metrics` block hold many keys of other tools: there only the keys above are read, the rest ignored.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+import os
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..core.config import ConfigError, EvalConfig
 from ..version import __version__
+
+__all__ = [
+    "DEMO_SEQUENCES", "EVAL_OPTIONS", "ConfigError", "Settings", "SettingsError", "check_option", "make_settings",
+    "model_label", "model_spec", "parse_ttt", "read_config", "read_finetune_config", "resolve",
+]
 
 DEMO_SEQUENCES = 4  # the embedded default: 4 generated sequences of 200 frames on `tiny`
 
+SettingsError = ConfigError  # the name this module's errors had before EvalConfig's error covered every source
 
-class SettingsError(ValueError):
-    """A bad option or config file: the message names it."""
+# The evaluation options the command line exposes, by name: argparse flags and config keys are built from these.
+EVAL_OPTIONS: dict[str, Field] = {f.name: f for f in fields(EvalConfig) if f.metadata["cli"]}
 
 
 @dataclass
 class Settings:
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: list[str] = field(default_factory=lambda: ["tiny"])
     ttt: list[str] = field(default_factory=list)  # "LABEL:layers=2,3,mb=16[,lr=1.0,alpha=0.1]": attach TTT to LABEL
+    device: str = "auto"  # where the CLI loads each model (auto: cuda if available)
+    dtype: str = "auto"  # the dtype it loads it in (auto: bfloat16 on CUDA, float32 on CPU)
     codes: str | None = None
     audio: str | None = None
     mimi: str | None = None
     generate: int | None = None  # None: DEMO_SEQUENCES when no --codes / --audio is given
     frames: int = 200
-    max_frames: int | None = None
     max_files: int | None = None
     concat_chapters: bool = False
-    text_fill: str = "zero"
-    other_fill: str = "zero"
     cache_dir: str | None = None
-    batch_size: int | str = "auto"
-    chunk_size: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    loss_backend: str = "auto"
-    cuda_graphs: str = "auto"
-    window: int = 1000
-    codebook_weights: list[float] | None = None
-    out: str = "fused_stream_out"
+    min_frames: int = 1
     seed: int = 0
     verify: bool | None = None  # None: on for generated data (the demo proves parity), off otherwise
     verify_frames: int = 256
-    assert_constant_memory: bool = False
+    out: str = "fused_stream_out"
     resume: bool = False
     keep_going: bool = False
-    min_frames: int = 1
     ttt_verification: bool = False
     enabled: bool = True
     progress: bool = True
@@ -66,24 +79,84 @@ class Settings:
         return self.codes is None and self.audio is None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """One flat mapping of every option the command line can set, as results.json records it."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eval"}
+        return {name: getattr(self.eval, name) for name in EVAL_OPTIONS} | own
 
     def fingerprint(self, spec: str) -> dict[str, Any]:
         """What decides a sequence's losses: a resumed run must match it (batch size, device, output do not)."""
-        keys = ("ttt", "codes", "audio", "mimi", "generate", "frames", "max_frames", "max_files", "min_frames",
-                "concat_chapters", "text_fill", "other_fill", "chunk_size", "dtype", "seed")
-        return {"model": spec, "fused_stream": __version__} | {k: getattr(self, k) for k in keys}
+        own = ("ttt", "codes", "audio", "mimi", "generate", "frames", "max_files", "min_frames", "concat_chapters",
+               "dtype", "seed")
+        evaluation = ("max_frames", "text_fill", "other_fill", "chunk_size")
+        return ({"model": spec, "fused_stream": __version__} | {k: getattr(self, k) for k in own}
+                | {k: getattr(self.eval, k) for k in evaluation})
 
 
-LEGACY_KEYS = {
-    "max_sequence_length": "max_frames",
+_OWN = {f.name: f for f in fields(Settings) if f.name != "eval"}
+_COUNTS = ("generate", "frames", "max_files", "min_frames", "verify_frames")
+# Options a config file may set by name: all but how the tool itself runs this time.
+_FILE_OPTIONS = (set(_OWN) | set(EVAL_OPTIONS)) - {"config", "verbosity", "progress"}
+
+# A finetune config's spelling of an option -> the option.
+FINETUNE_KEYS = {
+    "enabled": "enabled",
     "memory_check": "assert_constant_memory",
+    "max_sequence_length": "max_frames",
     "librilight_audio_dir": "audio",
     "librilight_max_files": "max_files",
-    "enabled": "enabled",
+    "librilight_concat_chapters": "concat_chapters",
+    "librilight_chunk_size": "chunk_size",
+    "librilight_batch_size": "batch_size",
+    "librilight_window": "window",
     "ttt_verification": "ttt_verification",
 }
 IGNORED_KEYS = {"cache_clear_interval"}  # legacy knob with nothing left to do
+_BLOCK, _STREAMING = "paper_metrics", "librilight_streaming"
+
+
+def check_option(name: str, value: Any) -> Any:
+    """`value` as the run holds option `name` (a string from a file parsed like the command line's); ConfigError
+    naming the option when it is not allowed."""
+    if name in EVAL_OPTIONS:
+        parse = EVAL_OPTIONS[name].metadata["parse"]
+        if parse is not None and isinstance(value, str):
+            try:
+                value = parse(value)
+            except ConfigError:
+                raise
+            except ValueError:  # int("x") names neither the option nor what it wants
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if EVAL_OPTIONS[name].type == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        EvalConfig(**{name: value})  # its own validation, on this one option
+        return value
+    if name not in _OWN:
+        raise ConfigError(f"unknown option {name!r}")
+    kind = str(_OWN[name].type)
+    if name in ("model", "ttt"):
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{name} must be a string or a list of strings, got {value!r}")
+    elif name == "dtype" and value != "auto":
+        EvalConfig(dtype=value)
+    elif kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+    elif kind.startswith("int"):
+        low = 1 if name in _COUNTS else None
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            raise ConfigError(f"{name} must be an integer{' >= 1' if low else ''}, got {value!r}")
+    elif kind.startswith("str"):
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        value = os.fspath(value)
+    return value
+
+
+def make_settings(values: Mapping[str, Any]) -> Settings:
+    """Settings from checked option values; every option not given keeps its one default."""
+    evaluation = {k: v for k, v in values.items() if k in EVAL_OPTIONS}
+    return Settings(eval=EvalConfig(**evaluation), **{k: v for k, v in values.items() if k not in EVAL_OPTIONS})
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -91,8 +164,13 @@ def resolve(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(read_config(args.config))
-    values.update({k: v for k, v in vars(args).items() if v is not None and k in _FIELDS})
-    settings = Settings(**values)
+    for name, value in vars(args).items():
+        if value is not None:
+            try:
+                values[name] = check_option(name, value)
+            except ConfigError as exc:
+                raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
+    settings = make_settings(values)
     validate(settings)
     return settings
 
@@ -105,92 +183,102 @@ def read_config(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SettingsError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"cannot read config file {path}: {exc}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise SettingsError(f"config file {path} must hold a mapping of options, got {type(raw).__name__}")
-    block = raw.pop("paper_metrics", None)
-    if isinstance(block, dict):
-        raw = {**block.get("librilight_streaming", {}), **raw}
-    elif block is not None:
-        raise SettingsError(f"config file {path}: paper_metrics must be a mapping")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        name = LEGACY_KEYS.get(name, name)
-        if name in IGNORED_KEYS:
-            continue
-        if name not in _FIELDS or name in ("config", "verbosity", "progress"):
-            raise SettingsError(f"config file {path}: unknown key {key!r}")
-        out[name] = _coerce(name, value, path)
-    return out
+        raise ConfigError(f"config file {path} must hold a mapping of options, got {type(raw).__name__}")
+    return read_finetune_config(raw, strict=True, source=f"config file {path}")
 
 
-def _coerce(name: str, value: Any, path: Path) -> Any:
-    if name in ("model", "ttt") and isinstance(value, str):
-        return [value]
-    if name == "codebook_weights" and isinstance(value, str):
-        return parse_weights(value)
-    if name in ("audio", "codes", "mimi", "cache_dir", "out") and value is not None:
-        return str(value)
-    return value
+def read_finetune_config(config: Mapping[str, Any] | Any, *, strict: bool, source: str) -> dict[str, Any]:
+    """Checked option values from a finetune config (a mapping, or an object with attributes); see the module
+    docstring. `strict`: `config` is a `--config` file, whose top-level keys must all be known."""
+    top, block = _Level(config, "", strict=strict, source=source), None
+    levels = [top]
+    if top.get(_BLOCK) is not None:
+        block = _Level(top.get(_BLOCK), f"{_BLOCK}.", strict=False, source=source)
+        levels.append(block)
+    for parent in (top, block):  # the streaming block inside paper_metrics last: it wins
+        if parent is not None and parent.get(_STREAMING) is not None:
+            levels.append(_Level(parent.get(_STREAMING), f"{parent.prefix}{_STREAMING}.", strict=True, source=source))
+    values: dict[str, Any] = {}
+    for level in levels:
+        values.update(level.options())
+    return values
 
 
-def parse_weights(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise SettingsError(f"codebook weights must be comma-separated numbers, got {text!r}") from None
-    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-        raise SettingsError(f"codebook weights must be >= 0 with at least one > 0, got {text!r}")
-    return weights
+class _Level:
+    """One level of a finetune config: its keys, and the option values they set."""
 
+    def __init__(self, obj: Any, prefix: str, *, strict: bool, source: str) -> None:
+        if obj is not None and not isinstance(obj, Mapping) and isinstance(obj, (str, bytes, int, float, list)):
+            raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping, got {obj!r}")
+        self.obj, self.prefix, self.strict, self.source = obj, prefix, strict, source
+        self.in_streaming = prefix.endswith(f"{_STREAMING}.")
 
-_CHOICES = {
-    "text_fill": ("zero", "pad"),
-    "other_fill": ("zero", "copy"),
-    "loss_backend": ("auto", "torch", "triton"),
-    "cuda_graphs": ("auto", "on", "off"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-}
+    def get(self, key: str) -> Any:
+        """The value under `key`; None when absent (a key set to None counts as absent)."""
+        if isinstance(self.obj, Mapping):
+            return self.obj.get(key)
+        return getattr(self.obj, key, None)
+
+    def keys(self) -> list[str]:
+        if isinstance(self.obj, Mapping):
+            return [str(k) for k in self.obj]
+        if hasattr(self.obj, "__dict__"):
+            return list(vars(self.obj))
+        return [k for k in FINETUNE_KEYS if hasattr(self.obj, k)]  # an object that cannot list its attributes
+
+    def options(self) -> dict[str, Any]:
+        """Option values set at this level. Options by their own name only where keys are checked (`strict`): in a
+        finetune config's other levels a plain `batch_size` is some other tool's."""
+        out: dict[str, Any] = {}
+        for key in self.keys():
+            name = FINETUNE_KEYS.get(key) or key.replace("-", "_")
+            if key in IGNORED_KEYS or (key in (_BLOCK, _STREAMING) and not self.in_streaming):
+                continue  # nothing to do, or a block of its own, read as a level
+            if key not in FINETUNE_KEYS and (not self.strict or name not in _FILE_OPTIONS):
+                if self.strict:
+                    raise ConfigError(f"{self.source}: unknown key {self.prefix + key!r}")
+                continue  # another tool's key
+            value = self.get(key)
+            if value is None:
+                continue
+            if name in out:
+                raise ConfigError(f"{self.source}: {self.prefix}{key} sets {name} a second time")
+            try:
+                out[name] = check_option(name, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.source}: {self.prefix}{key}: {exc}") from None
+        return out
 
 
 def validate(s: Settings) -> None:
+    """What no single option can check: the data source, and models, TTT and labels that go together."""
     sources = [name for name in ("codes", "audio") if getattr(s, name) is not None]
     if len(sources) > 1 or (sources and s.generate is not None):
-        raise SettingsError("give one data source: --codes, --audio or --generate")
-    if s.audio is not None and s.mimi is None:
-        raise SettingsError("--audio needs --mimi PATH (a local Mimi checkpoint to tokenize the audio)")
-    counts = ("generate", "frames", "max_frames", "max_files", "min_frames", "chunk_size", "window", "verify_frames")
-    for name in counts:
-        value = getattr(s, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise SettingsError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
-        raise SettingsError(f"--batch-size must be an integer >= 1 or 'auto', got {s.batch_size!r}")
-    for name, allowed in _CHOICES.items():
-        if getattr(s, name) not in allowed:
-            option = name.replace("_", "-")
-            raise SettingsError(f"--{option} must be one of {', '.join(allowed)}, got {getattr(s, name)!r}")
+        raise ConfigError("give one data source: --codes, --audio or --generate")
+    if s.enabled and s.audio is not None and s.mimi is None:
+        raise ConfigError(f"--audio {s.audio} needs --mimi PATH (a local Mimi checkpoint to tokenize the audio)")
     if not s.model:
-        raise SettingsError("--model needs at least one preset or checkpoint")
+        raise ConfigError("--model needs at least one preset or checkpoint")
     labels = [model_label(spec) for spec in s.model]
     if len(set(labels)) != len(labels):
-        raise SettingsError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
+        raise ConfigError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
     for entry in s.ttt:
         label = parse_ttt(entry)[0]
         if label not in labels:
-            raise SettingsError(f"--ttt {entry!r}: no --model is labelled {label!r} (labels: {', '.join(labels)})")
+            raise ConfigError(f"--ttt {entry!r}: no --model is labelled {label!r} (labels: {', '.join(labels)})")
 
 
 def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
     """`ttt:layers=2,3,mb=16,lr=1.0,alpha=0.1` -> ("ttt", {"layers": [2, 3], "mini_batch": 16, ...})."""
     label, sep, spec = entry.partition(":")
     if not sep or not label:
-        raise SettingsError(f"--ttt must look like LABEL:layers=2,3,mb=16, got {entry!r}")
+        raise ConfigError(f"--ttt must look like LABEL:layers=2,3,mb=16, got {entry!r}")
     options: dict[str, Any] = {"layers": []}
     key = None
     for token in spec.split(","):
@@ -198,9 +286,9 @@ def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
         if eq:
             key = {"layers": "layers", "mb": "mini_batch", "lr": "base_lr", "alpha": "alpha"}.get(name.strip())
             if key is None:
-                raise SettingsError(f"--ttt {entry!r}: unknown option {name!r} (layers, mb, lr, alpha)")
+                raise ConfigError(f"--ttt {entry!r}: unknown option {name!r} (layers, mb, lr, alpha)")
         elif key != "layers":
-            raise SettingsError(f"--ttt {entry!r}: expected NAME=VALUE, got {token!r}")
+            raise ConfigError(f"--ttt {entry!r}: expected NAME=VALUE, got {token!r}")
         value = value if eq else name
         try:
             if key == "layers":
@@ -208,9 +296,9 @@ def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
             else:
                 options[key] = int(value) if key == "mini_batch" else float(value)
         except ValueError:
-            raise SettingsError(f"--ttt {entry!r}: {value!r} is not a number") from None
+            raise ConfigError(f"--ttt {entry!r}: {value!r} is not a number") from None
     if not options["layers"]:
-        raise SettingsError(f"--ttt {entry!r}: give the layers, e.g. layers=2,3")
+        raise ConfigError(f"--ttt {entry!r}: give the layers, e.g. layers=2,3")
     return label, options
 
 
@@ -223,6 +311,3 @@ def model_label(spec: str) -> str:
 
 def model_spec(spec: str) -> str:
     return spec.split("=", 1)[1] if "=" in spec else spec
-
-
-_FIELDS = {f.name for f in fields(Settings)}

@@ -1,4 +1,4 @@
-"""The alignment contract of `LMModel.forward`, written once for every path (see DESIGN.md §2).
+"""The alignment contract of `LMModel.forward`, written once for every path.
 
 Stream k is delayed by `delays[k]` and an initial token is prepended, giving the delayed sequence D:
 

@@ -1,204 +1,34 @@
-"""Codes to evaluate, in the model's stream layout: from code files, from audio files through Mimi, or generated.
+"""The sequences of one run: from exactly one source (codes files, audio through Mimi, or random codes), checked,
+cropped and shared out between ranks.
 
-Moshi's layout: stream 0 text, streams 1..dep_q the model's own audio codebooks, the rest the user's audio.
-This module reads codes files, lays codes out for the model, lists and groups audio files (LibriLight books) and
-assembles the sequences of a run (`load_dataset`: bad files skipped and recorded on request, a minimum length, one
-rank's length-balanced share; `load_sequences`: just the sequences); turning audio into codes lives in `audio`,
-Mimi checkpoints in `mimi`. Every user-facing data problem raises `DataError` with one line naming the file and
-what is wrong. The names that lived here before `audio`, `mimi` and `errors` were split out (see `__all__`) are
-re-exported, so `from fused_stream.data import ...` keeps working.
+`load_dataset` is where the options a user gives (`--max-files`, `--min-frames`, `--max-frames`, `--concat-chapters`,
+a rank's shard) meet the sources, so each applies the same way to every source: `max_files` to the full list, shards
+balanced by length estimated from file headers before anything is encoded (a rank encodes only its own audio), and a
+bad file either raising or, with on_error="collect", recorded in `Dataset.failed` with its reason while the run goes
+on. Reading codes files is `codes`, listing audio and grouping books `librilight`, encoding `audio`, Mimi checkpoints
+`mimi`; every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
 from ..core.inputs import layout_codes
 from ..errors import DataError, one_line
-from .audio import CACHE_VERSION, DECODE_PIECE_SECONDS, ENCODE_CHUNK_FRAMES, crop_frames, encode_audio_file
-from .mimi import MIMI_WEIGHTS, load_mimi, mimi_checkpoint, random_mimi, save_mimi_checkpoint, small_mimi_config
-
-__all__ = [
-    "AUDIO_SUFFIXES", "CACHE_VERSION", "CODES_SUFFIXES", "DECODE_PIECE_SECONDS", "ENCODE_CHUNK_FRAMES", "MIMI_WEIGHTS",
-    "DataError", "Dataset", "EvalSequence", "assign_shards", "audio_files", "codes_files", "encode_audio_file",
-    "generate_codes", "group_chapters", "load_codes_file", "load_dataset", "load_mimi",
-    "load_sequences", "mimi_checkpoint", "natural_key", "random_mimi", "save_mimi_checkpoint", "small_mimi_config",
-]
+from .audio import crop_frames, encode_audio_file
+from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
+from .librilight import audio_files, group_chapters, natural_key, relative_name
+from .mimi import load_mimi, mimi_checkpoint
 
 log = logging.getLogger(__name__)
-
-CODES_SUFFIXES = (".pt", ".npy", ".safetensors")
-AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
-
-
-@dataclass
-class EvalSequence:
-    """One sequence to evaluate: codes [K, T] int64 in the model's full stream layout."""
-
-    name: str  # file path relative to the input root without suffix, "speaker/book", or "generated_i"
-    codes: torch.Tensor  # [K, T] int64
-    sources: list[str] = field(default_factory=list)  # the files it came from, in order
-    index: int = 0  # position in the full, unsharded list: results of several ranks merge back in data order
-
-    @property
-    def frames(self) -> int:
-        return int(self.codes.shape[1])
-
-
-# ---------------------------------------------------------------------------------------------------- synthetic
-
-
-def generate_codes(model: LMModel, n: int, frames: int | list[int], seed: int = 0) -> torch.Tensor | list[torch.Tensor]:
-    """Uniformly random tokens: text in [0, text_card), audio in [0, card).
-
-    `frames` an int gives a tensor [n, K, frames]; a list of lengths gives a list of [K, T_i] tensors.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [frames] * n if isinstance(frames, int) else list(frames)
-    if len(lengths) != n:
-        raise ValueError(f"got {len(lengths)} lengths for {n} sequences")
-    sequences = []
-    for T in lengths:
-        seq = torch.randint(0, model.card, (model.num_codebooks, T), generator=generator)
-        seq[0] = torch.randint(0, model.text_card, (T,), generator=generator)
-        sequences.append(seq)
-    return torch.stack(sequences) if isinstance(frames, int) else sequences
-
-
-# ---------------------------------------------------------------------------------------------------- code files
-
-
-def load_codes_file(path: str | Path) -> torch.Tensor:
-    """Codes [n, T] int64 from a .pt (tensor, or dict with one tensor / key "codes"), .npy or .safetensors file.
-
-    A leading batch dimension of 1 is dropped; float values are accepted only when they are all whole numbers.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"codes file {path} not found")
-    suffix = path.suffix.lower()
-    if suffix not in CODES_SUFFIXES:
-        raise DataError(f"codes file {path}: unsupported format {suffix!r}; use one of {', '.join(CODES_SUFFIXES)}")
-    try:
-        if suffix == ".pt":
-            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            obj = np.load(path, allow_pickle=False)
-        else:
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-    except Exception as exc:  # any reader failure is a bad file from the user's point of view
-        raise DataError(f"codes file {path} is unreadable: {one_line(exc)}") from exc
-    return _as_codes(_single_tensor(obj, path), path)
-
-
-def _single_tensor(obj: Any, path: Path) -> torch.Tensor:
-    if isinstance(obj, dict):
-        if "codes" in obj:
-            obj = obj["codes"]
-        elif len(obj) == 1:
-            obj = next(iter(obj.values()))
-        else:
-            raise DataError(f"codes file {path} holds keys {sorted(map(str, obj))}: store one tensor or key 'codes'")
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in "iuf":
-            raise DataError(f"codes file {path} has dtype {obj.dtype}: codes must be integers")
-        obj = torch.from_numpy(obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64))
-    if not isinstance(obj, torch.Tensor):
-        raise DataError(f"codes file {path} holds a {type(obj).__name__}, not a tensor of codes")
-    return obj
-
-
-def _as_codes(codes: torch.Tensor, path: Path) -> torch.Tensor:
-    shape = tuple(codes.shape)
-    if codes.dim() == 3 and codes.shape[0] == 1:
-        codes = codes[0]
-    if codes.dim() != 2 or codes.numel() == 0:
-        raise DataError(f"codes file {path} has shape {shape}: expected [n_codebooks, T] (or [1, n_codebooks, T])")
-    if codes.dtype == torch.bool or codes.is_complex():
-        raise DataError(f"codes file {path} has dtype {codes.dtype}: codes must be integers")
-    if codes.is_floating_point():
-        if not bool(torch.isfinite(codes).all()) or not torch.equal(codes, codes.round()):
-            raise DataError(f"codes file {path} (shape {shape}) holds non-integer {codes.dtype} values")
-    return codes.to(torch.int64)
-
-
-def codes_files(path: str | Path) -> list[Path]:
-    """A codes file → [it]; a directory → its .pt/.npy/.safetensors files (not recursive), natural order."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"codes path {path} does not exist")
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CODES_SUFFIXES]
-    if not files:
-        raise DataError(f"codes directory {path} holds no {'/'.join(CODES_SUFFIXES)} files")
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-# ---------------------------------------------------------------------------------------------------- files
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that orders digit runs by value: chapter_2 before chapter_10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
-
-
-def _path_key(path: Path) -> list[list[Any]]:
-    return [natural_key(part) for part in path.parts]
-
-
-def audio_files(root: str | Path) -> list[Path]:
-    """A file → [it]; a directory → its .flac/.wav/.mp3/.ogg files, recursively, in natural path order."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise DataError(f"audio path {root} does not exist")
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-    if not files:
-        raise DataError(f"audio directory {root} holds no {'/'.join(AUDIO_SUFFIXES)} files")
-    return sorted(files, key=_path_key)
-
-
-def group_chapters(files: list[Path], root: Path) -> list[tuple[str, list[Path]]]:
-    """LibriLight's root/speaker/book/chapter files grouped into ("speaker/book", chapters in natural order).
-
-    Files outside that layout each form their own group, named by their path relative to `root` without suffix.
-    """
-    groups: dict[str, list[Path]] = {}
-    for file in files:
-        rel = _relative(file, root)
-        name = "/".join(rel.parts[:2]) if len(rel.parts) == 3 else _stem_name(rel)
-        groups.setdefault(name, []).append(file)
-    return [(name, sorted(groups[name], key=lambda p: natural_key(p.name)))
-            for name in sorted(groups, key=natural_key)]
-
-
-def _relative(file: Path, root: Path) -> Path:
-    try:
-        rel = file.relative_to(root)
-    except ValueError:
-        return Path(file.name)
-    return rel if rel.parts else Path(file.name)
-
-
-def _stem_name(rel: Path) -> str:
-    return rel.with_suffix("").as_posix()
-
-
-# ---------------------------------------------------------------------------------------------------- sequences
 
 
 @dataclass
@@ -283,7 +113,7 @@ def load_dataset(
     elif codes is not None:
         root = Path(codes)
         files = codes_files(root)[:max_files]
-        items = [_Item(i, _stem_name(_relative(f, root)), [f], _codes_frames(f)) for i, f in enumerate(files)]
+        items = [_Item(i, relative_name(f, root), [f], codes_file_frames(f)) for i, f in enumerate(files)]
 
         def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
             file = item.files[0]
@@ -324,21 +154,6 @@ def load_dataset(
     return dataset
 
 
-def _codes_frames(path: Path) -> int:
-    """T of a codes file from its header (no data read), to balance shards; 0 if that fails (its owner reports it)."""
-    try:
-        if path.suffix.lower() == ".npy":
-            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[-1])
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return int(f.get_slice("codes" if "codes" in f.keys() else next(iter(f.keys()))).get_shape()[-1])
-        return int(_single_tensor(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path).shape[-1])
-    except Exception:  # any failure: the estimate only balances shards
-        return 0
-
-
 def _audio_items(
     model: LMModel, root: Path, mimi_path: str | Path, max_frames: int | None, min_frames: int,
     max_files: int | None, concat_chapters: bool, cache_dir: str | Path | None, device: str | torch.device,
@@ -355,7 +170,7 @@ def _audio_items(
     mimi, mimi_hash = load_mimi(mimi_path, model.dep_q, device)
     if mimi.channels != 1:  # else every file would fail alike in "collect" mode
         raise DataError(f"Mimi with {mimi.channels} channels is not supported: audio is mixed down to mono")
-    groups = group_chapters(files, base) if concat_chapters else [(_stem_name(_relative(f, base)), [f]) for f in files]
+    groups = group_chapters(files, base) if concat_chapters else [(relative_name(f, base), [f]) for f in files]
     groups = groups[:max_files]
     import sphn
 
@@ -388,4 +203,3 @@ def _audio_items(
         return layout_codes(model, torch.cat(parts, dim=1), source=item.name, **fill), used
 
     return items, load
-

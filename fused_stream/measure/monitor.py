@@ -1,4 +1,4 @@
-"""Memory and throughput proof for a streaming evaluation (DESIGN.md §5).
+"""Memory and throughput proof for a streaming evaluation.
 
 A `Monitor` samples memory from a daemon thread at a fixed interval beside a host-side frame count the driver feeds
 it (`add_frames`), so the step loop never reads a device value for monitoring. `constant_memory_check` judges the

@@ -1,7 +1,7 @@
 """Throughput of a streaming run, and how far it is from the GPU's limits (roofline for frame mode, MFU for chunks).
 
 Frame mode is memory-bound: each step reads every weight once for the B frames of the batch and each sequence's
-KV cache once, so frames/s <= HBM bandwidth / (weights / B + KV bytes per sequence) (DESIGN §5). Chunk mode is
+KV cache once, so frames/s <= HBM bandwidth / (weights / B + KV bytes per sequence). Chunk mode is
 compute-bound: about 2 FLOPs per parameter per frame, plus attention over the context. Both bounds use the
 vendor's numbers for known GPUs only (`gpu_spec`); on an unknown GPU or the CPU the ratio is omitted, with
 the reason, never guessed.

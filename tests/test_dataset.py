@@ -1,4 +1,4 @@
-"""Data: synthetic codes, code files, stream layout, audio file listing, LibriLight books, the sequences of a run."""
+"""data/dataset.py: a run's sequences from each source, bad files raised or collected, min_frames, rank shards."""
 
 from __future__ import annotations
 
@@ -9,194 +9,12 @@ import numpy as np
 import pytest
 import torch
 from audio_fixtures import write_audio
-from safetensors.torch import save_file
+from codes_fixtures import CARD, SUFFIX, audio_codes, save_codes
 
-from fused_stream.core.inputs import layout_codes
-from fused_stream.data.dataset import (
-    DataError,
-    assign_shards,
-    audio_files,
-    codes_files,
-    generate_codes,
-    group_chapters,
-    load_codes_file,
-    load_dataset,
-    load_mimi,
-    load_sequences,
-    random_mimi,
-    save_mimi_checkpoint,
-    small_mimi_config,
-)
-
-
-def test_tensor_layout_and_token_ranges(tiny_model):
-    codes = generate_codes(tiny_model, 3, 50, seed=1)
-    assert codes.shape == (3, tiny_model.num_codebooks, 50) and codes.dtype == torch.long
-    assert codes[:, 0].min() >= 0 and codes[:, 0].max() < tiny_model.text_card
-    assert codes[:, 1:].min() >= 0 and codes[:, 1:].max() < tiny_model.card
-    assert codes[:, 0].max() >= tiny_model.card  # text draws from its own, larger vocabulary
-
-
-def test_lengths_give_a_list_and_seeds_repeat(tiny_model):
-    first = generate_codes(tiny_model, 2, [7, 3], seed=5)
-    again = generate_codes(tiny_model, 2, [7, 3], seed=5)
-    other = generate_codes(tiny_model, 2, [7, 3], seed=6)
-    assert [c.shape[1] for c in first] == [7, 3]
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not torch.equal(first[0], other[0])
-
-
-def test_lengths_must_match_count(tiny_model):
-    with pytest.raises(ValueError, match="2 lengths for 3 sequences"):
-        generate_codes(tiny_model, 3, [4, 5])
-
-
-# ------------------------------------------------------------------------------------------------ code files
-
-K, DEP_Q, CARD = 17, 8, 64  # the tiny preset: text + 8 Moshi audio + 8 user audio streams, audio card 64
-
-
-def _audio_codes(n: int = DEP_Q, T: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, CARD, (n, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _full_codes(T: int = 12) -> torch.Tensor:
-    codes = torch.cat([torch.full((1, T), 3), _audio_codes(16, T)])
-    codes[9:, :2] = -1  # zero tokens in the user streams are legal in the full layout
-    return codes
-
-
-def _save(path, codes, kind):
-    if kind == "pt":
-        torch.save(codes, path)
-    elif kind == "pt-dict":
-        torch.save({"codes": codes, "meta": torch.zeros(1)}, path)
-    elif kind == "pt-single":
-        torch.save({"anything": codes}, path)
-    elif kind == "npy":
-        np.save(path, codes.numpy().astype(np.int16))
-    elif kind == "safetensors":
-        save_file({"codes": codes.contiguous()}, str(path))
-    elif kind == "safetensors-single":
-        save_file({"x": codes.contiguous()}, str(path))
-    return path
-
-
-SUFFIX = {"pt": ".pt", "pt-dict": ".pt", "pt-single": ".pt", "npy": ".npy", "safetensors": ".safetensors",
-          "safetensors-single": ".safetensors"}
-
-
-@pytest.mark.parametrize("kind", list(SUFFIX))
-@pytest.mark.parametrize("full", [False, True])
-def test_codes_files_round_trip(tmp_path, tiny_model, kind, full):
-    codes = _full_codes() if full else _audio_codes()
-    path = _save(tmp_path / f"c{SUFFIX[kind]}", codes, kind)
-    loaded = load_codes_file(path)
-    assert loaded.dtype == torch.int64 and torch.equal(loaded, codes)
-    (seq,) = load_sequences(tiny_model, codes=path)
-    assert seq.name == "c" and seq.sources == [str(path)] and seq.frames == 12
-    if full:
-        assert torch.equal(seq.codes, codes)
-    else:
-        assert torch.equal(seq.codes[1:9], codes) and (seq.codes[0] == -1).all() and (seq.codes[9:] == -1).all()
-
-
-def test_batch_dim_of_one_and_whole_floats_are_accepted(tmp_path):
-    codes = _audio_codes()
-    torch.save(codes[None].double(), tmp_path / "a.pt")
-    loaded = load_codes_file(tmp_path / "a.pt")
-    assert loaded.dtype == torch.int64 and torch.equal(loaded, codes)
-
-
-def test_codes_directory_is_read_in_natural_order(tmp_path, tiny_model):
-    for i, name in enumerate(["b_10.npy", "b_2.pt", "a.safetensors"]):
-        _save(tmp_path / name, _audio_codes(seed=i), Path(name).suffix[1:])
-    (tmp_path / "notes.json").write_text("{}")  # not a codes file: ignored
-    sequences = load_sequences(tiny_model, codes=tmp_path, max_frames=5)
-    assert [s.name for s in sequences] == ["a", "b_2", "b_10"]
-    assert [s.name for s in load_sequences(tiny_model, codes=tmp_path, max_files=2)] == ["a", "b_2"]
-    assert torch.equal(sequences[2].codes[1:9], _audio_codes(seed=0)[:, :5])  # b_10 was saved first (seed 0)
-    assert all(s.frames == 5 for s in sequences)
-
-
-@pytest.mark.parametrize(
-    "name, content, message",
-    [
-        ("batch.pt", torch.zeros(2, 8, 5, dtype=torch.long), r"shape \(2, 8, 5\)"),
-        ("flat.pt", torch.zeros(5, dtype=torch.long), r"shape \(5,\)"),
-        ("empty.pt", torch.zeros(8, 0, dtype=torch.long), r"shape \(8, 0\)"),
-        ("float.pt", torch.full((8, 5), 0.5), "non-integer"),
-        ("nan.pt", torch.full((8, 5), float("nan")), "non-integer"),
-        ("bool.pt", torch.ones(8, 5, dtype=torch.bool), "dtype torch.bool"),
-        ("keys.pt", {"a": torch.zeros(8, 5), "b": torch.zeros(8, 5)}, "keys"),
-        ("floats.npy", np.full((8, 5), 1.5), "non-integer"),
-    ],
-)
-def test_bad_codes_files_name_the_file(tmp_path, name, content, message):
-    path = tmp_path / name
-    np.save(path, content) if name.endswith(".npy") else torch.save(content, path)
-    with pytest.raises(DataError, match=message) as info:
-        load_codes_file(path)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
-
-
-def test_unreadable_missing_and_unknown_codes_files(tmp_path):
-    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
-    for path, message in [(tmp_path / "junk.safetensors", "unreadable"), (tmp_path / "none.pt", "not found"),
-                          (tmp_path / "x.csv", "not found")]:
-        with pytest.raises(DataError, match=message):
-            load_codes_file(path)
-    (tmp_path / "x.csv").write_text("1,2")
-    with pytest.raises(DataError, match="unsupported format '.csv'"):
-        load_codes_file(tmp_path / "x.csv")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(DataError, match="holds no"):
-        codes_files(empty)
-
-
-# ------------------------------------------------------------------------------------------------ layout
-
-
-@pytest.mark.parametrize("text_fill, text_value", [("zero", -1), ("pad", 3)])
-@pytest.mark.parametrize("other_fill", ["zero", "copy"])
-def test_layout_of_audio_codebooks(tiny_model, text_fill, text_value, other_fill):
-    audio = _audio_codes(T=6)
-    expected = torch.full((K, 6), -1, dtype=torch.long)  # built by hand: text row, 8 Moshi rows, 8 user rows
-    expected[0] = text_value
-    expected[1:9] = audio
-    if other_fill == "copy":
-        expected[9:17] = audio
-    out = layout_codes(tiny_model, audio, text_fill=text_fill, other_fill=other_fill)
-    assert out.dtype == torch.int64 and torch.equal(out, expected)
-    more = torch.cat([audio, _audio_codes(n=4, T=6, seed=9)])  # extra codebooks beyond dep_q are dropped
-    assert torch.equal(layout_codes(tiny_model, more, text_fill=text_fill, other_fill=other_fill), expected)
-
-
-def test_full_layout_passes_through_as_a_copy(tiny_model):
-    codes = _full_codes()
-    out = layout_codes(tiny_model, codes, text_fill="pad", other_fill="copy")
-    assert torch.equal(out, codes) and out.data_ptr() != codes.data_ptr()
-
-
-def test_layout_errors(tiny_model):
-    with pytest.raises(DataError, match="model expects dep_q=8 audio codebooks .*f.npy has 4"):
-        layout_codes(tiny_model, _audio_codes(n=4), source="f.npy")
-    bad = _audio_codes()
-    bad[2, 5] = 64
-    with pytest.raises(DataError, match=r"token 64 at row 2, frame 5, .*card \[0, 64\)"):
-        layout_codes(tiny_model, bad, source="f.npy")
-    full = _full_codes()
-    full[12, 7] = 2047  # a Moshi-sized Mimi code in a card-64 model
-    with pytest.raises(DataError, match=r"token 2047 at row 12, frame 7.*card"):
-        layout_codes(tiny_model, full)
-    full[12, 7] = -2
-    with pytest.raises(DataError, match="token -2"):
-        layout_codes(tiny_model, full)
-    with pytest.raises(DataError, match="text fill"):
-        layout_codes(tiny_model, _audio_codes(), text_fill="blank")
-    with pytest.raises(DataError, match="other-stream fill"):
-        layout_codes(tiny_model, _audio_codes(), other_fill="noise")
+from fused_stream.data.codes import generate_codes
+from fused_stream.data.dataset import assign_shards, load_dataset, load_sequences
+from fused_stream.data.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
+from fused_stream.errors import DataError
 
 
 def test_generated_sequences(tiny_model):
@@ -261,31 +79,6 @@ def test_librilight_books_are_concatenated_in_chapter_order(tiny_model, mimi_ckp
     assert torch.equal(cropped.codes, book.codes[:, :12])
 
 
-def test_group_chapters_by_hand():
-    root = Path("/data/large")
-    files = [root / p for p in ["7/b/ch_2.flac", "7/b/ch_11.flac", "7/a/x.flac", "deep/er/than/that.flac",
-                                "top.flac", "7/b/ch_1.flac"]]
-    assert group_chapters(files, root) == [
-        ("7/a", [root / "7/a/x.flac"]),
-        ("7/b", [root / "7/b/ch_1.flac", root / "7/b/ch_2.flac", root / "7/b/ch_11.flac"]),
-        ("deep/er/than/that", [root / "deep/er/than/that.flac"]),
-        ("top", [root / "top.flac"]),
-    ]
-
-
-def test_audio_files_listing(tmp_path):
-    for rel in ["b/2.wav", "b/10.FLAC", "a.mp3", "c.ogg", "notes.txt", "b/x.json"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"")
-    assert audio_files(tmp_path) == [tmp_path / p for p in ["a.mp3", "b/2.wav", "b/10.FLAC", "c.ogg"]]
-    assert audio_files(tmp_path / "notes.txt") == [tmp_path / "notes.txt"]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no"):
-        audio_files(tmp_path / "empty")
-    with pytest.raises(DataError, match="does not exist"):
-        audio_files(tmp_path / "missing")
-
-
 def test_mimi_that_does_not_fit_the_model(tiny_model, tmp_path):
     audio = tmp_path / "a.wav"
     write_audio(audio, 0.5, 16000, 1)  # never decoded: the checkpoint's config is checked first
@@ -308,23 +101,23 @@ def _codes_dir(root: Path, lengths: list[int], model, kinds=("pt", "npy", "safet
     codes = generate_codes(model, len(lengths), lengths, seed=3)
     for i, c in enumerate(codes):
         kind = kinds[i % len(kinds)]
-        _save(root / f"s{i}{SUFFIX[kind]}", c, kind)
+        save_codes(root / f"s{i}{SUFFIX[kind]}", c, kind)
     return codes
 
 
 def test_collect_skips_bad_codes_files_and_raise_stops(tmp_path, tiny_model):
-    _save(tmp_path / "a.pt", _audio_codes(seed=1), "pt")
+    save_codes(tmp_path / "a.pt", audio_codes(seed=1), "pt")
     (tmp_path / "b.safetensors").write_bytes(b"\x00" * 40)  # corrupt
-    _save(tmp_path / "c.npy", _audio_codes(seed=2), "npy")
+    save_codes(tmp_path / "c.npy", audio_codes(seed=2), "npy")
     torch.save(torch.zeros(2, 8, 5, dtype=torch.long), tmp_path / "d.pt")  # wrong shape
-    out_of_card = _audio_codes(seed=3)
+    out_of_card = audio_codes(seed=3)
     out_of_card[4, 6] = CARD
-    _save(tmp_path / "e.pt", out_of_card, "pt")
-    _save(tmp_path / "f.pt", _audio_codes(seed=4), "pt")
+    save_codes(tmp_path / "e.pt", out_of_card, "pt")
+    save_codes(tmp_path / "f.pt", audio_codes(seed=4), "pt")
 
     data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
     assert [(s.name, s.index) for s in data.sequences] == [("a", 0), ("c", 2), ("f", 5)] and data.total == 6
-    assert torch.equal(data.sequences[1].codes[1:9], _audio_codes(seed=2))
+    assert torch.equal(data.sequences[1].codes[1:9], audio_codes(seed=2))
     assert [(f["index"], f["name"], f["sources"]) for f in data.failed] == [
         (1, "b", [str(tmp_path / "b.safetensors")]), (3, "d", [str(tmp_path / "d.pt")]),
         (4, "e", [str(tmp_path / "e.pt")])]
@@ -339,7 +132,7 @@ def test_collect_skips_bad_codes_files_and_raise_stops(tmp_path, tiny_model):
 
 
 def test_configuration_errors_raise_in_collect_mode(tmp_path, tiny_model):
-    _save(tmp_path / "a.pt", _audio_codes(), "pt")
+    save_codes(tmp_path / "a.pt", audio_codes(), "pt")
     for options, message in [({"codes": tmp_path / "missing"}, "does not exist"),
                              ({"codes": tmp_path, "text_fill": "blank"}, "text fill"),
                              ({"codes": tmp_path, "min_frames": 0}, "--min-frames must be >= 1"),

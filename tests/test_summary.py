@@ -1,0 +1,35 @@
+"""report/summary.py: the stdout table, fixed width, "—" for what is absent or not finite."""
+
+from __future__ import annotations
+
+from report_fixtures import make_run
+
+from fused_stream.report.summary import summary_table
+
+
+def test_summary_table():
+    small = make_run("baseline", 6)
+    big = make_run("ttt", 6, text=False, seed=1)
+    big.metrics["flat"]["librilight_loss_24k"] = 1.5
+    big.driver_report["memory"] = {"peak_bytes": 512 * 2**20, "constant_memory": None}
+    del big.driver_report["frames_per_second"]
+    lines = summary_table([small, big]).splitlines()
+    assert lines[0].split() == ["baseline", "ttt"]
+    assert set(lines[1]) == {"-", " "}
+    rows = {line[:20].strip(): line[20:].split() for line in lines[2:]}
+    width = len(lines[0])
+    assert all(len(line) == width for line in lines)  # fixed width
+    assert rows["frames"] == ["12", "12"] and rows["sequences"] == ["2", "2"]
+    assert rows["loss combined"] == ["3.1416", "3.1416"]
+    assert rows["loss text"] == ["1.2500", "—"]
+    assert rows["librilight_loss_8k"] == ["2.3457", "2.3457"]
+    assert rows["librilight_loss_16k"] == ["—", "—"]  # NaN
+    assert rows["librilight_loss_24k"] == ["—", "1.5000"]  # absent / present
+    assert rows["librilight_slope"] == ["-0.01235", "-0.01235"]
+    assert rows["frames/s"] == ["1,234.6", "—"]
+    assert rows["peak memory"] == ["1.50", "GiB", "512.0", "MiB"]
+    assert rows["constant memory"] == ["yes", "unknown"]
+
+
+def test_summary_table_without_text_has_no_text_row():
+    assert "loss text" not in summary_table([make_run("m", 4, text=False)])
