@@ -1,8 +1,7 @@
 """`DataError`, the one error for a problem with the data to evaluate, and `one_line` for its messages.
 
-Why a module of its own: `data` (sequences), `audio` (decoding, encoding) and `mimi` (checkpoints) all raise it,
-and `data` imports the other two; living here, below all three, it needs no import cycle. `fused_stream.data`
-re-exports it, so `from fused_stream.data import DataError` keeps working.
+Why a module of its own, at the bottom: the data layer (codes, audio, Mimi, datasets) and the core's
+`layout_codes` both raise it, and the core must not import the data layer.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
+from ..core.config import EvalConfig
 from ..core.inputs import layout_codes
 from ..errors import DataError, one_line
 from .audio import crop_frames, encode_audio_file
@@ -69,6 +70,9 @@ def assign_shards(lengths: Sequence[int], names: Sequence[str], world_size: int)
     return [sorted(indices) for indices in ranks]
 
 
+_LAYOUT = EvalConfig()  # how codes are laid out and cropped unless told otherwise: EvalConfig's defaults
+
+
 def load_sequences(model: LMModel, **options: Any) -> list[EvalSequence]:
     """`load_dataset(model, **options).sequences`; with on_error="collect" the failures are only logged."""
     return load_dataset(model, **options).sequences
@@ -76,8 +80,9 @@ def load_sequences(model: LMModel, **options: Any) -> list[EvalSequence]:
 
 def load_dataset(
     model: LMModel, *, codes: str | Path | None = None, audio: str | Path | None = None,
-    mimi: str | Path | None = None, generate: int | None = None, frames: int = 200, max_frames: int | None = None,
-    concat_chapters: bool = False, text_fill: str = "zero", other_fill: str = "zero",
+    mimi: str | Path | None = None, generate: int | None = None, frames: int | None = None,
+    max_frames: int | None = _LAYOUT.max_frames, concat_chapters: bool = False, text_fill: str = _LAYOUT.text_fill,
+    other_fill: str = _LAYOUT.other_fill,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
     max_files: int | None = None, on_error: str = "raise", min_frames: int = 1, shard: tuple[int, int] | None = None,
 ) -> Dataset:
@@ -103,6 +108,8 @@ def load_dataset(
         layout_codes(model, torch.zeros(model.dep_q, 1, dtype=torch.int64), **fill)
     load: _Loader
     if generate is not None:
+        if frames is None:
+            raise DataError("--generate needs --frames: the length of each generated sequence")
         if generate < 1 or frames < 1:
             raise DataError(f"--generate needs >= 1 sequences of >= 1 frames, got {generate} x {frames}")
         batch = generate_codes(model, generate, frames, seed=seed)[:max_files]  # all of it: identical on every rank

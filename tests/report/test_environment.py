@@ -29,7 +29,7 @@ def _head_from_git_files(repo: Path) -> str:
 
 
 def test_environment_info_cpu(monkeypatch):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
     env = environment_info("cpu")
     for key in ("fused_stream", "moshi", "torch", "triton", "numpy", "python", "platform", "device_name"):

@@ -26,7 +26,7 @@ from fused_stream.measure.preflight import (
     pick_batch_size,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOSHI_KV_PER_SEQUENCE = 32 * 2 * 3000 * 4096 * 2  # layers x (K, V) x context x dim x bf16 bytes
 
 

@@ -1,0 +1,33 @@
+"""The Stream: a failure while it opens leaves the model exactly as it was, so the out-of-memory retry can work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_stream.core import stream as stream_module
+from fused_stream.core.runtime import inference_mode
+from fused_stream.core.stream import Stream, ring_kv_caches
+
+
+def _streaming_modules(model):
+    return [name for name, m in model.named_modules() if getattr(m, "_streaming_state", None) is not None]
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, MemoryError])
+def test_a_failure_while_opening_leaves_no_streaming_state(tiny_model, monkeypatch, error):
+    def enlarge_that_runs_out_of_memory(model, context_extra):
+        raise error("injected: no memory for the larger ring caches")
+
+    monkeypatch.setattr(stream_module, "enlarge_kv_caches", enlarge_that_runs_out_of_memory)
+    with inference_mode(tiny_model):
+        with pytest.raises(error):
+            Stream(tiny_model, 2, 4, 32, "torch")
+        assert _streaming_modules(tiny_model) == []  # moshi would otherwise say "already streaming" next time
+        monkeypatch.undo()
+        stream = Stream(tiny_model, 1, 4, 32, "torch")  # the retry at a smaller batch opens normally
+        try:
+            assert len(ring_kv_caches(tiny_model)) == len(tiny_model.transformer.layers)
+        finally:
+            stream.close()
+    assert _streaming_modules(tiny_model) == []
