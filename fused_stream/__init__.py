@@ -1,9 +1,6 @@
 """fused_stream: exact, constant-memory teacher-forced evaluation of Moshi-architecture speech LMs.
 
-A frame's path: `data` (codes) -> `inputs` (checks, batching) -> `alignment` (delays, masks) -> `preflight`
-(memory plan) -> `driver` (batches, monitor, report) -> `stream` (the step on static buffers, replayed by
-`graphs`) -> `kernels.cross_entropy` (per-step loss) -> `result` (EvalResult). `reference` holds the batch and
-naive paths.
+The public names are below; the README's "Layout" section maps the package and a frame's path through it.
 """
 
 from .api import evaluate_long_context_loss

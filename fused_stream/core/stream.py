@@ -1,6 +1,6 @@
 """The streaming step and the device state it runs on, allocated once per (B, C) shape and reset in place.
 
-A frame's path: the whole delayed sequence D [B, K, L + 1] sits on the device; at step s the step gathers
+The step: the whole delayed sequence D [B, K, L + 1] sits on the device; at step s it gathers
 D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
 C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, and one launch of
 `kernels.cross_entropy` scores every row and writes it into a preallocated loss buffer at original time
