@@ -57,8 +57,9 @@ class EvalConfig:
     # --- the run (read by the driver)
     chunk_size: int = _option(1, "frames per step: 1 = frame mode, the deployment semantics (default); C > 1 = "
                                  "exact chunk mode, faster", parse=int)
+    # None (Python only): all sequences at once.
     batch_size: int | str | None = _option("auto", "sequences per batch, or auto (default): the most that fit in "
-                                                   "free memory (None in Python: all at once)", parse=parse_batch_size)
+                                                   "free memory", parse=parse_batch_size)
     loss_backend: str = _option("auto", "auto (fused Triton kernel on CUDA, torch on CPU), torch, triton",
                                 choices=LOSS_BACKENDS)
     cuda_graphs: str = _option("auto", "auto (on CUDA), on (fail if capture fails), off", choices=GRAPH_MODES)
