@@ -25,8 +25,7 @@ from moshi.modules.streaming import StreamingModule
 
 from .core.config import ConfigError, EvalConfig
 from .core.driver import StreamingEvaluator
-from .core.inputs import layout_codes
-from .data.audio import crop_frames
+from .core.inputs import crop_frames, layout_codes
 from .metrics import PositionSums, compute_metrics, position_means
 from .ttt.tracker import ttt_hooks
 

@@ -171,3 +171,8 @@ def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stre
             f"{src} has audio token {int(audio[row, t])} at row {first_stream + row}, frame {t}, outside the "
             f"model's card [0, {model.card}): the Mimi codebooks and the model's card do not match"
         )
+
+
+def crop_frames(codes: torch.Tensor, max_frames: int | None) -> torch.Tensor:
+    """The first `max_frames` frames of codes [n, T]; the tensor itself when `max_frames` is None."""
+    return codes if max_frames is None else codes[:, :max_frames]

@@ -21,6 +21,7 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
+from ..core.inputs import crop_frames
 from ..core.runtime import inference_mode
 from ..errors import DataError, one_line
 from .mimi import file_sha256
@@ -73,11 +74,6 @@ def encode_audio_file(
         _write_cache(Path(cache_dir), key, codes, {"source": str(path), "mimi_hash": mimi_hash,
                                                    "num_codebooks": num_codebooks})
     return crop_frames(codes, max_frames)
-
-
-def crop_frames(codes: torch.Tensor, max_frames: int | None) -> torch.Tensor:
-    """The first `max_frames` frames of codes [n, T]; the tensor itself when `max_frames` is None."""
-    return codes if max_frames is None else codes[:, :max_frames]
 
 
 class _InexactSeek(Exception):

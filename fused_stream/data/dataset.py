@@ -22,9 +22,9 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..core.config import EvalConfig
-from ..core.inputs import layout_codes
+from ..core.inputs import crop_frames, layout_codes
 from ..errors import DataError, one_line
-from .audio import crop_frames, encode_audio_file
+from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
 from .librilight import audio_files, group_chapters, natural_key, relative_name
 from .mimi import load_mimi, mimi_checkpoint
