@@ -66,8 +66,9 @@ class EvalConfig:
     graph_unroll: int = _option(1, "steps per graph replay (lengths padded to a multiple of C * U, padding masked)",
                                 cli=False)
     verify_graph: int = _option(0, "N > 0: per new shape, N replays must equal N eager calls bit for bit", cli=False)
-    invalid_tokens: str = _option("raise", "a token outside the vocabulary: raise, or mask it (never scored) and count",
-                                  cli=False, choices=INVALID_TOKEN_POLICIES)
+    invalid_tokens: str = _option("raise", "a token outside the model's vocabulary: raise (default; with files, the "
+                                           "file is recorded as failed) or mask (never scored, counted)",
+                                  choices=INVALID_TOKEN_POLICIES)
     memory_limit: int | None = _option(None, "bytes the run may use (default: free device memory / available RAM)",
                                        cli=False)
     assert_constant_memory: bool = _option(False, "fail when the memory monitor sees memory grow with frames")
