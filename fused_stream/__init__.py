@@ -3,6 +3,7 @@
 The public names are below; the README's "Layout" section maps the package and a frame's path through it.
 """
 
+from . import cli  # noqa: F401 - first: under `python -m fused_stream.eval` a Ctrl-C while importing exits quietly
 from .api import evaluate_long_context_loss
 from .compat import PaperMetricsLibriLight
 from .core.config import EvalConfig

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,13 @@ def atomic_write(path: Path, content: bytes) -> None:
     """Write `content` to `path` through a temporary file in the same directory and `os.replace`.
 
     Same directory, because `os.replace` is atomic only within one file system. The temporary file is removed
-    on any error, so a failure leaves the previous file (if any) untouched and nothing else behind.
+    on any error, so a failure leaves the previous file (if any) untouched and nothing else behind. The file gets
+    the mode of the file it replaces, or a new file's usual mode (0666 less the umask: 0644 under umask 022).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600: give the file the mode a plain open() would
+            os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()
@@ -72,3 +76,25 @@ def atomic_write(path: Path, content: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):  # os.replace may have consumed it already
             os.unlink(tmp)
         raise
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits `path` keeps if it exists, else those `open()` would give a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for row in f:
+                if row.startswith("Umask:"):
+                    return int(row.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -13,7 +13,8 @@ def audio_codes(n: int = DEP_Q, T: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, CARD, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-def full_codes(T: int = 12) -> torch.Tensor:
+def full_codes(T: int = 20) -> torch.Tensor:
+    """[K, T] codes in the model's full layout (T >= K: fewer frames than rows is refused as transposed)."""
     codes = torch.cat([torch.full((1, T), 3), audio_codes(16, T)])
     codes[9:, :2] = -1  # zero tokens in the user streams are legal in the full layout
     return codes

@@ -35,3 +35,33 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, b"newer")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary left
+
+
+def test_atomic_write_gives_the_usual_mode_and_keeps_an_existing_files(tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "new.json", b"{}")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+        os.umask(0o027)
+        atomic_write(tmp_path / "other.json", b"{}")
+        assert stat.S_IMODE((tmp_path / "other.json").stat().st_mode) == 0o640
+        (tmp_path / "new.json").chmod(0o600)  # the user's choice survives a rewrite
+        atomic_write(tmp_path / "new.json", b"[]")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(mask)
+
+
+def test_the_default_output_folder_is_git_ignored():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "-q", "--no-index", "fused_stream_out/results.json"], cwd=repo,
+                          check=False)
+    assert done.returncode == 0

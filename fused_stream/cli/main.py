@@ -8,8 +8,11 @@ a local Mimi checkpoint --mimi) or --codes (pre-tokenized codes files).
 Outputs (--out): results.json (metrics, config, versions, timings, memory proof), per_position.csv, loss_curve.png,
 and a summary table on stdout. Several --model options run on identical data and are compared side by side.
 Every sequence is saved as soon as its batch is done: --resume continues an interrupted run; torchrun shards files.
-Exit codes: 0 done; 1 the parity check (--verify) failed or some files failed (0 with --keep-going); 2 bad input
-(nothing is written to --out then); 130/143 interrupted by SIGINT/SIGTERM (rerun with --resume).
+Every input is checked before the first model loads (models, --ttt layers, codebook weights, data, a writable
+--out, --resume against what the saved results were made with), and a run holds OUT/.lock while it writes there.
+Exit codes: 0 done; 1 the parity check (--verify) failed or some files failed (0 with --keep-going); 2 bad input,
+or --out in use by another run (nothing is written to --out then); 130/143 interrupted by SIGINT/SIGTERM (rerun
+with --resume).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
+import os
 import signal
 import sys
 import threading
@@ -25,15 +30,19 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..core.config import ConfigError
 from ..core.graphs import GraphCaptureError
 from ..data.models import PRESETS
-from ..errors import DataError
+from ..errors import DataError, one_line
 from ..measure.preflight import PreflightError
-from ..report.environment import environment_info
+from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
 from ..report.summary import summary_table
-from .distributed import init_world
+from .checks import check_run
+from .distributed import World, gather, init_world
+from .outlock import OutputLockedError, output_lock
 from .run import evaluate_run
 from .settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 
@@ -90,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "earlier run with the same settings saved in OUT/partial (each is saved when its batch ends)")
     run.add_argument("--keep-going", action="store_true", default=None, help="exit 0 even if some files failed "
                      "(they are listed under 'failed' in results.json either way)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: the CPUs this process "
+                     "may use, from its affinity and cgroup quota, at most OMP_NUM_THREADS when set; a warning says "
+                     "when other processes keep some busy); recorded in results.json")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
     out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win): options by "
@@ -132,24 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.enabled:
         print("long-context evaluation disabled by the config (enabled: false)")
         return 0
+    threads = set_threads(settings.threads)
     world = init_world(settings.device)
+    started = False
     try:
-        with _interruptible():
-            outcome = evaluate_run(settings, world)
+        with _interruptible(), contextlib.ExitStack() as held:
+            # Every input checked, on every rank, before anything is loaded or written; then rank 0 locks --out.
+            checks = _agreed(world, lambda: check_run(settings, world))
+            _agreed(world, lambda: held.enter_context(output_lock(settings.out, enabled=world.is_main)))
+            started = True
+            if checks.device.type == "cpu":
+                warn_busy_cpus(threads)
+            outcome = evaluate_run(settings, world, checks)
+            if world.is_main:  # under the lock
+                paths = write_reports(settings.out, outcome.runs, config=settings.as_dict(), data=outcome.data,
+                                      seed=settings.seed, failed=outcome.failed,
+                                      environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")))
     except Interrupted as stop:
-        print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'}; "
-              "run the same command again with --resume to continue", file=sys.stderr)
+        if not started:
+            print(f"interrupted ({stop}) before the run started: nothing was evaluated or written", file=sys.stderr)
+        else:
+            print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'};"
+                  " run the same command again with --resume to continue", file=sys.stderr)
         return 128 + stop.signum
-    except (DataError, PreflightError, GraphCaptureError, ConfigError, FileNotFoundError, ValueError,
-            RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured with "on"
+    except (DataError, PreflightError, GraphCaptureError, ConfigError, OutputLockedError, FileNotFoundError,
+            ValueError, RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured
         return _fail(exc)
     finally:
         world.close()
     if not world.is_main:
         return outcome.exit_code(settings)
-    paths = write_reports(settings.out, outcome.runs, config=settings.as_dict(), data=outcome.data,
-                          seed=settings.seed, failed=outcome.failed,
-                          environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")))
     if settings.verbosity >= 0:
         print(summary_table(outcome.runs))
     for failure in outcome.failed:
@@ -184,6 +208,53 @@ def _interruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def set_threads(requested: int | None) -> int:
+    """Size torch's CPU thread pool once, at start-up: `requested`, or `auto_threads()`."""
+    threads = requested if requested is not None else auto_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def warn_busy_cpus(threads: int) -> None:
+    """With more threads than CPUs other processes leave idle, say so: that can cost 10-100x (one busy CPU of two:
+    2 threads ran the demo 250x slower than 1)."""
+    idle = idle_cpus() if threads > 1 else None
+    if idle is not None and idle < threads - 0.5:
+        free = max(1, math.floor(idle + 0.2))
+        log.warning("%d threads, but only about %.1f of this process's CPUs are idle (other processes use the rest): "
+                    "torch may run many times slower; --threads %d avoids that (the thread count is not picked from "
+                    "the load, because it changes the last bits of the losses)", threads, idle, free)
+
+
+def auto_threads() -> int:
+    """The CPUs this process may use (`available_cpus`: affinity mask and cgroup quota, not the machine's count), at
+    most OMP_NUM_THREADS when that is set. The same on every run of a machine, so the numbers are too."""
+    threads = available_cpus()
+    try:
+        omp = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return threads
+    return min(threads, omp) if omp >= 1 else threads
+
+
+def _agreed(world: World, step: Any) -> Any:
+    """`step()` on every rank; when it fails on any rank, it fails on all (no rank goes on to wait for the others
+    in a collective that never comes). A world of one just runs it."""
+    try:
+        result, error = step(), None
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised as it was
+        result, error = None, exc
+    if error is not None and isinstance(error, OSError):
+        error = ConfigError(one_line(error))  # a file that cannot be read or created: one line, exit 2
+    messages = gather(None if error is None else one_line(error), world)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if failed:
+        raise ConfigError(f"rank {failed[0][0]}: {failed[0][1]}")
+    return result
 
 
 def _setup_logging(verbosity: int) -> None:

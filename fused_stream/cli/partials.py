@@ -1,8 +1,14 @@
 """Nothing lost: each sequence's per-position sums are saved the moment its batch completes, and a rerun resumes.
 
-Layout: OUT/partial/<model label>/run.json (what produced them) and one `<hash of name>.pt` per finished sequence
-holding its PositionSums, frame count, a hash of its codes and its per-file metrics. Every file is written to a
-temporary name and renamed, so a kill at any instant leaves either the old file or the new one, never half of one.
+Layout: OUT/partial/<store name of the label>/run.json (what produced them) and one `<hash of name>.pt` per
+finished sequence holding its PositionSums, frame count, a hash of its codes, fingerprints of its source files and
+its per-file metrics. Every file is written to a temporary name and renamed, so a kill at any instant leaves
+either the old file or the new one, never half of one.
+
+run.json holds the run's fingerprint: every setting that changes a number and the content fingerprints of the model
+weights and the Mimi (`fingerprints`). `--resume` refuses to mix with results whose fingerprint differs, naming what
+changed. A saved sequence is reused only when its codes hash to the same value and its source files still have the
+fingerprints they had; otherwise it is recomputed.
 
 Final metrics are always computed from these per-sequence files, added in data order, whether the run was
 interrupted or not: an interrupted-and-resumed run therefore gives bit-identical sums to an uninterrupted one.
@@ -14,7 +20,9 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
+import string
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +30,94 @@ import torch
 
 from ..jsonio import atomic_write, to_jsonable
 from ..metrics import PositionSums
+from .fingerprints import sources_fingerprint
 
 log = logging.getLogger(__name__)
 
+RUN_FILE = "run.json"
+
 
 class ResumeMismatchError(ValueError):
-    """--resume found partial results made with other settings."""
+    """--resume found partial results made with other settings or inputs."""
 
 
 def codes_digest(codes: torch.Tensor) -> str:
     return hashlib.sha256(codes.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+_READABLE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SAFE = set(string.ascii_letters + string.digits + "-_.")
+
+
+def store_name(label: str) -> str:
+    """The folder name of `label`'s partial results, one per label on any file system.
+
+    A label of lower-case letters, digits and `._-` (starting with a letter or digit, at most 64 characters) is
+    its own name; any other gets its safe characters plus `~` and a hash of the exact label. No readable name holds
+    `~`, and the hashes differ, so two labels never share a folder, even where names ignore case.
+    """
+    if _READABLE.fullmatch(label):
+        return label
+    cleaned = "".join(c if c in _SAFE else "_" for c in label)[:48]
+    return f"{cleaned or 'model'}~{hashlib.sha256(label.encode()).hexdigest()[:12]}"
+
+
+def partial_dir(out: str | Path, label: str) -> Path:
+    return Path(out) / "partial" / store_name(label)
+
+
+def check_resume(directory: Path, fingerprint: dict[str, Any]) -> None:
+    """Raise ResumeMismatchError naming what differs when `directory` holds results of another fingerprint."""
+    run_file = directory / RUN_FILE
+    if not run_file.exists():
+        return
+    now = to_jsonable(fingerprint)
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResumeMismatchError(f"--resume: cannot read {run_file} ({exc}); rerun without --resume, or use a new "
+                                  "--out") from None
+    if not isinstance(saved, dict):
+        saved = {}
+    if saved != now:
+        changed = ", ".join(_describe(k, saved.get(k), now.get(k))
+                            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        raise ResumeMismatchError(
+            f"--resume: the partial results in {directory} were made with other settings or inputs ({changed}); "
+            "rerun with the same options and files, without --resume, or with a new --out"
+        )
+
+
+def _describe(key: str, old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict) and "sha256_sampled" in old and "sha256_sampled" in new:
+        return f"{key}: the file changed on disk"
+    return f"{key}: {_short(old)} -> {_short(new)}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class PartialStore:
-    """The per-sequence results of one model's run under `out/partial/<label>/`."""
+    """The per-sequence results of one model's run under `out/partial/<store name of label>/`."""
 
     def __init__(self, out: str | Path, label: str, fingerprint: dict[str, Any], *, resume: bool) -> None:
-        self.dir = Path(out) / "partial" / _safe(label)
+        self.dir = partial_dir(out, label)
         self.fingerprint = to_jsonable(fingerprint)
-        run_file = self.dir / "run.json"
-        if resume and run_file.exists():
-            saved, now = json.loads(run_file.read_text()), self.fingerprint
-            if saved != now:
-                changed = ", ".join(sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)))
-                raise ResumeMismatchError(
-                    f"--resume: the partial results in {self.dir} were made with other settings ({changed}); "
-                    "rerun with the same options, or use a new --out"
-                )
-        elif not resume and self.dir.exists():
+        if resume:
+            check_resume(self.dir, self.fingerprint)
+        elif self.dir.exists():
             shutil.rmtree(self.dir)  # a fresh run never mixes in an older run's sequences
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_file, (json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(self.dir / RUN_FILE, (json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n").encode())
 
     def _path(self, name: str) -> Path:
         return self.dir / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
 
-    def load(self, name: str, codes: torch.Tensor) -> dict[str, Any] | None:
-        """The saved entry of sequence `name` if it exists and was computed on exactly these codes."""
+    def load(self, name: str, codes: torch.Tensor, sources: list[str] | None = None) -> dict[str, Any] | None:
+        """The saved entry of sequence `name` if it exists, was computed on exactly these codes and (given
+        `sources`) its source files are unchanged; None otherwise (the sequence is then recomputed)."""
         path = self._path(name)
         if not path.exists():
             return None
@@ -67,24 +126,28 @@ class PartialStore:
         except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, not fatal
             log.warning("partial result %s is unreadable (%s): recomputing %s", path, exc, name)
             return None
-        if entry.get("name") != name or entry.get("codes_sha256") != codes_digest(codes):
+        if not isinstance(entry, dict) or entry.get("name") != name or entry.get("codes_sha256") != codes_digest(codes):
             log.warning("partial result for %s was computed on other codes: recomputing it", name)
             return None
+        if sources is not None:
+            saved, now = entry.get("sources"), sources_fingerprint(sources)
+            saved = saved if isinstance(saved, dict) else {}
+            if saved != now:
+                changed = sorted((set(now) ^ set(saved)) | {p for p in now if saved.get(p) != now[p]})
+                log.warning("the source files of %s changed since its result was saved (%s): recomputing it", name,
+                            ", ".join(changed))
+                return None
         return entry
 
     def sums(self, entry: dict[str, Any]) -> PositionSums:
         return PositionSums.from_state_dict(entry["sums"])
 
-    def save(self, name: str, codes: torch.Tensor, sums: PositionSums, metrics: dict[str, Any]) -> None:
+    def save(self, name: str, codes: torch.Tensor, sums: PositionSums, metrics: dict[str, Any],
+             sources: list[str] | None = None) -> None:
         entry = {
             "name": name, "frames": int(codes.shape[-1]), "codes_sha256": codes_digest(codes),
-            "sums": sums.state_dict(), "metrics": metrics,
+            "sources": sources_fingerprint(sources or []), "sums": sums.state_dict(), "metrics": metrics,
         }
         buffer = io.BytesIO()
         torch.save(entry, buffer)
         atomic_write(self._path(name), buffer.getvalue())
-
-
-def _safe(label: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-    return cleaned or "model"

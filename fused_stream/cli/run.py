@@ -14,8 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..core.config import ConfigError
 from ..core.driver import StreamingEvaluator
 from ..core.parity import check_parity
@@ -27,6 +25,7 @@ from ..metrics import TEXT, PositionSums, compute_metrics, position_means
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
+from .checks import RunChecks, check_run
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore
 from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
@@ -47,13 +46,14 @@ class RunOutcome:
         return 0
 
 
-def evaluate_run(s: Settings, world: World) -> RunOutcome:
-    """Every model on the same sequences (this rank's share), one model in memory at a time."""
+def evaluate_run(s: Settings, world: World, checks: RunChecks | None = None) -> RunOutcome:
+    """Every model on the same sequences (this rank's share), one model in memory at a time. `checks`: what
+    `check_run` returned for `s` (checked here when not given): the device, dtype and fingerprints to use."""
+    checks = checks if checks is not None else check_run(s, world)
     runs, dataset, parity_ok, failed = [], None, True, []
     for entry in s.model:
         label, spec = model_label(entry), model_spec(entry)
-        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
-        model = load_model(spec, device=world.device(s.device), dtype=dtype, seed=s.seed)
+        model = load_model(spec, device=checks.device, dtype=checks.dtype, seed=s.seed)
         for ttt_label, options in (parse_ttt(e) for e in s.ttt):
             if ttt_label == label:  # the same weights plus TTT layers: baseline vs TTT on identical data
                 attach_ttt(model, seed=s.seed, **options)
@@ -64,7 +64,8 @@ def evaluate_run(s: Settings, world: World) -> RunOutcome:
             _check_same_layout(model, dataset, label)
         log.info("model %s (%s): %s parameters, context %d, on %s", label, spec, f"{count_parameters(model):,}",
                  model.context, model.device)
-        sums, report, model_failed, parity = _evaluate_model(s, world, model, label, spec, dataset.sequences)
+        sums, report, model_failed, parity = _evaluate_model(s, world, model, label, checks.fingerprint(label),
+                                                             dataset.sequences)
         failed += model_failed
         parity_ok &= parity
         sums = all_reduce_sums(sums, world)
@@ -85,11 +86,11 @@ def evaluate_run(s: Settings, world: World) -> RunOutcome:
 
 
 def _evaluate_model(
-    s: Settings, world: World, model: Any, label: str, spec: str, sequences: list[EvalSequence]
+    s: Settings, world: World, model: Any, label: str, fingerprint: dict[str, Any], sequences: list[EvalSequence]
 ) -> tuple[PositionSums, dict[str, Any], list[dict[str, Any]], bool]:
     """This rank's sequences through one model, each saved when its batch ends; sums added in data order."""
-    store = _open_store(s, world, label, spec)
-    todo = [q for q in sequences if store.load(q.name, q.codes) is None]
+    store = _open_store(s, world, label, fingerprint)
+    todo = [q for q in sequences if store.load(q.name, q.codes, q.sources) is None]
     if len(todo) < len(sequences):
         log.info("resume: %d of %d sequences already done for %s", len(sequences) - len(todo), len(sequences), label)
     report: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
@@ -100,7 +101,7 @@ def _evaluate_model(
             for row in rows:
                 one = PositionSums.from_result(result.row(row))
                 per_file = compute_metrics(one, context=model.context, window=s.eval.window)["overall"]
-                store.save(todo[row].name, todo[row].codes, one, per_file)
+                store.save(todo[row].name, todo[row].codes, one, per_file, todo[row].sources)
 
         config = replace(s.eval, progress=s.progress and s.verbosity >= 0)
         evaluator = StreamingEvaluator(model, config, hooks=ttt_hooks(model))
@@ -117,7 +118,7 @@ def _evaluate_model(
     names = [f"codebook_{k}" for k in range(model.dep_q)] + [TEXT]
     sums, per_file = PositionSums.empty(names), []
     for q in sequences:  # data order, whether computed now or resumed: the same float64 additions either way
-        entry = store.load(q.name, q.codes)
+        entry = store.load(q.name, q.codes, q.sources)
         if entry is not None:
             sums = sums.add(store.sums(entry))
             per_file.append({"name": q.name, "frames": entry["frames"], **entry["metrics"]})
@@ -125,17 +126,17 @@ def _evaluate_model(
     return sums, report, failed, parity_ok
 
 
-def _open_store(s: Settings, world: World, label: str, spec: str) -> PartialStore:
+def _open_store(s: Settings, world: World, label: str, fingerprint: dict[str, Any]) -> PartialStore:
     """Rank 0 prepares OUT/partial/<label> (fresh, or checked for --resume) before the other ranks use it."""
-    store = PartialStore(s.out, label, s.fingerprint(spec), resume=s.resume) if world.is_main else None
+    store = PartialStore(s.out, label, fingerprint, resume=s.resume) if world.is_main else None
     gather(None, world)  # a barrier
-    return store or PartialStore(s.out, label, s.fingerprint(spec), resume=True)
+    return store or PartialStore(s.out, label, fingerprint, resume=True)
 
 
 def _load_data(s: Settings, model: Any, world: World) -> Dataset:
     cache_dir = s.cache_dir or str(Path(s.out) / "cache")
     dataset = load_dataset(
-        model, codes=s.codes, audio=s.audio, mimi=s.mimi,
+        model, codes=s.codes, audio=s.audio, mimi=s.mimi, invalid_tokens=s.eval.invalid_tokens,
         generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
         max_frames=s.eval.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters,
         text_fill=s.eval.text_fill, other_fill=s.eval.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,

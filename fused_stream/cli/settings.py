@@ -24,6 +24,7 @@ and its `paper_metrics` block hold many keys of other tools: there only the keys
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
@@ -72,6 +73,7 @@ class Settings:
     enabled: bool = True
     progress: bool = True
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose, 2 debug
+    threads: int | None = None  # torch's CPU threads; None: the CPUs this process may use (affinity, cgroup quota)
     config: str | None = None
 
     @property
@@ -83,17 +85,21 @@ class Settings:
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eval"}
         return {name: getattr(self.eval, name) for name in EVAL_OPTIONS} | own
 
-    def fingerprint(self, spec: str) -> dict[str, Any]:
-        """What decides a sequence's losses: a resumed run must match it (batch size, device, output do not)."""
-        own = ("ttt", "codes", "audio", "mimi", "generate", "frames", "max_files", "min_frames", "concat_chapters",
-               "dtype", "seed")
-        evaluation = ("max_frames", "text_fill", "other_fill", "chunk_size")
-        return ({"model": spec, "fused_stream": __version__} | {k: getattr(self, k) for k in own}
-                | {k: getattr(self.eval, k) for k in evaluation})
+    def fingerprint(self, model: str) -> dict[str, Any]:
+        """The options that decide the losses of `--model` entry `model` ([LABEL=]SPEC): a resumed run must match
+        them (batch size, threads, output do not). The CLI adds the content fingerprints of the model and Mimi files
+        and the resolved dtype, device type and loss backend (`cli.checks`)."""
+        label = model_label(model)
+        own = ("codes", "audio", "mimi", "generate", "frames", "max_files", "min_frames", "concat_chapters", "dtype",
+               "seed")
+        evaluation = ("max_frames", "text_fill", "other_fill", "chunk_size", "invalid_tokens", "loss_backend")
+        ttt = [options for entry_label, options in map(parse_ttt, self.ttt) if entry_label == label]
+        return ({"model": model_spec(model), "ttt": ttt, "fused_stream": __version__}
+                | {k: getattr(self, k) for k in own} | {k: getattr(self.eval, k) for k in evaluation})
 
 
 _OWN = {f.name: f for f in fields(Settings) if f.name != "eval"}
-_COUNTS = ("generate", "frames", "max_files", "min_frames", "verify_frames")
+_COUNTS = ("generate", "frames", "max_files", "min_frames", "verify_frames", "threads")
 # Options a config file may set by name: all but how the tool itself runs this time.
 _FILE_OPTIONS = (set(_OWN) | set(EVAL_OPTIONS)) - {"config", "verbosity", "progress"}
 
@@ -299,6 +305,11 @@ def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
             raise ConfigError(f"--ttt {entry!r}: {value!r} is not a number") from None
     if not options["layers"]:
         raise ConfigError(f"--ttt {entry!r}: give the layers, e.g. layers=2,3")
+    if options.get("mini_batch", 1) < 1:
+        raise ConfigError(f"--ttt {entry!r}: mb must be >= 1, got {options['mini_batch']}")
+    for key, name in (("base_lr", "lr"), ("alpha", "alpha")):
+        if not math.isfinite(options.get(key, 0.0)):
+            raise ConfigError(f"--ttt {entry!r}: {name} must be a finite number, got {options[key]}")
     return label, options
 
 

@@ -1,9 +1,11 @@
 """The codes a user hands to an evaluator: laid out in the model's streams, checked and batched before any compute.
 
 Moshi's layout: stream 0 text, streams 1..dep_q the model's own audio codebooks, the rest the user's audio.
-`layout_codes` turns audio-only codes into that layout; `check_codes` accepts a LongTensor [B, K, T] in
-`LMModel.forward` layout, or a list of [K, T_i] tensors of different lengths, and reports every problem with the
-stream, batch index and first offending position.
+`layout_codes` turns audio-only codes into that layout, refusing shapes and values that cannot be codes (a
+transposed tensor, NaN, fractions) with the same rules for the CLI's files and the API's tensors; `check_codes`
+accepts a LongTensor [B, K, T] in `LMModel.forward` layout, or a list of [K, T_i] tensors of different lengths, and
+reports every problem with the stream, batch index and first offending position; `check_tokens` is its token check
+for one file, naming the file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 INVALID_TOKEN_POLICIES = ("raise", "mask")  # what check_codes does with a token outside the model's vocabulary
 TEXT_FILLS = ("zero", "pad")  # the text stream of audio-only codes: the zero token (never scored) or text padding
 OTHER_FILLS = ("zero", "copy")  # the user's audio streams of audio-only codes: the zero token or a copy
+MIMI_MAX_CODEBOOKS = 32  # the most codebooks a Mimi has: more rows than this are not audio codes
 
 
 @dataclass
@@ -75,8 +78,8 @@ def check_codes(
         bad = _out_of_range(model, seq)
         if bad.any():
             if invalid_tokens == "raise":
-                t, k = (int(i) for i in bad.t().nonzero()[0])  # the earliest frame, then the lowest stream
-                raise ValueError(_describe_bad_token(model, int(seq[k, t]), k, b, t))
+                k, t = _first_bad(bad)
+                raise ValueError(_describe_bad_token(model, int(seq[k, t]), k, f"batch index {b}, position {t}"))
             n_masked += int(bad.sum())
             seq = seq.masked_fill(bad, model.zero_token_id)
         checked.append(seq)
@@ -103,6 +106,15 @@ def batches_by_length(lengths: list[int], batch_size: int | None) -> list[list[i
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def check_tokens(model: LMModel, codes: torch.Tensor, source: str) -> None:
+    """Raise `DataError` naming `source`, the stream and the frame of the first token of codes [K, T] (the model's
+    layout) outside the model's vocabularies: the check of `check_codes` with invalid_tokens="raise", for a file."""
+    bad = _out_of_range(model, codes.long())
+    if bool(bad.any()):
+        k, t = _first_bad(bad)
+        raise DataError(f"{source}: {_describe_bad_token(model, int(codes[k, t]), k, f'frame {t}')}")
+
+
 def _out_of_range(model: LMModel, seq: torch.Tensor) -> torch.Tensor:
     """[K, T] True where a token is neither a valid code of its stream nor the zero token."""
     upper = torch.full((seq.shape[0], 1), model.card, dtype=torch.long, device=seq.device)
@@ -110,25 +122,42 @@ def _out_of_range(model: LMModel, seq: torch.Tensor) -> torch.Tensor:
     return ((seq < 0) & (seq != model.zero_token_id)) | (seq >= upper)
 
 
-def _describe_bad_token(model: LMModel, value: int, k: int, b: int, t: int) -> str:
+def _first_bad(bad: torch.Tensor) -> tuple[int, int]:
+    """(stream, frame) of the first True of a [K, T] mask: the earliest frame, then the lowest stream."""
+    t, k = (int(i) for i in bad.t().nonzero()[0])
+    return k, t
+
+
+def _describe_bad_token(model: LMModel, value: int, k: int, where: str) -> str:
     if k == 0:
         stream, allowed = "stream 0 (text)", f"[0, text_card={model.text_card})"
     else:
         stream, allowed = f"stream {k} (audio codebook {k - 1})", f"[0, card={model.card})"
     return (
-        f"invalid token {value} in {stream}, batch index {b}, position {t}: tokens must lie in {allowed} or be "
-        f"the zero token {model.zero_token_id}; pass invalid_tokens='mask' to mask such tokens instead"
+        f"invalid token {value} in {stream}, {where}: tokens must lie in {allowed} or be the zero token "
+        f"{model.zero_token_id}; to mask such tokens instead (never scored, counted) pass --invalid-tokens mask "
+        f"(CLI) or invalid_tokens='mask' (Python)"
     )
 
 
 def layout_codes(
-    model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = ""
+    model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = "",
+    from_mimi: bool = False,
 ) -> torch.Tensor:
     """Codes [K, T] in the model's layout from the full layout (as is) or from n >= dep_q audio codebooks.
 
-    Audio codebooks: the first dep_q go to streams 1..dep_q; the text stream gets the zero token (`text_fill=
-    "zero"`, never scored) or the text padding id ("pad"); the user streams the zero token (`other_fill="zero"`)
-    or a copy of the same audio codes ("copy"). Audio tokens must lie in [0, card) or be the zero token.
+    Audio codebooks: the first dep_q go to streams 1..dep_q (more than dep_q: a warning names the source); the
+    text stream gets the zero token (`text_fill="zero"`, never scored) or the text padding id ("pad"); the user
+    streams the zero token (`other_fill="zero"`) or a copy of the same audio codes ("copy"). Audio tokens must lie
+    in [0, card) or be the zero token.
+
+    Refused with a `DataError` naming `source` (the CLI's files and the API's items alike): a shape that cannot be
+    codes [n_codebooks, T] - more rows than any Mimi has codebooks (MIMI_MAX_CODEBOOKS) unless exactly the model's
+    K streams, or more rows than frames (a sequence shorter than its number of codebooks cannot be told from a
+    transposed one) - and values that are not integers: bool or complex dtypes, NaN or infinite floats, floats
+    with a fraction, and floats too large to hold an integer exactly in their dtype. Whole-valued floats (3.0) are
+    accepted, as by the codes-file reader. `from_mimi=True` marks codes this tool has just encoded with Mimi
+    ([dep_q, T] by construction): a short file (T < dep_q) is then not taken for a transposed one.
     """
     src = source or "codes"
     if text_fill not in TEXT_FILLS:
@@ -139,14 +168,16 @@ def layout_codes(
         raise DataError(f"{src} has shape {tuple(codes.shape)}: expected [n_codebooks, T]")
     K, dep_q, zero = model.num_codebooks, model.dep_q, model.zero_token_id
     n, T = codes.shape
-    codes = codes.to(torch.int64)
+    if not from_mimi:
+        check_codes_shape(model, tuple(codes.shape), src)
+    codes = integer_codes(codes, src)
     if n == K:  # already the full layout: text and user streams are the caller's
         _check_audio_range(model, codes[1:], src, first_stream=1)
         return codes.clone()
     if n < dep_q:
         raise DataError(f"model expects dep_q={dep_q} audio codebooks (or all K={K} streams), {src} has {n}")
     if n > dep_q:
-        log.info("%s: %d codebooks, using the first dep_q=%d", src, n, dep_q)
+        log.warning("%s: %d audio codebooks, using the first dep_q=%d (the model's own audio streams)", src, n, dep_q)
     audio = codes[:dep_q]
     _check_audio_range(model, audio, src, first_stream=0)
     out = torch.full((K, T), zero, dtype=torch.int64)
@@ -161,6 +192,42 @@ def layout_codes(
             raise DataError(f"cannot copy {dep_q} audio codebooks of {src} into {n_user} user streams")
         out[1 + dep_q :] = audio[:n_user]
     return out
+
+
+def check_codes_shape(model: LMModel, shape: tuple[int, ...], src: str) -> None:
+    """Refuse a [rows, T] shape that cannot be codes [n_codebooks, T]: too many rows, or more rows than frames."""
+    n, T = shape
+    if n > MIMI_MAX_CODEBOOKS and n != model.num_codebooks:
+        raise DataError(
+            f"{src} has shape {shape}: {n} rows, more codebooks than any Mimi has ({MIMI_MAX_CODEBOOKS}) and not the "
+            f"model's K={model.num_codebooks} streams; codes are [n_codebooks, T] (transposed?)"
+        )
+    if n > T:
+        raise DataError(
+            f"{src} has shape {shape}: more rows (codebooks) than frames; codes are [n_codebooks, T] (transposed?); "
+            f"a sequence shorter than its number of codebooks is refused as it cannot be told from a transposed one"
+        )
+
+
+def integer_codes(codes: torch.Tensor, src: str) -> torch.Tensor:
+    """`codes` as int64, refusing what is not an integer: bool or complex dtypes, NaN or infinite floats, floats
+    with a fraction and floats beyond the integers their dtype holds exactly (the value may have been rounded).
+
+    Whole-valued floats (3.0) are accepted. The first offending value is named with its row and frame.
+    """
+    if codes.dtype == torch.bool or codes.is_complex():
+        raise DataError(f"{src} has dtype {codes.dtype}: codes must be integers")
+    if codes.is_floating_point():
+        finite = torch.isfinite(codes)
+        exact = round(2 / torch.finfo(codes.dtype).eps)  # 2^(mantissa bits + 1): every integer up to it is exact
+        for bad, what in [(~finite, "a non-finite value"), (finite & (codes != codes.round()), "a non-integer value"),
+                          (finite & (codes.abs() > exact), f"beyond {exact}, where {codes.dtype} stops holding every "
+                                                           "integer exactly (rounded codes?), the value")]:
+            if bool(bad.any()):
+                row, t = (int(i) for i in bad.nonzero()[0])
+                raise DataError(f"{src} holds {what} {codes[row, t].item()} at row {row}, frame {t}: codes must "
+                                f"be integers")
+    return codes.to(torch.int64)
 
 
 def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int) -> None:

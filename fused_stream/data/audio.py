@@ -3,7 +3,8 @@
 `encode_audio_file` turns one audio file into codes [num_codebooks, T] with a loaded Mimi (see `mimi`). A file is
 decoded in pieces, mixed to mono, resampled to Mimi's rate and encoded in fixed-size streaming chunks, so memory
 does not grow with its length (LibriLight long-form: 30-60 min each); the whole-file codes are cached on disk under
-a key of file content, Mimi hash and codebook count. Problems with a file raise `DataError` naming it.
+a key of file content, Mimi hash and codebook count. Problems with a file raise `DataError` naming it, among them a
+decoded length that differs from the duration the file's header declares by more than one frame (truncated).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 ENCODE_CHUNK_FRAMES = 50  # Mimi frames fed per streaming call (4 s at 12.5 Hz)
 DECODE_PIECE_SECONDS = 30  # whole seconds: piece starts then fall on exact sample indices at any sample rate
 # Bump when the audio -> codes pipeline (decoding, resampling, chunking) changes: stale cache entries then miss.
-CACHE_VERSION = "1"
+# 2: a truncated file (decoded length != the header's duration) is refused; entries made from one must not be reused.
+CACHE_VERSION = "2"
 
 
 def encode_audio_file(
@@ -111,7 +113,7 @@ def _encode(mimi: MimiModel, path: Path, stop_frames: int | None, whole: bool) -
     with inference_mode(mimi), mimi.streaming(1):
         _enlarge_encoder_caches(mimi, chunk)
         resampler: _Resampler | None = None
-        for pcm, rate in _decode_mono(path, whole):
+        for pcm, rate in _decode_mono(path, whole, tolerance_s=1 / mimi.frame_rate):
             resampler = resampler or _Resampler(rate, mimi.sample_rate)
             pending = torch.cat([pending, resampler.push(pcm)])
             while pending.numel() >= chunk and not enough():
@@ -154,28 +156,43 @@ def _enlarge_encoder_caches(mimi: MimiModel, chunk_samples: int) -> None:
                                      dtype=old.cache.dtype)
 
 
-def _decode_mono(path: Path, whole: bool) -> Iterator[tuple[torch.Tensor, int]]:
-    """(mono float32 samples, sample rate) pieces of an audio file, decoded with sphn."""
+def _decode_mono(path: Path, whole: bool, tolerance_s: float) -> Iterator[tuple[torch.Tensor, int]]:
+    """(mono float32 samples, sample rate) pieces of an audio file, decoded with sphn.
+
+    Decoding to the end checks the length against the duration the file's header declares: sphn returns what it
+    can decode of a truncated or corrupt file without an error (a 12 s FLAC cut to 0.3 s decodes 0.3 s), so a
+    difference of more than `tolerance_s` (one Mimi frame) raises `DataError`. Not checked when the caller stops
+    early (a crop): the frames kept were decoded.
+    """
     import sphn
 
     try:
         reader = sphn.FileReader(str(path))
         rate, duration = int(reader.sample_rate), float(reader.duration_sec)
+        decoded = 0
         if whole:
-            yield torch.from_numpy(reader.decode_all()).float().mean(0), rate
-            return
-        expected = DECODE_PIECE_SECONDS * rate
-        start = 0
-        while start < duration:
-            pcm = reader.decode(float(start), float(DECODE_PIECE_SECONDS))
-            if pcm.shape[-1] > expected:
-                raise _InexactSeek(f"a {DECODE_PIECE_SECONDS} s piece decoded to {pcm.shape[-1]} samples")
-            if pcm.shape[-1] == 0:
-                return
+            pcm = reader.decode_all()
+            decoded = pcm.shape[-1]
             yield torch.from_numpy(pcm).float().mean(0), rate
-            if pcm.shape[-1] < expected:
-                return
-            start += DECODE_PIECE_SECONDS
+        else:
+            expected = DECODE_PIECE_SECONDS * rate
+            start = 0
+            while start < duration:
+                pcm = reader.decode(float(start), float(DECODE_PIECE_SECONDS))
+                if pcm.shape[-1] > expected:
+                    raise _InexactSeek(f"a {DECODE_PIECE_SECONDS} s piece decoded to {pcm.shape[-1]} samples")
+                if pcm.shape[-1] == 0:
+                    break
+                decoded += pcm.shape[-1]
+                yield torch.from_numpy(pcm).float().mean(0), rate
+                if pcm.shape[-1] < expected:
+                    break
+                start += DECODE_PIECE_SECONDS
+        seconds = decoded / rate
+        if abs(seconds - duration) > tolerance_s:
+            what = "truncated or corrupt" if seconds < duration else "corrupt"
+            raise DataError(f"audio file {path} is {what}: its header declares {duration:.3f} s but {seconds:.3f} s "
+                            f"decode (more than one frame, {tolerance_s:.3f} s, apart)")
     except (DataError, _InexactSeek):
         raise
     except Exception as exc:  # sphn raises plain ValueError/OSError for corrupt or unsupported files

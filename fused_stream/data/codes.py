@@ -10,6 +10,7 @@ own audio codebooks, the rest the user's audio; laying file codes out so is `cor
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
+from ..core.inputs import integer_codes
 from ..errors import DataError, one_line
-from .librilight import natural_key
+from .librilight import list_files, natural_key
+
+log = logging.getLogger(__name__)
 
 CODES_SUFFIXES = (".pt", ".npy", ".safetensors")
 
@@ -91,7 +95,12 @@ def _single_tensor(obj: Any, path: Path) -> torch.Tensor:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "iuf":
             raise DataError(f"codes file {path} has dtype {obj.dtype}: codes must be integers")
-        obj = torch.from_numpy(obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64))
+        if obj.dtype.kind != "f":
+            obj = obj.astype(np.int64)
+        elif obj.dtype.itemsize > 8:  # long double: torch has none
+            obj = obj.astype(np.float64)
+        # Floats keep their dtype: float16 codes above 2048 were rounded when written, and `integer_codes` says so.
+        obj = torch.from_numpy(np.ascontiguousarray(obj))
     if not isinstance(obj, torch.Tensor):
         raise DataError(f"codes file {path} holds a {type(obj).__name__}, not a tensor of codes")
     return obj
@@ -103,25 +112,31 @@ def _as_codes(codes: torch.Tensor, path: Path) -> torch.Tensor:
         codes = codes[0]
     if codes.dim() != 2 or codes.numel() == 0:
         raise DataError(f"codes file {path} has shape {shape}: expected [n_codebooks, T] (or [1, n_codebooks, T])")
-    if codes.dtype == torch.bool or codes.is_complex():
-        raise DataError(f"codes file {path} has dtype {codes.dtype}: codes must be integers")
-    if codes.is_floating_point():
-        if not bool(torch.isfinite(codes).all()) or not torch.equal(codes, codes.round()):
-            raise DataError(f"codes file {path} (shape {shape}) holds non-integer {codes.dtype} values")
-    return codes.to(torch.int64)
+    return integer_codes(codes, f"codes file {path}")  # the API's rules, in `layout_codes`, exactly
 
 
 def codes_files(path: str | Path) -> list[Path]:
-    """A codes file → [it]; a directory → its .pt/.npy/.safetensors files (not recursive), natural order."""
+    """A codes file → [it]; a directory → its .pt/.npy/.safetensors files (not recursive), natural order.
+
+    Why not recursive: an output folder inside the data folder (partial results are .pt files, cached codes
+    .safetensors) must never be read as data. Codes files in sub-directories (real or symlinked: followed, each
+    real directory once) are not read, and a warning lists those sub-directories.
+    """
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"codes path {path} does not exist")
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CODES_SUFFIXES]
+    found = list_files(path, CODES_SUFFIXES, what="codes")
+    files = [p for p in found if p.parent == path]
+    nested = sorted({p.relative_to(path).parts[0] for p in found if p.parent != path}, key=natural_key)
+    if nested:
+        log.warning("codes directory %s: %d codes files in sub-directories are NOT read (a codes directory is not "
+                    "recursive; pass each directory): %s", path, len(found) - len(files), ", ".join(nested))
     if not files:
-        raise DataError(f"codes directory {path} holds no {'/'.join(CODES_SUFFIXES)} files")
-    return sorted(files, key=lambda p: natural_key(p.name))
+        hint = f" (only in its sub-directories {', '.join(nested)})" if nested else ""
+        raise DataError(f"codes directory {path} holds no {'/'.join(CODES_SUFFIXES)} files{hint}")
+    return files
 
 
 def codes_file_frames(path: Path) -> int:

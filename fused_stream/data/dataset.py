@@ -22,7 +22,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..core.config import EvalConfig
-from ..core.inputs import crop_frames, layout_codes
+from ..core.inputs import INVALID_TOKEN_POLICIES, check_tokens, crop_frames, layout_codes
 from ..errors import DataError, one_line
 from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
@@ -82,7 +82,7 @@ def load_dataset(
     model: LMModel, *, codes: str | Path | None = None, audio: str | Path | None = None,
     mimi: str | Path | None = None, generate: int | None = None, frames: int | None = None,
     max_frames: int | None = _LAYOUT.max_frames, concat_chapters: bool = False, text_fill: str = _LAYOUT.text_fill,
-    other_fill: str = _LAYOUT.other_fill,
+    other_fill: str = _LAYOUT.other_fill, invalid_tokens: str = _LAYOUT.invalid_tokens,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
     max_files: int | None = None, on_error: str = "raise", min_frames: int = 1, shard: tuple[int, int] | None = None,
 ) -> Dataset:
@@ -91,8 +91,11 @@ def load_dataset(
     `max_frames` crops every sequence; with `concat_chapters` each LibriLight book (speaker/book) is one sequence
     of its chapters in natural order, else each file is one. `max_files` keeps the first N of the full list. A
     sequence shorter than `min_frames` (before the crop), or with a bad file, raises `DataError` (`on_error=
-    "raise"`) or is recorded in `failed` ("collect"). `shard=(rank, world_size)` loads this rank's share only
-    (`assign_shards` over lengths estimated without encoding). Configuration errors raise in both modes.
+    "raise"`) or is recorded in `failed` ("collect"). A token outside the model's vocabularies is such a bad file
+    with `invalid_tokens="raise"` (the error names the file, stream and frame; checked here, as `check_codes` does
+    later); with "mask" the sequence loads as it is and the evaluator masks and counts those tokens.
+    `shard=(rank, world_size)` loads this rank's share only (`assign_shards` over lengths estimated without
+    encoding). Configuration errors raise in both modes.
     """
     if sum(x is not None for x in (codes, audio, generate)) != 1:
         raise DataError("give exactly one of --codes, --audio, --generate")
@@ -103,9 +106,11 @@ def load_dataset(
         raise DataError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise DataError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+    if invalid_tokens not in INVALID_TOKEN_POLICIES:
+        raise DataError(f"invalid_tokens must be one of {', '.join(INVALID_TOKEN_POLICIES)}, got {invalid_tokens!r}")
     fill = {"text_fill": text_fill, "other_fill": other_fill}
-    if generate is None:  # a one-frame probe raises bad fill options here, so "collect" never blames a file
-        layout_codes(model, torch.zeros(model.dep_q, 1, dtype=torch.int64), **fill)
+    if generate is None:  # a probe raises bad fill options here, so "collect" never blames a file
+        layout_codes(model, torch.zeros(model.dep_q, model.dep_q, dtype=torch.int64), **fill)
     load: _Loader
     if generate is not None:
         if frames is None:
@@ -142,6 +147,8 @@ def load_dataset(
         for item in owned:
             try:
                 seq, used = load(item, bar)
+                if invalid_tokens == "raise":
+                    check_tokens(model, seq, ", ".join(map(str, item.files)) or item.name)
                 short = seq.shape[1] < min_frames
                 reason = f"{seq.shape[1]} frames, shorter than --min-frames {min_frames}" if short else None
             except DataError as exc:
@@ -177,7 +184,10 @@ def _audio_items(
     mimi, mimi_hash = load_mimi(mimi_path, model.dep_q, device)
     if mimi.channels != 1:  # else every file would fail alike in "collect" mode
         raise DataError(f"Mimi with {mimi.channels} channels is not supported: audio is mixed down to mono")
-    groups = group_chapters(files, base) if concat_chapters else [(relative_name(f, base), [f]) for f in files]
+    if concat_chapters and root.is_dir():  # a LibriLight root, a speaker's or a book's folder: books by chapters
+        groups = group_chapters(files, base)
+    else:
+        groups = [(relative_name(f, base), [f]) for f in files]
     groups = groups[:max_files]
     import sphn
 
@@ -207,6 +217,6 @@ def _audio_items(
                 reason = f"{type(exc).__name__}: {one_line(exc)}"
                 raise DataError(f"audio file {chapter} cannot be encoded: {reason}") from exc
             bar.update(1)
-        return layout_codes(model, torch.cat(parts, dim=1), source=item.name, **fill), used
+        return layout_codes(model, torch.cat(parts, dim=1), source=item.name, from_mimi=True, **fill), used
 
     return items, load

@@ -9,11 +9,16 @@ on every machine and every rank. Nothing here decodes audio (that is `audio`); a
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, one_line
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
 
@@ -28,28 +33,91 @@ def _path_key(path: Path) -> list[list[Any]]:
 
 
 def audio_files(root: str | Path) -> list[Path]:
-    """A file → [it]; a directory → its .flac/.wav/.mp3/.ogg files, recursively, in natural path order."""
+    """A file → [it]; a directory → its .flac/.wav/.mp3/.ogg files, recursively, in natural path order.
+
+    Symlinked sub-directories are followed, each real directory listed once (`list_files`).
+    """
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise DataError(f"audio path {root} does not exist")
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+    files = list_files(root, AUDIO_SUFFIXES, what="audio")
     if not files:
         raise DataError(f"audio directory {root} holds no {'/'.join(AUDIO_SUFFIXES)} files")
+    return files
+
+
+def list_files(root: Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """Files under directory `root` whose suffix (any case) is in `suffixes`, recursively, in natural path order.
+
+    Why not `Path.rglob`: up to Python 3.12 it does not descend into symlinked directories, so their files would
+    be skipped without a word. Here symlinked directories are followed, and each real directory (device, inode) is
+    listed once, breadth first (a shallower path wins; siblings in natural order): a link loop neither hangs nor
+    repeats files. What is left out - a directory already listed under another path, an unreadable directory, a
+    dangling link with a listed suffix - is logged in one warning with the reason. Paths keep the names they were
+    reached by (a file in root/link/ is root/link/file), so names relative to `root` follow the links.
+    """
+    listed: dict[tuple[int, int], Path] = {}
+    files: list[Path] = []
+    skipped: list[str] = []
+    queue = deque([root])
+    while queue:
+        directory = queue.popleft()
+        try:
+            stat = directory.stat()
+            key = (stat.st_dev, stat.st_ino)
+            if key in listed:
+                skipped.append(f"{directory} (the same directory as {listed[key]}: listed once)")
+                continue
+            listed[key] = directory
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: natural_key(e.name))
+        except OSError as exc:
+            skipped.append(f"{directory} (unreadable: {one_line(exc)})")
+            continue
+        for entry in entries:
+            path = directory / entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                is_file = not is_dir and entry.is_file()
+            except OSError as exc:
+                skipped.append(f"{path} ({one_line(exc)})")
+                continue
+            if is_dir:
+                queue.append(path)
+            elif path.suffix.lower() in suffixes:
+                if is_file:
+                    files.append(path)
+                elif entry.is_symlink():
+                    skipped.append(f"{path} (a link to nothing)")
+    if skipped:
+        log.warning("listing %s files under %s, skipped %d: %s", what, root, len(skipped), "; ".join(skipped))
     return sorted(files, key=_path_key)
 
 
 def group_chapters(files: list[Path], root: Path) -> list[tuple[str, list[Path]]]:
-    """LibriLight's root/speaker/book/chapter files grouped into ("speaker/book", chapters in natural order).
+    """Chapters grouped into books ("speaker/book", chapters in natural order), whichever LibriLight level `root` is.
 
-    Files outside that layout each form their own group, named by `relative_name`.
+    LibriLight stores root/speaker/book/chapter files. `root` may be that root, one speaker's folder or one book's
+    folder: the level is read from how deep the files lie. If any file lies 3 levels below `root` it is the
+    LibriLight root and those files group by their "speaker/book" path; else if any lies 2 levels below it is a
+    speaker folder and those files group by book, named "<root's name>/book"; else (all directly in `root`) it is
+    one book folder, named "<root's parent's name>/<root's name>". A book is thus named alike from each level.
+    Files at other depths each form their own group, named by `relative_name`.
     """
+    rels = [(file, _relative(file, root)) for file in files]
+    depth = next((d for d in (3, 2, 1) if any(len(rel.parts) == d for _, rel in rels)), 0)
+    names = Path(os.path.abspath(root)).parts[1:]  # without the anchor: "/data/ll/103" -> ("data", "ll", "103")
+    prefix = list(names[max(len(names) - (3 - depth), 0):]) if depth < 3 else []  # the levels above `root`
     groups: dict[str, list[Path]] = {}
-    for file in files:
-        rel = _relative(file, root)
-        name = "/".join(rel.parts[:2]) if len(rel.parts) == 3 else _stem_name(rel)
+    for file, rel in rels:
+        book = "/".join([*prefix, *rel.parts[:-1]]) if len(rel.parts) == depth else ""
+        name = book or _stem_name(rel)
         groups.setdefault(name, []).append(file)
+    level = {3: "a LibriLight root", 2: "a speaker folder", 1: "a book folder"}.get(depth)
+    if level:
+        log.info("grouping chapters into books: %s is %s", root, level)
     return [(name, sorted(groups[name], key=lambda p: natural_key(p.name)))
             for name in sorted(groups, key=natural_key)]
 

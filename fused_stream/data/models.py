@@ -16,6 +16,8 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 
+from ..errors import one_line
+
 # Moshi's stream layout: text, 8 Moshi audio codebooks, 8 user audio codebooks; acoustic codebooks delayed by 1.
 MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 
@@ -110,8 +112,38 @@ def load_model(
     try:
         model = loaders.get_moshi_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     except Exception as exc:  # a corrupt file or a config that does not match the weights
-        raise ValueError(f"could not load the moshi checkpoint {str(weights)!r}: {exc}") from exc
+        reason = _shape_mismatch(weights, lm_kwargs) or one_line(exc)
+        raise ValueError(f"could not load the moshi checkpoint {str(weights)!r}: {reason}") from exc
     return model.eval()
+
+
+def _shape_mismatch(weights: Path, lm_kwargs: dict[str, Any] | None) -> str | None:
+    """One line naming the first tensors whose shapes differ between the checkpoint's safetensors header and the
+    model its config builds (on the meta device: no memory), and the names only one side has; None when that
+    cannot be told (not safetensors, unreadable, a config moshi cannot build) or nothing differs."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        built = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.float32)
+        expected = {name: tuple(t.shape) for name, t in built.state_dict().items()}
+    except Exception:  # the diagnosis is best effort: the loader's own message stands
+        return None
+    config = "moshi's default 7B configuration" if lm_kwargs is None else "its config.json"
+    parts = []
+    differ = [name for name in expected if name in stored and stored[name] != expected[name]]
+    if differ:
+        shown = ", ".join(f"{n} {list(stored[n])} in the checkpoint vs {list(expected[n])} in the model" for n in
+                          differ[:2])
+        parts.append(f"{len(differ)} tensors differ in shape from the model built from {config}, first {shown}")
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        parts.append(f"{len(missing)} model tensors missing from the checkpoint, first {', '.join(missing[:2])}")
+    unexpected = [name for name in stored if name not in expected]
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint tensors not in the model, first {', '.join(unexpected[:2])}")
+    return "; ".join(parts) or None
 
 
 def save_checkpoint(model: LMModel, directory: str | Path, lm_kwargs: dict[str, Any]) -> Path:

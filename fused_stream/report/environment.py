@@ -8,10 +8,12 @@ exception, because it runs after the evaluation and must not cost its results.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import re
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
         "device_name": _device_name(device),
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
+        "cpus_available": available_cpus(),  # what this process may use: affinity and cgroup quota
+        "threads": torch.get_num_threads(),  # torch's intra-op threads during the run
         "git_commit": git_commit(),
     }
 
@@ -81,3 +85,106 @@ def git_commit(cwd: str | Path | None = None, timeout: float = 5.0) -> str | Non
         return None
     commit = done.stdout.strip()
     return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def available_cpus(cgroup_root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> int:
+    """The CPUs this process may actually use: its affinity mask, capped by a cgroup CPU quota (v2 `cpu.max` of
+    its cgroup and every ancestor, or v1 `cpu.cfs_quota_us`), rounded up; at least 1.
+
+    `os.cpu_count()` counts the machine's CPUs; a container or `taskset` may grant far fewer, and a thread pool
+    sized to the machine then fights itself for the few it has.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root), Path(proc_cgroup))
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """CPUs' worth of quota of this process's cgroup (the tightest along its path); None if unlimited or unknown."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # cgroup v2: "0::/path"
+            folder = root / rel.lstrip("/")
+            while True:
+                quotas.append(_v2_quota(folder / "cpu.max"))
+                if folder == root or root not in folder.parents:
+                    break
+                folder = folder.parent
+        elif "cpu" in controllers.split(","):  # cgroup v1: "N:cpu,cpuacct:/path"
+            for base in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                if base.is_dir():
+                    folder = base / rel.lstrip("/")
+                    quotas.append(_v1_quota(folder if folder.is_dir() else base))
+                    break
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def idle_cpus(interval: float = 0.15, stat: str | Path = "/proc/stat") -> float | None:
+    """How many of this process's CPUs (its affinity mask) sat idle over the next `interval` seconds, from the
+    kernel's per-CPU counters; None where they cannot be read (not Linux).
+
+    A CPU another process keeps busy is allowed but not available: a thread pool that counts it gets only a slice
+    of it, and every parallel region then waits for that thread (on a 2-CPU machine with one CPU busy, 2 threads
+    ran the demo 250x slower than 1).
+    """
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    first = _cpu_times(Path(stat))
+    if not first:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(Path(stat))
+    idle = 0.0
+    for cpu in allowed:
+        if cpu not in first or cpu not in second:
+            continue
+        (idle0, total0), (idle1, total1) = first[cpu], second[cpu]
+        if total1 > total0:
+            idle += (idle1 - idle0) / (total1 - total0)
+    return idle
+
+
+def _cpu_times(stat: Path) -> dict[int, tuple[int, int]]:
+    """{cpu: (idle + iowait ticks, all ticks)} from /proc/stat; {} if unreadable."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return {}
+    times = {}
+    for line in lines:
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 5 and all(v.isdigit() for v in fields[:8]):
+            values = [int(v) for v in fields[:8]]
+            times[int(name[3:])] = (sum(values[3:5]), sum(values))
+    return times

@@ -1,7 +1,9 @@
 """The stdout summary: a fixed-width text table, one column per model, of the numbers a reader looks at first.
 
-Absent or non-finite values show as "—" rather than failing or printing "nan": a run without text, without a
-24k-frame window or without memory samples still gets its table.
+Absent or non-finite values show as "—" rather than failing or printing "nan": a run without text or without memory
+samples still gets its table. A `librilight_loss_{8,16,24}k` row that no run reaches (sequences shorter than
+8k, 16k or 24k frames) is left out rather than shown empty. "frames (total)" is the sum of the evaluated
+sequences' lengths (from the per-file report), not the longest one.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ def summary_table(runs: list[ModelRun]) -> str:
     """A fixed-width text table, one column per model, for stdout. Absent or non-finite values show as "—"."""
     has_text = any("text" in (run.metrics.get("overall") or {}) for run in runs)
     rows: list[tuple[str, Callable[[ModelRun], str]]] = [
-        ("frames", lambda r: _fmt(r.metrics.get("frames"), "{:,}")),
+        ("frames (total)", lambda r: _fmt(total_frames(r), "{:,}")),
         ("sequences", lambda r: _fmt(r.metrics.get("n_sequences"), "{:,}")),
         ("loss combined", lambda r: _fmt((r.metrics.get("overall") or {}).get("combined"), "{:.4f}")),
     ]
     if has_text:
         rows.append(("loss text", lambda r: _fmt((r.metrics.get("overall") or {}).get("text"), "{:.4f}")))
     for key in ("librilight_loss_8k", "librilight_loss_16k", "librilight_loss_24k"):
-        rows.append((key, lambda r, key=key: _fmt((r.metrics.get("flat") or {}).get(key), "{:.4f}")))
+        def flat(r: ModelRun, key: str = key) -> str:
+            return _fmt((r.metrics.get("flat") or {}).get(key), "{:.4f}")
+
+        if any(flat(run) != _DASH for run in runs):  # a row no run reaches says nothing
+            rows.append((key, flat))
     rows += [
         ("librilight_slope", lambda r: _fmt((r.metrics.get("flat") or {}).get("librilight_slope"), "{:+.5f}")),
         ("frames/s", lambda r: _fmt(r.driver_report.get("frames_per_second"), "{:,.1f}")),
@@ -44,6 +50,15 @@ def summary_table(runs: list[ModelRun]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule] + [line(row) for row in body])
+
+
+def total_frames(run: ModelRun) -> int | None:
+    """Frames evaluated in all, over every sequence (and every rank); None when the run lists no per-file report."""
+    reports = run.driver_report.get("ranks") or [run.driver_report]
+    files = [f for report in reports if isinstance(report, dict) for f in (report.get("per_file") or [])]
+    if not files:
+        return None
+    return sum(int(f.get("frames") or 0) for f in files)
 
 
 def _fmt(value: Any, spec: str) -> str:

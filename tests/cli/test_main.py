@@ -29,6 +29,8 @@ def test_default_demo_writes_every_output(tmp_path, capsys):
     assert main(["--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "synthetic demo" in stdout and "--audio" in stdout and "tiny" in stdout
+    assert "librilight_loss" not in stdout  # 200 frames reach no 8k/16k/24k window: no empty rows
+    assert [row.split()[-1] for row in stdout.splitlines() if row.startswith("frames (total)")] == ["800"]
     results = _strict_json(out / "results.json")
     for key in ("config", "environment", "data", "models", "seed"):
         assert key in results
@@ -217,7 +219,10 @@ def test_the_finetune_blocks_audio_dir_selects_the_audio(tmp_path, librilight, m
     assert results["config"]["audio"] == str(librilight) and results["config"]["max_frames"] == 30
 
 
-def test_mimi_card_mismatch_exits_2(tmp_path, librilight, tmp_path_factory, capsys):
+def test_mimi_card_mismatch_exits_2(tmp_path, librilight, tmp_path_factory, capsys, monkeypatch):
+    import fused_stream.cli.run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", None)  # checked before any model loads
     wrong = _mimi(tmp_path_factory, 128)
     out = tmp_path / "out"
     assert main(["--audio", str(librilight), "--mimi", str(wrong), "--out", str(out)]) == 2
@@ -270,14 +275,16 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model, make_codes
     saved = len(list(partial.glob("*.pt")))
     assert 1 <= saved < 6, "the kill should land mid-run"
     assert not (out / "results.json").exists()
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # a killed run cannot clean up ...
     subprocess.run(_cli(*common, "--out", str(out), "--resume"), check=True, env=env, timeout=600)
+    assert not (out / ".lock").exists()  # ... and its stale lock is taken over
     resumed, expected = _strict_json(out / "results.json"), _strict_json(whole / "results.json")
     assert resumed["models"][0]["report"]["resumed_sequences"] == saved
     assert resumed["models"][0]["metrics"] == expected["models"][0]["metrics"]  # bit-identical float64 sums
     assert resumed["data"] == expected["data"]
 
 
-def test_sigterm_stops_and_says_how_to_resume(tmp_path, tiny_model, make_codes):
+def test_sigterm_stops_and_says_how_to_resume(tmp_path, tiny_model, make_codes, capsys):
     import os
     import signal
     import time
@@ -290,11 +297,16 @@ def test_sigterm_stops_and_says_how_to_resume(tmp_path, tiny_model, make_codes):
     deadline = time.time() + 300
     while time.time() < deadline and not list(partial.glob("*.pt")) and proc.poll() is None:
         time.sleep(0.02)
+    saved = sorted(partial.glob("*.pt"))
+    assert main(["--codes", str(data), "--out", str(out), "-q", "--resume"]) == 2  # a second run on the same --out
+    assert f"pid {proc.pid}" in capsys.readouterr().err
+    assert sorted(partial.glob("*.pt"))[: len(saved)] == saved
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in err and "SIGTERM" in err
     assert not (out / "results.json").exists() and list(partial.glob("*.pt"))
+    assert not (out / ".lock").exists()
 
 
 def test_a_corrupt_file_among_good_ones_is_recorded_and_the_rest_evaluated(tmp_path, tiny_model, make_codes, capsys):
@@ -358,3 +370,131 @@ def test_ttt_option_errors(tmp_path, capsys):
     assert main(["--ttt", "nobody:layers=1", "--out", str(tmp_path)]) == 2
     assert "no --model is labelled 'nobody'" in capsys.readouterr().err
     assert main(["--ttt", "tiny:layers=1,mb=x", "--out", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# No silent wrong numbers: --resume trusts content, not paths; labels never share a folder; start-up and threads
+# --------------------------------------------------------------------------------------------------------------
+def test_resume_refuses_a_checkpoint_overwritten_at_the_same_path(tmp_path, capsys):
+    from fused_stream.data.models import load_model, preset_config, save_checkpoint
+
+    ckpt = save_checkpoint(load_model("tiny", device="cpu", seed=0), tmp_path / "ckpt", preset_config("tiny"))
+    out = tmp_path / "out"
+    argv = ["--model", f"m={ckpt}", "--generate", "2", "--frames", "20", "--out", str(out), "-q", "--no-verify"]
+    assert main(argv) == 0
+    assert main(argv + ["--resume"]) == 0  # the same file: resumed
+    assert _strict_json(out / "results.json")["models"][0]["report"]["resumed_sequences"] == 2
+    before = (out / "results.json").read_bytes()
+    save_checkpoint(load_model("tiny", device="cpu", seed=1), ckpt, preset_config("tiny"))  # other weights
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_weights" in err and "changed" in err
+    assert (out / "results.json").read_bytes() == before
+    assert main(argv) == 0 and _strict_json(out / "results.json")["models"][0]["report"]["resumed_sequences"] == 0
+
+
+def test_resume_refuses_a_mimi_overwritten_at_the_same_path(tmp_path, librilight, capsys):
+    from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+
+    config = small_mimi_config(card=64)
+    mimi = save_mimi_checkpoint(random_mimi(config, seed=0), tmp_path / "mimi", config)
+    out = tmp_path / "out"
+    argv = ["--audio", str(librilight), "--mimi", str(mimi), "--max-frames", "12", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    save_mimi_checkpoint(random_mimi(config, seed=1), mimi, config)
+    assert main(argv + ["--resume"]) == 2
+    assert "mimi_checkpoint" in capsys.readouterr().err
+
+
+def test_a_cache_dir_that_is_a_file_fails_before_any_model_or_encoding(tmp_path, librilight, mimi_ckpt, capsys,
+                                                                       monkeypatch, encode_calls):
+    import fused_stream.cli.run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", None)
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    out = tmp_path / "out"
+    assert main(["--audio", str(librilight), "--mimi", str(mimi_ckpt), "--cache-dir", str(cache),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cache-dir" in err and len(err.splitlines()) == 1 and not out.exists() and encode_calls == []
+
+
+def test_labels_that_look_alike_on_disk_resume_their_own_results(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", "a b=tiny", "--model", "a_b=tiny", "--ttt", "a_b:layers=0", "--generate", "2",
+            "--frames", "20", "--out", str(out), "-q", "--no-verify"]
+    assert main(argv) == 0
+    fresh = {m["label"]: m["metrics"] for m in _strict_json(out / "results.json")["models"]}
+    assert fresh["a b"] != fresh["a_b"]  # with and without TTT
+    assert main(argv + ["--resume"]) == 0
+    resumed = _strict_json(out / "results.json")["models"]
+    assert [m["report"]["resumed_sequences"] for m in resumed] == [2, 2]
+    assert {m["label"]: m["metrics"] for m in resumed} == fresh
+
+
+def test_ctrl_c_while_importing_prints_one_line_and_exits_130():
+    import signal
+    import time
+
+    proc = subprocess.Popen(_cli("--help"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # inside the imports of torch and moshi (seconds)
+    if proc.poll() is not None:
+        pytest.skip("the imports finished before the signal could be sent")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0 and "usage" in out:
+        pytest.skip("the imports finished before the signal arrived")
+    if proc.returncode == -signal.SIGINT and "fused_stream" not in err:  # a loaded machine: still in Python's start
+        pytest.skip("the signal arrived before the package began to import")
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["interrupted while starting: nothing was evaluated or written"]
+
+
+@pytest.fixture
+def keep_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_are_set_once_and_recorded(tmp_path, keep_torch_threads, monkeypatch):
+    import fused_stream.cli.main as cli_main
+
+    out = tmp_path / "out"
+    assert main(["--generate", "1", "--frames", "8", "--threads", "1", "--out", str(out), "-q"]) == 0
+    results = _strict_json(out / "results.json")
+    assert results["environment"]["threads"] == 1 and results["config"]["threads"] == 1
+    assert results["environment"]["cpus_available"] >= 1
+    assert main(["--threads", "0", "--out", str(out)]) == 2
+    monkeypatch.setattr(cli_main, "available_cpus", lambda: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli_main.auto_threads() == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli_main.auto_threads() == 3
+
+
+def test_threads_on_busy_cpus_are_warned_about_not_changed(keep_torch_threads, monkeypatch, caplog):
+    """The thread count changes the last bits of the losses: it must not follow the load of other processes."""
+    import logging
+
+    import fused_stream.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "idle_cpus", lambda: 1.0)  # one of four CPUs idle
+    with caplog.at_level(logging.WARNING, logger="fused_stream.eval"):
+        assert cli_main.set_threads(4) == 4 and torch.get_num_threads() == 4
+        cli_main.warn_busy_cpus(4)
+    assert "--threads 1" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(cli_main, "idle_cpus", lambda: 3.9)
+    with caplog.at_level(logging.WARNING, logger="fused_stream.eval"):
+        cli_main.warn_busy_cpus(4)
+    assert caplog.text == ""
+
+
+def test_bad_input_is_one_line_even_on_busy_cpus(tmp_path, capsys, monkeypatch):
+    import fused_stream.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "idle_cpus", lambda: 0.1)
+    assert main(["--codes", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

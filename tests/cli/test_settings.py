@@ -124,6 +124,15 @@ def test_fingerprint_reads_the_evaluation_options():
     assert a.as_dict()["chunk_size"] == 1 and a.as_dict()["dtype"] == "auto" and "eval" not in a.as_dict()
 
 
+def test_fingerprint_holds_this_models_ttt_and_the_invalid_token_policy():
+    s = settings_for(["--model", "a=tiny", "--model", "b=tiny", "--ttt", "b:layers=1,mb=4"])
+    assert s.fingerprint("a=tiny")["ttt"] == []  # another model's TTT changes none of this one's numbers
+    assert s.fingerprint("b=tiny")["ttt"] == [{"layers": [1], "mini_batch": 4}]
+    assert s.fingerprint("a=tiny")["model"] == "tiny"
+    assert settings_for(["--invalid-tokens", "mask"]).fingerprint("tiny")["invalid_tokens"] == "mask"
+    assert settings_for(["--threads", "3"]).fingerprint("tiny") == settings_for([]).fingerprint("tiny")
+
+
 FINETUNE_BLOCK = {
     "librilight_audio_dir": "/data/librilight", "librilight_max_files": 3, "librilight_concat_chapters": True,
     "librilight_chunk_size": 8, "librilight_batch_size": "auto", "librilight_window": 100, "other_metric": 1,

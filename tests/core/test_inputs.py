@@ -401,15 +401,15 @@ def test_first_offending_position_is_the_earliest_frame(model, entry):
 @pytest.mark.parametrize("text_fill, text_value", [("zero", -1), ("pad", 3)])
 @pytest.mark.parametrize("other_fill", ["zero", "copy"])
 def test_layout_of_audio_codebooks(tiny_model, text_fill, text_value, other_fill):
-    audio = audio_codes(T=6)
-    expected = torch.full((K, 6), -1, dtype=torch.long)  # built by hand: text row, 8 Moshi rows, 8 user rows
+    audio = audio_codes(T=16)
+    expected = torch.full((K, 16), -1, dtype=torch.long)  # built by hand: text row, 8 Moshi rows, 8 user rows
     expected[0] = text_value
     expected[1:9] = audio
     if other_fill == "copy":
         expected[9:17] = audio
     out = layout_codes(tiny_model, audio, text_fill=text_fill, other_fill=other_fill)
     assert out.dtype == torch.int64 and torch.equal(out, expected)
-    more = torch.cat([audio, audio_codes(n=4, T=6, seed=9)])  # extra codebooks beyond dep_q are dropped
+    more = torch.cat([audio, audio_codes(n=4, T=16, seed=9)])  # extra codebooks beyond dep_q are dropped
     assert torch.equal(layout_codes(tiny_model, more, text_fill=text_fill, other_fill=other_fill), expected)
 
 
@@ -437,3 +437,90 @@ def test_layout_errors(tiny_model):
         layout_codes(tiny_model, audio_codes(), text_fill="blank")
     with pytest.raises(DataError, match="other-stream fill"):
         layout_codes(tiny_model, audio_codes(), other_fill="noise")
+
+
+# --- layout_codes: shapes and values that cannot be codes, refused alike for files (CLI) and tensors (API) ----------
+
+
+def test_transposed_codes_are_refused(tiny_model):
+    audio = audio_codes(T=300)
+    for shape_source in (audio.T, audio_codes(T=20).T):  # [300, 8]: too many rows; [20, 8]: more rows than frames
+        with pytest.raises(DataError, match=r"f\.npy has shape .*\(transposed\?\)") as info:
+            layout_codes(tiny_model, shape_source, source="f.npy")
+        assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match=r"\(17, 12\): more rows .*than frames.*transposed\?"):
+        layout_codes(tiny_model, full_codes(T=12))  # the full layout's rows count too: 17 streams, 12 frames
+    assert layout_codes(tiny_model, full_codes(T=17)).shape == (K, 17)  # as many frames as rows: accepted
+    assert torch.equal(layout_codes(tiny_model, audio)[1:9], audio)
+    short = audio_codes(T=3)  # a short file this tool encoded itself: Mimi's [dep_q, T], whatever T
+    assert torch.equal(layout_codes(tiny_model, short, from_mimi=True)[1:9], short)
+    with pytest.raises(DataError, match="transposed"):
+        layout_codes(tiny_model, short)
+
+
+def test_more_rows_than_any_mimi_unless_exactly_the_models_streams():
+    from types import SimpleNamespace
+
+    from fused_stream.core.inputs import MIMI_MAX_CODEBOOKS, check_codes_shape
+
+    assert MIMI_MAX_CODEBOOKS == 32
+    wide = SimpleNamespace(num_codebooks=33)  # a model with 16 audio codebooks per speaker: K = 33 > 32
+    check_codes_shape(wide, (33, 100), "x")  # exactly the model's full layout
+    check_codes_shape(wide, (32, 100), "x")  # every codebook of a 32-codebook Mimi
+    with pytest.raises(DataError, match=r"x has shape \(34, 100\): 34 rows, more codebooks than any Mimi has \(32\)"):
+        check_codes_shape(wide, (34, 100), "x")
+
+
+def test_extra_codebooks_are_a_warning_naming_the_source(tiny_model, caplog):
+    wider = audio_codes(n=12, T=24)
+    with caplog.at_level("WARNING", logger="fused_stream.core.inputs"):
+        out = layout_codes(tiny_model, wider, source="f.npy")
+    assert torch.equal(out[1:9], wider[:8])
+    (record,) = [r for r in caplog.records if "f.npy" in r.getMessage()]
+    assert record.levelname == "WARNING" and "12 audio codebooks, using the first dep_q=8" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(2.5, r"a non-integer value 2\.5 at row 3, frame 7"), (float("nan"), "a non-finite value nan at row 3, frame 7"),
+     (float("-inf"), "a non-finite value -inf at row 3, frame 7")],
+)
+def test_non_integer_and_non_finite_values_are_refused(tiny_model, value, message):
+    codes = audio_codes(T=24).double()
+    codes[3, 7] = value
+    codes[5, 9] = value  # later: not the one named
+    with pytest.raises(DataError, match=rf"^f\.npy holds {message}: codes must be integers$"):
+        layout_codes(tiny_model, codes, source="f.npy")
+
+
+def test_whole_floats_are_accepted_and_floats_that_lost_integers_refused(tiny_model):
+    from fused_stream.core.inputs import integer_codes
+
+    codes = audio_codes(T=24)
+    assert torch.equal(layout_codes(tiny_model, codes.float()), layout_codes(tiny_model, codes))
+    full = full_codes()
+    assert torch.equal(layout_codes(tiny_model, full.double()), full)  # the zero token -1.0 included
+    for dtype, limit in [(torch.float16, 2048), (torch.bfloat16, 256)]:
+        big = torch.zeros(2, 3, dtype=dtype)
+        big[1, 2] = 2 * limit  # a whole number in the dtype, but integers above `limit` were rounded to get there
+        with pytest.raises(DataError, match=rf"y holds beyond {limit}, where {dtype} stops .* at row 1, frame 2"):
+            integer_codes(big, "y")
+        big[1, 2] = limit
+        assert integer_codes(big, "y")[1, 2] == limit
+    with pytest.raises(DataError, match="dtype torch.bool"):
+        layout_codes(tiny_model, torch.ones(8, 24, dtype=torch.bool))
+
+
+def test_the_api_refuses_what_the_cli_refuses(tiny_model):
+    """The API lays items out with `layout_codes`: the same shape and value rules, naming the item."""
+    from fused_stream.api import evaluate_long_context_loss
+
+    fraction = audio_codes(T=24).float()
+    fraction[2, 4] = 3.5  # truncated to 3 before: a silently different code
+    nan = audio_codes(T=24).float()
+    nan[0, 0] = float("nan")  # reported as token -9223372036854775808 before
+    for item, message in [(fraction, r"codes_list\[1\] holds a non-integer value 3\.5 at row 2, frame 4"),
+                          (nan, r"codes_list\[1\] holds a non-finite value nan at row 0, frame 0"),
+                          (audio_codes(T=300).T, r"codes_list\[1\] has shape \(300, 8\).*transposed\?")]:
+        with pytest.raises(DataError, match=message):
+            evaluate_long_context_loss(tiny_model, [audio_codes(T=24), item])

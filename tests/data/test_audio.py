@@ -14,7 +14,7 @@ from audio_fixtures import speech_like, write_audio, write_flac
 from moshi.models.compression import MimiModel
 
 from fused_stream.data.audio import _enlarge_encoder_caches, _Resampler, encode_audio_file
-from fused_stream.data.dataset import load_sequences
+from fused_stream.data.dataset import load_dataset, load_sequences
 from fused_stream.data.mimi import load_mimi, random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.errors import DataError
 
@@ -232,3 +232,49 @@ def test_bad_audio_files_are_named(tiny_model, mimi_ckpt, tmp_path):
         load_sequences(tiny_model, audio=empty, mimi=mimi_ckpt)
     with pytest.raises(DataError, match="audio path .*missing does not exist"):
         load_sequences(tiny_model, audio=tmp_path / "missing", mimi=mimi_ckpt)
+
+
+def _truncated(path: Path, seconds: float, keep: float, rate: int = 16000) -> Path:
+    """A real `seconds`-long file of `path`'s format, then its bytes cut to the first `keep` fraction."""
+    write_audio(path, seconds, rate, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_what_sphn_does_with_a_truncated_flac(tmp_path):
+    """Why the length check exists: sphn reads the header's duration and decodes what is there, without an error."""
+    flac = _truncated(tmp_path / "cut.flac", 12.0, 0.025)
+    assert sphn.durations([str(flac)]) == [12.0]
+    reader = sphn.FileReader(str(flac))
+    assert reader.duration_sec == 12.0 and reader.decode(0.0, 30.0).shape == (1, 4096)  # 0.256 s: 4 frames
+
+
+@pytest.mark.parametrize("name, keep", [("cut.flac", 0.025), ("half.flac", 0.5), ("cut.wav", 0.3)])
+def test_truncated_audio_is_refused_not_shortened(tiny_model, mimi_ckpt, tmp_path, name, keep):
+    path = _truncated(tmp_path / name, 12.0, keep)
+    mimi, digest = load_mimi(mimi_ckpt, DEP_Q)
+    with pytest.raises(DataError, match=rf"^audio file {path} is truncated or corrupt: its header declares 12\.000 s "
+                                        r"but \d\.\d+ s decode \(more than one frame, 0\.080 s, apart\)$"):
+        encode_audio_file(mimi, path, num_codebooks=DEP_Q, mimi_hash=digest, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.safetensors"))  # never cached as if whole
+
+
+def test_truncated_file_fails_alone_in_collect_mode(tiny_model, mimi_ckpt, tmp_path):
+    root = tmp_path / "audio"
+    root.mkdir()
+    write_audio(root / "good.flac", 1.0, 16000, 1)
+    _truncated(root / "truncated.flac", 12.0, 0.025)
+    data = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, on_error="collect")
+    assert [(s.name, s.frames) for s in data.sequences] == [("good", 13)]
+    (failure,) = data.failed
+    assert failure["name"] == "truncated" and "truncated.flac is truncated or corrupt" in failure["reason"]
+    cropped = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, max_frames=2, on_error="collect")
+    assert [s.name for s in cropped.sequences] == ["good"]  # the cut lies within the first chunk decoded
+    # Without a cache, a crop that ends well before the cut (6 s of 12 remain) decodes and evaluates intact
+    # frames only and never reaches the cut: those frames are what was asked for.
+    _truncated(root / "truncated.flac", 12.0, 0.5)
+    cropped = load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, max_frames=2, on_error="collect")
+    assert [(s.name, s.frames) for s in cropped.sequences] == [("good", 2), ("truncated", 2)]
+    assert [f["name"] for f in load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, on_error="collect").failed] == [
+        "truncated"]

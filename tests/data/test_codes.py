@@ -10,7 +10,7 @@ import torch
 from codes_fixtures import SUFFIX, audio_codes, full_codes, save_codes
 
 from fused_stream.data.codes import codes_files, generate_codes, load_codes_file
-from fused_stream.data.dataset import load_sequences
+from fused_stream.data.dataset import load_dataset, load_sequences
 from fused_stream.errors import DataError
 
 
@@ -47,7 +47,7 @@ def test_codes_files_round_trip(tmp_path, tiny_model, kind, full):
     loaded = load_codes_file(path)
     assert loaded.dtype == torch.int64 and torch.equal(loaded, codes)
     (seq,) = load_sequences(tiny_model, codes=path)
-    assert seq.name == "c" and seq.sources == [str(path)] and seq.frames == 12
+    assert seq.name == "c" and seq.sources == [str(path)] and seq.frames == codes.shape[1]
     if full:
         assert torch.equal(seq.codes, codes)
     else:
@@ -79,7 +79,7 @@ def test_codes_directory_is_read_in_natural_order(tmp_path, tiny_model):
         ("flat.pt", torch.zeros(5, dtype=torch.long), r"shape \(5,\)"),
         ("empty.pt", torch.zeros(8, 0, dtype=torch.long), r"shape \(8, 0\)"),
         ("float.pt", torch.full((8, 5), 0.5), "non-integer"),
-        ("nan.pt", torch.full((8, 5), float("nan")), "non-integer"),
+        ("nan.pt", torch.full((8, 5), float("nan")), "non-finite"),
         ("bool.pt", torch.ones(8, 5, dtype=torch.bool), "dtype torch.bool"),
         ("keys.pt", {"a": torch.zeros(8, 5), "b": torch.zeros(8, 5)}, "keys"),
         ("floats.npy", np.full((8, 5), 1.5), "non-integer"),
@@ -106,3 +106,51 @@ def test_unreadable_missing_and_unknown_codes_files(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="holds no"):
         codes_files(empty)
+
+
+def test_codes_file_values_are_named_by_row_and_frame(tmp_path):
+    """The same rules as the API (`layout_codes`): non-finite and fractional values named where they are."""
+    codes = audio_codes(T=20).numpy().astype(np.float32)
+    codes[2, 5] = np.nan
+    np.save(tmp_path / "nan.npy", codes)
+    codes[2, 5] = 7.25
+    torch.save(torch.from_numpy(codes), tmp_path / "frac.pt")
+    half = np.zeros((8, 20), np.float16)
+    half[1, 3] = 4101  # stored as 4100: any code above 2048 may have been rounded when it was written as float16
+    np.save(tmp_path / "half.npy", half)
+    for name, message in [("nan.npy", "a non-finite value nan at row 2, frame 5"),
+                          ("frac.pt", r"a non-integer value 7\.25 at row 2, frame 5"),
+                          ("half.npy", r"beyond 2048, where torch.float16 stops holding every integer exactly "
+                                       r"\(rounded codes\?\), the value 4100\.0 at row 1, frame 3")]:
+        with pytest.raises(DataError, match=rf"^codes file {tmp_path / name} holds {message}: codes must be integers$"):
+            load_codes_file(tmp_path / name)
+
+
+def test_transposed_codes_file_is_refused_and_collected(tmp_path, tiny_model):
+    save_codes(tmp_path / "a.pt", audio_codes(T=40), "pt")
+    save_codes(tmp_path / "b.pt", audio_codes(T=300).T.contiguous(), "pt")  # [300, 8]
+    save_codes(tmp_path / "c.npy", audio_codes(T=20).T.contiguous(), "npy")  # [20, 8]: 20 rows <= 32, > 8 frames
+    with pytest.raises(DataError, match=r"b\.pt has shape \(300, 8\): 300 rows.*transposed\?"):
+        load_sequences(tiny_model, codes=tmp_path)
+    data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    assert [s.name for s in data.sequences] == ["a"]
+    assert [f["name"] for f in data.failed] == ["b", "c"] and all("transposed?" in f["reason"] for f in data.failed)
+
+
+def test_codes_sub_directories_are_listed_not_read(tmp_path, caplog):
+    """Not recursive (an output folder inside must never be data), but never silent: a warning names them."""
+    root, elsewhere = tmp_path / "codes", tmp_path / "elsewhere"
+    for directory in (root / "real_sub", elsewhere):
+        directory.mkdir(parents=True)
+    save_codes(root / "top.pt", audio_codes(), "pt")
+    save_codes(root / "real_sub" / "x.pt", audio_codes(), "pt")
+    save_codes(elsewhere / "y.npy", audio_codes(), "npy")
+    (root / "linked_sub").symlink_to(elsewhere, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # must not hang
+    with caplog.at_level("WARNING"):
+        assert codes_files(root) == [root / "top.pt"]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 codes files in sub-directories are NOT read" in message and "linked_sub, real_sub" in message
+    (root / "top.pt").unlink()
+    with pytest.raises(DataError, match="holds no .* files \\(only in its sub-directories linked_sub, real_sub\\)"):
+        codes_files(root)

@@ -148,13 +148,13 @@ def test_configuration_errors_raise_in_collect_mode(tmp_path, tiny_model):
 
 
 def test_min_frames_counts_before_the_crop(tmp_path, tiny_model):
-    _codes_dir(tmp_path, [12, 3, 6], tiny_model)
-    data = load_dataset(tiny_model, codes=tmp_path, min_frames=6, max_frames=2, on_error="collect")
-    assert [(s.name, s.frames) for s in data.sequences] == [("s0", 2), ("s2", 2)]  # 6 frames pass, then cropped
+    _codes_dir(tmp_path, [120, 30, 60], tiny_model)
+    data = load_dataset(tiny_model, codes=tmp_path, min_frames=60, max_frames=20, on_error="collect")
+    assert [(s.name, s.frames) for s in data.sequences] == [("s0", 20), ("s2", 20)]  # 60 frames pass, then cropped
     assert data.failed == [{"index": 1, "name": "s1", "sources": [str(tmp_path / "s1.npy")],
-                            "reason": "3 frames, shorter than --min-frames 6"}]
-    with pytest.raises(DataError, match=r"^s1 \(.*s1.npy\): 3 frames, shorter than --min-frames 6$"):
-        load_sequences(tiny_model, codes=tmp_path, min_frames=6)
+                            "reason": "30 frames, shorter than --min-frames 60"}]
+    with pytest.raises(DataError, match=r"^s1 \(.*s1.npy\): 30 frames, shorter than --min-frames 60$"):
+        load_sequences(tiny_model, codes=tmp_path, min_frames=60)
     assert len(load_sequences(tiny_model, generate=2, frames=5, min_frames=5)) == 2
     with pytest.raises(DataError, match="generated_0 .*4 frames, shorter than --min-frames 5"):
         load_sequences(tiny_model, generate=2, frames=4, min_frames=5)
@@ -230,7 +230,7 @@ def test_assign_shards_by_hand():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_codes_shards_partition_the_full_list(tmp_path, tiny_model, world):
-    lengths = [5, 9, 3, 7, 7, 2, 8]
+    lengths = [50, 90, 30, 70, 70, 20, 80]  # 10 x the lengths by hand above (files have >= 17 frames: K rows)
     codes = _codes_dir(tmp_path, lengths, tiny_model)
     full = load_dataset(tiny_model, codes=tmp_path)
     shards = [load_dataset(tiny_model, codes=tmp_path, shard=(rank, world)) for rank in range(world)]
@@ -242,22 +242,23 @@ def test_codes_shards_partition_the_full_list(tmp_path, tiny_model, world):
     merged = sorted((s for part in shards for s in part.sequences), key=lambda s: s.index)
     assert [(s.name, s.index) for s in merged] == [(s.name, s.index) for s in full.sequences]  # no overlap, no gap
     totals = [sum(s.frames for s in part.sequences) for part in shards]
-    assert totals == ([21, 20] if world == 2 else [14, 13, 14])
+    assert totals == ([210, 200] if world == 2 else [140, 130, 140])
 
 
 def test_shard_estimates_cap_at_max_frames_and_bad_files_fail_on_their_owner(tmp_path, tiny_model):
-    _codes_dir(tmp_path, [5, 9, 3, 7], tiny_model)
+    _codes_dir(tmp_path, [50, 90, 30, 70], tiny_model)
     (tmp_path / "s4.pt").write_bytes(b"junk")  # estimate 0: still assigned, fails only where owned
-    # max_frames=4 caps the estimates to [4, 4, 3, 4, 0]: s0→0, s1→1, s3→0 (8), s2→1 (7), s4→1 (7)
-    parts = [load_dataset(tiny_model, codes=tmp_path, max_frames=4, shard=(r, 2), on_error="collect") for r in (0, 1)]
+    # max_frames=40 caps the estimates to [40, 40, 30, 40, 0]: s0→0, s1→1, s3→0 (80), s2→1 (70), s4→1 (70)
+    parts = [load_dataset(tiny_model, codes=tmp_path, max_frames=40, shard=(r, 2), on_error="collect")
+             for r in (0, 1)]
     assert [[s.name for s in p.sequences] for p in parts] == [["s0", "s3"], ["s1", "s2"]]
     assert parts[0].failed == [] and [f["name"] for f in parts[1].failed] == ["s4"]
 
 
 def test_max_files_applies_before_sharding(tmp_path, tiny_model):
-    _codes_dir(tmp_path, [5, 9, 3, 7, 7, 2, 8], tiny_model)
+    _codes_dir(tmp_path, [50, 90, 30, 70, 70, 20, 80], tiny_model)
     parts = [load_dataset(tiny_model, codes=tmp_path, max_files=4, shard=(r, 2)) for r in (0, 1)]
-    # the first 4 of the full list, [5, 9, 3, 7]: s1→0 (9), s3→1 (7), s0→1 (12), s2→0 (12)
+    # the first 4 of the full list, [50, 90, 30, 70]: s1→0 (90), s3→1 (70), s0→1 (120), s2→0 (120)
     assert [[s.name for s in p.sequences] for p in parts] == [["s1", "s2"], ["s0", "s3"]]
     assert all(p.total == 4 for p in parts)
     generated = [load_sequences(tiny_model, generate=5, frames=6, max_files=3, shard=(r, 2)) for r in (0, 1)]
@@ -295,3 +296,72 @@ def test_audio_ranks_encode_only_their_own_files(tiny_model, mimi_ckpt, tmp_path
     merged = sorted((s for p in parts for s in p.sequences), key=lambda s: s.index)
     assert [(s.name, s.index) for s in merged] == [(s.name, s.index) for s in full.sequences]
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(merged, full.sequences, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ invalid tokens
+
+
+def _codes_with_a_bad_text_token(root: Path, model) -> list[torch.Tensor]:
+    """s0..s2, full layouts of 30 frames; s1 holds text token text_card at frame 5 (and a later one)."""
+    codes = _codes_dir(root, [30, 30, 30], model, kinds=("pt",))
+    codes[1][0, 5] = model.text_card
+    codes[1][0, 9] = model.text_card + 3
+    torch.save(codes[1].clone(), root / "s1.pt")
+    return codes
+
+
+def test_an_invalid_token_fails_its_file_not_the_run(tmp_path, tiny_model):
+    codes = _codes_with_a_bad_text_token(tmp_path, tiny_model)
+    data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")  # invalid_tokens: EvalConfig's "raise"
+    assert [s.name for s in data.sequences] == ["s0", "s2"]
+    (failure,) = data.failed
+    assert failure["name"] == "s1" and failure["sources"] == [str(tmp_path / "s1.pt")]
+    reason = failure["reason"]
+    assert reason.startswith(f"{tmp_path / 's1.pt'}: invalid token 96 in stream 0 (text), frame 5: ")
+    assert "--invalid-tokens mask" in reason and "invalid_tokens='mask'" in reason and "batch index" not in reason
+    with pytest.raises(DataError, match=r"s1\.pt: invalid token 96 in stream 0 \(text\), frame 5"):
+        load_dataset(tiny_model, codes=tmp_path)
+    masked = load_dataset(tiny_model, codes=tmp_path, invalid_tokens="mask", on_error="collect")
+    assert masked.failed == [] and torch.equal(masked.sequences[1].codes, codes[1])  # the evaluator masks, counts
+    with pytest.raises(DataError, match="invalid_tokens must be one of raise, mask, got 'drop'"):
+        load_dataset(tiny_model, codes=tmp_path, invalid_tokens="drop", on_error="collect")
+
+
+def test_cli_records_the_file_with_an_invalid_token_and_evaluates_the_others(tmp_path, tiny_model, capsys):
+    from fused_stream.cli.main import main
+
+    _codes_with_a_bad_text_token(tmp_path / "data", tiny_model)
+    common = ["--codes", str(tmp_path / "data"), "-q", "--no-verify", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "out")]) == 1  # a bad file: recorded, the rest evaluated
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [d["name"] for d in results["data"]] == ["s0", "s2"]
+    (failure,) = results["failed"]
+    assert failure["name"] == "s1" and "s1.pt: invalid token 96 in stream 0 (text), frame 5" in failure["reason"]
+    assert "--invalid-tokens mask" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "masked"), "--invalid-tokens", "mask"]) == 0
+    masked = json.loads((tmp_path / "masked" / "results.json").read_text())
+    assert [d["name"] for d in masked["data"]] == ["s0", "s1", "s2"] and masked["failed"] == []
+
+
+# ------------------------------------------------------------------------------------------------ books from any level
+
+
+def test_concat_chapters_from_a_speaker_folder_and_a_book_folder(tiny_model, mimi_ckpt, tmp_path):
+    root = tmp_path / "ll"
+    _write_tree(root, {"7/bk/ch_2.wav": 0.4, "7/bk/ch_10.wav": 0.3, "7/bk/ch_1.wav": 0.5, "7/other/a.wav": 0.3,
+                       "8/x/only.wav": 0.3})
+    cache = tmp_path / "cache"
+    full = {s.name: s for s in load_sequences(tiny_model, audio=root, mimi=mimi_ckpt, concat_chapters=True,
+                                              cache_dir=cache)}
+    assert list(full) == ["7/bk", "7/other", "8/x"]
+    book = full["7/bk"]
+    assert book.sources == [str(root / f"7/bk/ch_{i}.wav") for i in (1, 2, 10)] and book.frames == 7 + 5 + 4
+    speaker = load_sequences(tiny_model, audio=root / "7", mimi=mimi_ckpt, concat_chapters=True, cache_dir=cache)
+    assert [s.name for s in speaker] == ["7/bk", "7/other"]  # before: 4 sequences, one per chapter
+    assert torch.equal(speaker[0].codes, book.codes) and speaker[0].sources == book.sources
+    (one,) = load_sequences(tiny_model, audio=root / "7" / "bk", mimi=mimi_ckpt, concat_chapters=True,
+                            cache_dir=cache)
+    assert one.name == "7/bk" and torch.equal(one.codes, book.codes) and one.sources == book.sources
+    (single,) = load_sequences(tiny_model, audio=root / "7/bk/ch_2.wav", mimi=mimi_ckpt, concat_chapters=True,
+                               cache_dir=cache)
+    assert single.name == "ch_2" and single.frames == 5  # one file: itself

@@ -33,3 +33,43 @@ def test_audio_files_listing(tmp_path):
         audio_files(tmp_path / "empty")
     with pytest.raises(DataError, match="does not exist"):
         audio_files(tmp_path / "missing")
+
+
+def _touch(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_symlinked_directories_are_followed_once(tmp_path, caplog):
+    """Python 3.11's rglob skips symlinked directories silently; here they are followed, each real one once."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    _touch(root / "7/a/1.flac", elsewhere / "book/2.flac", elsewhere / "book/3.wav")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a speaker stored on another disk
+    (root / "7/a/loop").symlink_to(root, target_is_directory=True)  # a loop: must neither hang nor repeat files
+    (root / "twin").symlink_to(root / "7", target_is_directory=True)  # a second path to a listed directory
+    (root / "gone.flac").symlink_to(tmp_path / "missing.flac")  # dangling
+    # The old listing: rglob does not descend into linked/ (nor twin/), so 2.flac and 3.wav were skipped unsaid.
+    assert [p.name for p in root.rglob("*") if p.is_file()] == ["1.flac"]
+    with caplog.at_level("WARNING"):
+        files = audio_files(root)
+    assert files == [root / "7/a/1.flac", root / "linked/book/2.flac", root / "linked/book/3.wav"]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 3" in message  # each skip said, with why
+    assert f"{root / 'twin'} (the same directory as {root / '7'}" in message
+    assert f"{root / '7/a/loop'} (the same directory as {root}" in message
+    assert f"{root / 'gone.flac'} (a link to nothing)" in message
+    assert audio_files(root / "linked") == [root / "linked/book/2.flac", root / "linked/book/3.wav"]  # a linked root
+
+
+def test_group_chapters_from_a_speaker_or_a_book_folder():
+    """The same books, named alike, whether --audio points at the LibriLight root, a speaker or a book."""
+    root = Path("/data/large")
+    chapters = [root / p for p in ["7/b/ch_2.flac", "7/b/ch_11.flac", "7/a/x.flac", "7/b/ch_1.flac"]]
+    expected = [("7/a", [root / "7/a/x.flac"]),
+                ("7/b", [root / "7/b/ch_1.flac", root / "7/b/ch_2.flac", root / "7/b/ch_11.flac"])]
+    assert group_chapters(chapters, root) == expected
+    assert group_chapters(chapters, root / "7") == expected  # a speaker folder
+    assert group_chapters(chapters + [root / "7/notes.wav"], root / "7") == [*expected, ("notes", [root /
+                                                                                                   "7/notes.wav"])]
+    assert group_chapters(chapters[:2] + chapters[3:], root / "7/b") == expected[1:]  # a book folder

@@ -277,3 +277,20 @@ def test_invalid_config_json_raises_value_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="config") as info:
         load_model(directory, device="cpu", dtype=torch.float32)
     assert str(directory / "config.json") in str(info.value)
+
+
+def test_shape_mismatch_names_the_first_tensors_with_both_shapes(tiny, tmp_path):
+    """Before: moshi's multi-line "Error(s) in loading state_dict"; now one line with names and both shapes."""
+    directory = save_checkpoint(tiny, tmp_path / "wide", preset_config("tiny") | {"dim": 48})
+    with pytest.raises(ValueError) as info:
+        load_model(directory, device="cpu", dtype=torch.float32)
+    message = str(info.value)
+    assert "\n" not in message and str(directory / "model.safetensors") in message
+    assert re.search(r": \d+ tensors differ in shape from the model built from its config\.json, first emb\.0\.weight "
+                     r"\[65, 32\] in the checkpoint vs \[65, 48\] in the model", message), message
+    deeper = save_checkpoint(tiny, tmp_path / "deep", preset_config("tiny") | {"num_layers": 3})
+    with pytest.raises(ValueError, match=r"model tensors missing from the checkpoint, first transformer\.layers\.2\."):
+        load_model(deeper, device="cpu", dtype=torch.float32)
+    shallow = save_checkpoint(tiny, tmp_path / "shallow", preset_config("tiny") | {"num_layers": 1})
+    with pytest.raises(ValueError, match=r"checkpoint tensors not in the model, first transformer\.layers\.1\."):
+        load_model(shallow, device="cpu", dtype=torch.float32)

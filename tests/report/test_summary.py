@@ -13,17 +13,20 @@ def test_summary_table():
     big.metrics["flat"]["librilight_loss_24k"] = 1.5
     big.driver_report["memory"] = {"peak_bytes": 512 * 2**20, "constant_memory": None}
     del big.driver_report["frames_per_second"]
+    small.driver_report["per_file"] = [{"name": "a", "frames": 6}, {"name": "b", "frames": 4}]
+    big.driver_report["ranks"] = [{"per_file": [{"name": "a", "frames": 6}]},
+                                  {"per_file": [{"name": "b", "frames": 5}]}]
     lines = summary_table([small, big]).splitlines()
     assert lines[0].split() == ["baseline", "ttt"]
     assert set(lines[1]) == {"-", " "}
     rows = {line[:20].strip(): line[20:].split() for line in lines[2:]}
     width = len(lines[0])
     assert all(len(line) == width for line in lines)  # fixed width
-    assert rows["frames"] == ["12", "12"] and rows["sequences"] == ["2", "2"]
+    assert rows["frames (total)"] == ["10", "11"] and rows["sequences"] == ["2", "2"]  # the sum, every rank
     assert rows["loss combined"] == ["3.1416", "3.1416"]
     assert rows["loss text"] == ["1.2500", "—"]
     assert rows["librilight_loss_8k"] == ["2.3457", "2.3457"]
-    assert rows["librilight_loss_16k"] == ["—", "—"]  # NaN
+    assert "librilight_loss_16k" not in rows  # NaN in every run: no row
     assert rows["librilight_loss_24k"] == ["—", "1.5000"]  # absent / present
     assert rows["librilight_slope"] == ["-0.01235", "-0.01235"]
     assert rows["frames/s"] == ["1,234.6", "—"]
@@ -33,3 +36,11 @@ def test_summary_table():
 
 def test_summary_table_without_text_has_no_text_row():
     assert "loss text" not in summary_table([make_run("m", 4, text=False)])
+
+
+def test_rows_no_run_reaches_are_left_out_and_an_unknown_total_is_a_dash():
+    run = make_run("m", 4)
+    run.metrics["flat"] = {"librilight_slope": -0.01}
+    rows = {line[:20].strip(): line[20:].split() for line in summary_table([run]).splitlines()[2:]}
+    assert not [name for name in rows if name.startswith("librilight_loss")]
+    assert rows["frames (total)"] == ["—"] and "frames" not in rows  # no per-file report: unknown, not guessed
