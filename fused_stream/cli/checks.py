@@ -27,7 +27,7 @@ from moshi.models import loaders
 from ..core.config import ConfigError, make_plan
 from ..data.codes import CODES_SUFFIXES, codes_files
 from ..data.mimi import mimi_checkpoint
-from ..data.models import PRESETS, _resolve_checkpoint, default_device, default_dtype, preset_config
+from ..data.models import PRESETS, default_device, default_dtype, preset_config, resolve_checkpoint
 from ..errors import DataError, one_line
 from .distributed import World
 from .fingerprints import file_fingerprint
@@ -157,7 +157,7 @@ def _model(entry: str, s: Settings, device: torch.device) -> ModelInfo:
             raise ConfigError(f"--model {entry}: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
                               "path")
         try:
-            weights, lm_kwargs = _resolve_checkpoint(path)
+            weights, lm_kwargs = resolve_checkpoint(path)
             config_file = (path if path.is_dir() else path.parent) / "config.json"
             content = {"model_weights": file_fingerprint(weights),
                        "model_config": file_fingerprint(config_file) if lm_kwargs is not None else None}

@@ -108,7 +108,7 @@ def load_model(
         raise FileNotFoundError(
             f"model spec {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path"
         )
-    weights, lm_kwargs = _resolve_checkpoint(path)
+    weights, lm_kwargs = resolve_checkpoint(path)
     try:
         model = loaders.get_moshi_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     except Exception as exc:  # a corrupt file or a config that does not match the weights
@@ -171,7 +171,7 @@ def _build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int
     return model.eval()
 
 
-def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any] | None]:
+def resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """(weights file, LMModel kwargs or None for moshi's 7B default) of a checkpoint file or directory."""
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     lm_kwargs = None
