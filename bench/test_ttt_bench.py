@@ -13,6 +13,7 @@ import pytest
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.ttt.layer import attach_ttt
+from fused_stream.ttt.tracker import ttt_hooks
 
 _fps: dict[bool, float] = {}
 
@@ -28,8 +29,8 @@ def ttt_model(bench_model):
 def test_frame_mode_ttt_overhead(run_case, benchmark, bench_model, ttt_model, with_ttt):
     model = ttt_model if with_ttt else bench_model
     name = f"frame_B8_{'ttt' if with_ttt else 'plain'}"
-    result = run_case(name, StreamingEvaluator(model, EvalConfig(chunk_size=1, batch_size=8)).evaluate, batch=8,
-                      rounds=1)
+    evaluator = StreamingEvaluator(model, EvalConfig(chunk_size=1, batch_size=8), hooks=ttt_hooks(model))
+    result = run_case(name, evaluator.evaluate, batch=8, rounds=1)
     benchmark.extra_info["cuda_graphs"] = result.report["cuda_graphs"]["reason"]
     fps = benchmark.extra_info.get("frames_per_second")
     if fps is not None:
