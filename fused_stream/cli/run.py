@@ -25,7 +25,6 @@ from ..metrics import TEXT, PositionSums, compute_metrics, position_means
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
-from .checks import RunChecks, check_run
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore
 from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
@@ -46,10 +45,12 @@ class RunOutcome:
         return 0
 
 
-def evaluate_run(s: Settings, world: World, checks: RunChecks | None = None) -> RunOutcome:
-    """Every model on the same sequences (this rank's share), one model in memory at a time. `checks`: what
-    `check_run` returned for `s` (checked here when not given): the device, dtype and fingerprints to use."""
-    checks = checks if checks is not None else check_run(s, world)
+def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
+    """Every model on the same sequences (this rank's share), one model in memory at a time.
+
+    `checks` is the `RunChecks` that `cli.checks.check_run` returned for `s` before anything expensive: the device,
+    dtype and fingerprints to use.
+    """
     runs, dataset, parity_ok, failed = [], None, True, []
     for entry in s.model:
         label, spec = model_label(entry), model_spec(entry)
