@@ -62,7 +62,9 @@ class EvalConfig:
                                                    "free memory", parse=parse_batch_size)
     loss_backend: str = _option("auto", "auto (fused Triton kernel on CUDA, torch on CPU), torch, triton",
                                 choices=LOSS_BACKENDS)
-    cuda_graphs: str = _option("auto", "auto (on CUDA), on (fail if capture fails), off", choices=GRAPH_MODES)
+    cuda_graphs: str = _option("auto", "auto (on CUDA), on (fail if capture fails), off, rehearse (any device: the "
+                                       "capture/replay control flow with eager calls, checking what a real capture "
+                                       "needs; fails like on)", choices=GRAPH_MODES)
     graph_unroll: int = _option(1, "steps per graph replay (lengths padded to a multiple of C * U, padding masked)",
                                 cli=False)
     verify_graph: int = _option(0, "N > 0: per new shape, N replays must equal N eager calls bit for bit", cli=False)
@@ -142,11 +144,12 @@ class Plan:
 
     device: torch.device
     loss_backend: str  # "torch" | "triton"
-    graphs: bool  # capture CUDA graphs
-    strict_graphs: bool  # cuda_graphs="on": a capture that fails raises instead of running eagerly
+    graphs: bool  # capture CUDA graphs (or rehearse capturing them)
+    strict_graphs: bool  # cuda_graphs="on" or "rehearse": a capture that fails raises instead of running eagerly
     graph_reason: str  # why graphs are on or off, for the report
     chunk_size: int
     unroll: int
+    rehearse: bool = False  # cuda_graphs="rehearse": eager calls where capture and replay would be, checked
 
     @property
     def frames_per_call(self) -> int:
@@ -158,5 +161,6 @@ def make_plan(config: EvalConfig, device: torch.device) -> Plan:
     """Resolve `config` for a model on `device`: raises now (not after a model ran) if the two do not go together."""
     graphs, reason = graphs_wanted(config.cuda_graphs, device)
     return Plan(device=device, loss_backend=check_backend(config.loss_backend, device), graphs=graphs,
-                strict_graphs=config.cuda_graphs == "on", graph_reason=reason, chunk_size=config.chunk_size,
-                unroll=config.graph_unroll)
+                strict_graphs=config.cuda_graphs in ("on", "rehearse"), graph_reason=reason,
+                chunk_size=config.chunk_size, unroll=config.graph_unroll,
+                rehearse=graphs and config.cuda_graphs == "rehearse")

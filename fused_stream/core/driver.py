@@ -3,7 +3,8 @@
 `evaluate()` checks the codes, sizes the batches against free memory (`preflight`), then for each batch: copies it
 into a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and reset
 in place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU (`CUDAGraphed`),
-eager calls elsewhere — and copies the losses to the host once, after the batch's last call. An out-of-memory error
+eager calls elsewhere (`cuda_graphs="rehearse"`: eager calls through the same capture/replay control flow, checked
+as a replay would need) — and copies the losses to the host once, after the batch's last call. An out-of-memory error
 frees the stream and its graphs, halves the batch size and retries. A background `Monitor` samples memory and the
 host-side frame count meanwhile; its verdict (constant memory) and throughput land in `result.report`. Nothing in
 the step loop reads a device value on the host.
@@ -239,7 +240,7 @@ class _Streams:
     def __init__(self, model: LMModel, plan: Plan, verify_graph: int) -> None:
         self.model, self.plan, self.verify_graph = model, plan, verify_graph
         self.graphs, self.reason = plan.graphs, plan.graph_reason
-        self.pool = GraphPool(plan.device) if plan.graphs else None  # one per run
+        self.pool = GraphPool(plan.device, rehearse=plan.rehearse) if plan.graphs else None  # one per run
         self.safety_checked = False
         self.stream: Stream | None = None
         self.step: CUDAGraphed | None = None
@@ -257,13 +258,15 @@ class _Streams:
         plan = self.plan
         self.stream = stream = Stream(self.model, B, plan.chunk_size, T, plan.loss_backend, unroll=plan.unroll)
         self.max_state_bytes = max(self.max_state_bytes, stream.state_bytes())
-        self.opened += 1
         stream.load(batch.to(stream.losses.device), lengths)
         if self.graphs and not self.safety_checked:
             self._refuse_unsafe_modules(stream)
         self.step = CUDAGraphed(stream.step, stream.reset, self.pool if self.graphs else None,
-                                strict=plan.strict_graphs, reason=self.reason)
+                                strict=plan.strict_graphs, reason=self.reason, watch=stream)
         self.step.capture()
+        # Counted once captured: an out-of-memory error in warm-up or capture retries smaller, and the report must
+        # still say graphed (captures == opened) when every stream that ran was captured.
+        self.opened += 1
         self.capture_seconds += self.step.capture_seconds
         self.captures += self.step.graphed
         self.reason = self.step.reason if self.graphs else self.reason
@@ -282,7 +285,8 @@ class _Streams:
             return
         names = ", ".join(sorted({f.module or "<model>" for f in bad}))
         if self.plan.strict_graphs:
-            raise GraphCaptureError(f"cuda_graphs='on' but these modules are not graph-safe: {names}\n"
+            mode = "rehearse" if self.plan.rehearse else "on"
+            raise GraphCaptureError(f"cuda_graphs={mode!r} but these modules are not graph-safe: {names}\n"
                                     f"{format_findings(bad)}")
         self.reason = f"not captured: graph-unsafe modules ({names}), running eagerly"
         log.warning("CUDA graphs off: %s\n%s", self.reason, format_findings(bad))
@@ -295,9 +299,11 @@ class _Streams:
             self.eager_seconds += seconds
 
     def report(self, setting: str) -> dict[str, Any]:
+        all_captured = self.opened > 0 and self.captures == self.opened
         return {
             "setting": setting,
-            "graphed": self.opened > 0 and self.captures == self.opened,
+            "graphed": all_captured and not self.plan.rehearse,  # real CUDA graphs replayed
+            "rehearsed": all_captured and self.plan.rehearse,  # the same control flow, eager calls, checked
             "reason": self.reason if self.opened else "no batch run",
             "unroll": self.plan.unroll,
             "streams_opened": self.opened,
@@ -325,7 +331,8 @@ class _Streams:
         gc.collect()
         if self.plan.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.pool = GraphPool(self.plan.device) if self.pool is not None else None  # a fresh pool: see GraphPool
+        # A fresh pool: see GraphPool.
+        self.pool = GraphPool(self.plan.device, rehearse=self.plan.rehearse) if self.pool is not None else None
 
 
 def _after_oom(

@@ -11,6 +11,13 @@ warm up on the run's capture stream (cuBLAS workspaces, Triton compilation, mosh
 capture one call into one graph in the run's shared memory pool, reset again (capture moved Python state).
 If capture fails — a module that reads a device value on the host, a data-dependent shape — the step runs eagerly
 and one log line says why; `cuda_graphs="on"` raises instead.
+
+Rehearsal (`cuda_graphs="rehearse"`, any device, CPU included): the same control flow — warm-up, capture
+bookkeeping, replay, verification, reset between batches, out-of-memory path — with eager calls where capture and
+replay would be. Each rehearsed replay checks what a real one relies on (`_RehearsedGraph`): every tensor of the
+Stream and of the model (attributes, parameters, buffers, streaming state) keeps the address and shape it had at
+capture, and no Python value the step depends on moves. A violation raises GraphCaptureError, so a CPU-only CI
+catches what would otherwise be a silently wrong (or crashing) first GPU run.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GRAPH_MODES = ("auto", "on", "off")
+GRAPH_MODES = ("auto", "on", "off", "rehearse")
 DISABLE_ENV = "FUSED_STREAM_NO_CUDA_GRAPH"
 WARMUP_CALLS = 3  # eager calls before capture: Triton autotune/compile, cuBLAS handles, inductor's lazy compile
 
 
 class GraphCaptureError(RuntimeError):
-    """cuda_graphs="on" and the step could not be captured."""
+    """cuda_graphs="on" (or "rehearse") and the step could not be captured, or a rehearsed replay found a tensor
+    moved or a Python value changed that a real replay would not follow."""
 
 
 class GraphMismatchError(AssertionError):
@@ -40,13 +48,16 @@ class GraphMismatchError(AssertionError):
 
 
 def graphs_wanted(setting: str, device: torch.device) -> tuple[bool, str]:
-    """Whether to capture, and why (the reason lands in the report): `setting` is "auto" | "on" | "off"."""
+    """Whether to capture (or rehearse capturing), and why (the reason lands in the report): `setting` is one of
+    GRAPH_MODES; "rehearse" works on any device."""
     if setting not in GRAPH_MODES:
         raise ValueError(f"cuda_graphs must be one of {GRAPH_MODES}, got {setting!r}")
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return False, f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
     if setting == "off":
         return False, "cuda_graphs='off'"
+    if setting == "rehearse":
+        return True, f"rehearsed on {device.type}"
     if device.type != "cuda":
         if setting == "on":
             raise ValueError(f"cuda_graphs='on' needs a CUDA device; the model is on {device}")
@@ -64,12 +75,18 @@ class GraphPool:
     the run stays eager: the allocator's state after a failed capture is not worth betting a second one on.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.handle = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=device)  # warm-up and capture stream
-        self.graphs: list[torch.cuda.CUDAGraph] = []
+    def __init__(self, device: torch.device, *, rehearse: bool = False) -> None:
+        self.device, self.rehearse = device, rehearse
+        # A rehearsal touches no CUDA API: no memory pool, no capture stream.
+        self.handle = None if rehearse else torch.cuda.graph_pool_handle()
+        self.stream = None if rehearse else torch.cuda.Stream(device=device)  # warm-up and capture stream
+        # CUDA graphs; for a rehearsal, a description of each rehearsed capture (its checks end with its Stream).
+        self.graphs: list[Any] = []
         self.failure: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return "rehearse" if self.rehearse else "on"
 
     def close(self) -> None:
         self.graphs.clear()
@@ -79,13 +96,15 @@ class CUDAGraphed:
     """`graphed()` replays a CUDA graph of `fn` once `capture()` worked, and calls `fn` eagerly otherwise.
 
     `fn` takes no arguments and works only on tensors allocated before capture (a `Stream.step`); `reset` puts
-    those tensors back to the start of the loaded batch, in place. `pool` is None when graphs are off.
+    those tensors back to the start of the loaded batch, in place. `pool` is None when graphs are off. With a
+    rehearsing pool, "capture" and "replay" are eager calls of `fn`, checked against `watch` (the `Stream` whose
+    step `fn` is: its tensors and its model's); without `watch` only the control flow is rehearsed.
     """
 
     def __init__(self, fn: Callable[[], None], reset: Callable[[], None], pool: GraphPool | None, *,
-                 strict: bool = False, reason: str = "captured") -> None:
-        self.fn, self.reset, self.pool, self.strict = fn, reset, pool, strict
-        self.graph: torch.cuda.CUDAGraph | None = None
+                 strict: bool = False, reason: str = "captured", watch: Any = None) -> None:
+        self.fn, self.reset, self.pool, self.strict, self.watch = fn, reset, pool, strict, watch
+        self.graph: torch.cuda.CUDAGraph | _RehearsedGraph | None = None
         self.reason = reason  # why this runs graphed or eagerly, for the report
         self.capture_seconds = 0.0
 
@@ -95,15 +114,16 @@ class CUDAGraphed:
 
     def __call__(self) -> None:
         if self.graph is not None:
-            self.graph.replay()
+            self.graph.replay()  # a CUDA graph, or a rehearsed one (an eager call, checked)
         else:
             self.fn()
 
     def capture(self) -> None:
         """Warm up, capture one call of `fn`, reset. On failure run eagerly (or raise GraphCaptureError if strict).
 
-        An out-of-memory error is re-raised as is: it is not a property of the model but of the batch size, and
-        the caller's out-of-memory path (free, halve the batch, retry) must handle it with graphs still on.
+        An out-of-memory error (torch.cuda.OutOfMemoryError, or MemoryError from the host allocator) is re-raised
+        as is: it is not a property of the model but of the batch size, and the caller's out-of-memory path (free,
+        halve the batch, retry) must handle it with graphs still on.
         """
         pool = self.pool
         if pool is None:
@@ -111,7 +131,36 @@ class CUDAGraphed:
         if pool.failure is not None:
             self.reason = f"not captured: an earlier capture of this run failed ({pool.failure})"
             return
-        device, start = pool.device, time.perf_counter()
+        start = time.perf_counter()
+        try:
+            if pool.rehearse:
+                graph = _RehearsedGraph(self.fn, self.watch)
+                for _ in range(WARMUP_CALLS):
+                    self.fn()
+                self.reset()
+                graph.capture()
+                pool.graphs.append(f"rehearsed capture {len(pool.graphs) + 1}")
+            else:
+                graph = self._capture_cuda(pool)
+                pool.graphs.append(graph)
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly (or raise if strict)
+            if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+                raise
+            self.reason = f"capture failed, running eagerly: {type(error).__name__}: {_first_line(error)}"
+            pool.failure = self.reason
+            if self.strict:
+                raise GraphCaptureError(
+                    f"cuda_graphs={pool.mode!r} but the step cannot be captured: {error}"
+                ) from error
+            log.warning("CUDA graph %s", self.reason)
+        if not pool.rehearse:
+            torch.cuda.synchronize(pool.device)
+        self.reset()  # capture ran the step's Python once (and warm-up ran it for real)
+        self.capture_seconds = time.perf_counter() - start
+
+    def _capture_cuda(self, pool: GraphPool) -> torch.cuda.CUDAGraph:
+        device = pool.device
         began = ended = False
         try:
             with torch.cuda.device(device):
@@ -138,21 +187,74 @@ class CUDAGraphed:
                         raise
                     graph.capture_end()
                     ended = True
-            self.graph = graph
-            pool.graphs.append(graph)
-        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly (or raise if "on")
+            return graph
+        except BaseException:
             if began and not ended:
                 _abandon_capture(device, pool.handle)
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            self.reason = f"capture failed, running eagerly: {type(error).__name__}: {_first_line(error)}"
-            pool.failure = self.reason
-            if self.strict:
-                raise GraphCaptureError(f"cuda_graphs='on' but the step cannot be captured: {error}") from error
-            log.warning("CUDA graph %s", self.reason)
-        torch.cuda.synchronize(device)
-        self.reset()  # capture ran the step's Python once (and warm-up ran it for real)
-        self.capture_seconds = time.perf_counter() - start
+            raise
+
+
+class _RehearsedGraph:
+    """Stands in for a captured graph on any device: `capture()` and `replay()` call `fn` eagerly and check what a
+    real capture and replay rely on, raising GraphCaptureError at the first violation.
+
+    Checked around every call (two snapshots of the Stream and its model; only rehearsal pays for them):
+    - every tensor keeps the address (data and storage) and shape it had at capture: a replay reads and writes
+      the captured addresses, so a tensor rebound by the step, by `reset()` or by `load()` would be left behind;
+    - no Python value moves during a call (a replay would not repeat the change), nor between capture and a
+      replay (a replay would not see the new value); graphsafe's known-harmless moshi cases excepted.
+    """
+
+    def __init__(self, fn: Callable[[], None], watch: Any) -> None:
+        self.fn, self.watch = fn, watch
+        self.modules = dict(watch.model.named_modules()) if watch is not None else {}
+        self.captured: dict | None = None  # the snapshot before the captured call: what every replay must match
+        self.replays = 0
+
+    def capture(self) -> None:
+        before = self._snapshot()
+        self.fn()
+        self._check(before, self._snapshot(), "during the captured call")
+        self.captured = before
+
+    def replay(self) -> None:
+        self.replays += 1
+        before = self._snapshot()
+        if self.captured is not None:
+            self._check(self.captured, before, f"between capture and replay {self.replays}")
+        self.fn()
+        self._check(before, self._snapshot(), f"during replay {self.replays}")
+
+    def _snapshot(self) -> dict:
+        if self.watch is None:
+            return {}
+        from .graphsafe import _leaf, snapshot  # graphsafe imports Stream: import it only when rehearsing
+
+        out = snapshot(self.watch.model)
+        for name, value in vars(self.watch).items():
+            leaf = _leaf(value)
+            if leaf is not None and name not in _HOST_ONLY:
+                out[(STREAM, name)] = leaf
+        return out
+
+    def _check(self, before: dict, after: dict, when: str) -> None:
+        from .graphsafe import Finding, compare, format_findings, harmless_reason
+
+        bad = []
+        for module, attribute, kind, old, new in compare(before, after):
+            owner = self.modules.get(module)
+            if kind == "python_value" and owner is not None and harmless_reason(owner, attribute, kind):
+                continue
+            bad.append(Finding(module if module != STREAM else "<stream>", attribute, kind, f"{old} -> {new}"))
+        if bad:
+            raise GraphCaptureError(
+                f"cuda_graphs='rehearse': {when}, state a CUDA graph replay depends on moved (a real replay would "
+                f"use the captured tensors and values):\n{format_findings(bad)}"
+            )
+
+
+STREAM = "\0stream"  # the snapshot's module name for the Stream's own attributes (no module can be named so)
+_HOST_ONLY = frozenset({"n_calls"})  # Stream attributes the step never reads: the driver's host-side call count
 
 
 def _abandon_capture(device: torch.device, handle: Any) -> None:

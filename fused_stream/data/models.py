@@ -165,7 +165,8 @@ def _build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int
             "(device='cuda') or on the 'meta' device to inspect its configuration"
         )
     # Fork the RNG so building a model does not disturb the caller's random stream.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # Every CUDA generator: torch.manual_seed reseeds them all, whatever device the model is built on.
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         model = LMModel(**preset_config(name), device=device, dtype=dtype)
     return model.eval()

@@ -5,6 +5,11 @@ KV cache once, so frames/s <= HBM bandwidth / (weights / B + KV bytes per sequen
 compute-bound: about 2 FLOPs per parameter per frame, plus attention over the context. Both bounds use the
 vendor's numbers for known GPUs only (`gpu_spec`); on an unknown GPU or the CPU the ratio is omitted, with
 the reason, never guessed.
+
+The headline rate is the steady one (`headline_frames_per_second`, labelled by `headline`): frames/s after the
+monitor's warm-up, which leaves out stream opening, CUDA-graph capture and compilation. `overall_frames_per_second`
+beside it is frames / the run's wall time, setup included; a run too short for a steady window falls back to the
+monitor's rate over all its samples, and `headline` says so. The roofline ratio and MFU use the headline rate.
 """
 
 from __future__ import annotations
@@ -89,12 +94,15 @@ def throughput_report(
     seconds: float,
 ) -> dict[str, Any]:
     """frames/s overall and steady (from the monitor), steps/s, and the roofline ratio (C = 1) or MFU (C > 1)."""
+    frames = memory.get("frames")
     out: dict[str, Any] = {
         "frames_per_second": memory.get("frames_per_second"),
         "steady_frames_per_second": memory.get("steady_frames_per_second"),
+        "overall_frames_per_second": frames / seconds if frames and seconds > 0 else None,
         "steps_per_second": steps / seconds if seconds > 0 else None,
     }
-    measured = out["steady_frames_per_second"] or out["frames_per_second"]
+    out["headline_frames_per_second"], out["headline"] = headline_rate(out)
+    measured = out["headline_frames_per_second"]
     spec = gpu_spec(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if spec is None:
         out["bound_reason"] = f"no bandwidth/FLOPs table entry for {_device_name(device)}"
@@ -111,6 +119,31 @@ def throughput_report(
         out["mfu"] = chunk_mfu(measured, per_frame, spec.bf16_dense_flops) if measured else None
         out["mfu_peak"] = "dense bf16"  # an fp32 run is measured against the bf16 peak too: compare like with like
     return out
+
+
+def headline_rate(throughput: dict[str, Any]) -> tuple[float | None, str]:
+    """The rate to show first, and its label: steady (after warm-up) if measured, else the monitor's overall one."""
+    steady = throughput.get("steady_frames_per_second")
+    if steady:
+        return steady, "steady"
+    fallback = throughput.get("frames_per_second")
+    return (fallback, "overall (too short for a steady window)") if fallback else (None, "not measured")
+
+
+def format_throughput(throughput: dict[str, Any]) -> str:
+    """One line for people: the headline rate first, the overall one (setup included) beside it, labelled."""
+    rate, label = throughput.get("headline_frames_per_second"), throughput.get("headline")
+    if rate is None and label is None:
+        rate, label = headline_rate(throughput)
+    overall = throughput.get("overall_frames_per_second")
+    head = f"{rate:,.1f} frames/s {label}" if rate else "frames/s not measured"
+    tail = f"; {overall:,.1f} frames/s overall incl. setup" if overall else ""
+    extra = ""
+    if throughput.get("roofline_ratio") is not None:
+        extra = f"; {100 * throughput['roofline_ratio']:.1f} % of the {throughput.get('gpu')} roofline"
+    elif throughput.get("mfu") is not None:
+        extra = f"; MFU {100 * throughput['mfu']:.1f} % ({throughput.get('gpu')}, {throughput.get('mfu_peak')})"
+    return head + tail + extra
 
 
 def _device_name(device: torch.device) -> str:

@@ -4,6 +4,11 @@ Absent or non-finite values show as "—" rather than failing or printing "nan":
 samples still gets its table. A `librilight_loss_{8,16,24}k` row that no run reaches (sequences shorter than
 8k, 16k or 24k frames) is left out rather than shown empty. "frames (total)" is the sum of the evaluated
 sequences' lengths (from the per-file report), not the longest one.
+
+Speed: the headline "frames/s (steady)" is the monitor's rate after warm-up (`throughput.steady_frames_per_second`),
+what a long run sustains; "frames/s (overall)" beside it is frames / wall time of the whole run, stream opening,
+CUDA-graph capture and compilation included, so it understates a long run's speed on a short one. A multi-rank run
+shows the sum over its ranks (they run in parallel, on separate devices).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ def summary_table(runs: list[ModelRun]) -> str:
             rows.append((key, flat))
     rows += [
         ("librilight_slope", lambda r: _fmt((r.metrics.get("flat") or {}).get("librilight_slope"), "{:+.5f}")),
-        ("frames/s", lambda r: _fmt(r.driver_report.get("frames_per_second"), "{:,.1f}")),
+        ("frames/s (steady)", lambda r: _fmt(steady_frames_per_second(r), "{:,.1f}")),
+        ("frames/s (overall)", lambda r: _fmt(overall_frames_per_second(r), "{:,.1f}")),
         ("peak memory", lambda r: _bytes((r.driver_report.get("memory") or {}).get("peak_bytes"))),
         ("constant memory", lambda r: _verdict((r.driver_report.get("memory") or {}).get("constant_memory"))),
     ]
@@ -59,6 +65,32 @@ def total_frames(run: ModelRun) -> int | None:
     if not files:
         return None
     return sum(int(f.get("frames") or 0) for f in files)
+
+
+def _rank_reports(run: ModelRun) -> list[dict]:
+    reports = run.driver_report.get("ranks") or [run.driver_report]
+    return [report for report in reports if isinstance(report, dict)]
+
+
+def _summed(values: list[Any]) -> float | None:
+    """The sum over ranks, or None when any rank lacks the value (a partial sum would be misread as the total)."""
+    if not values or any(not _is_number(v) or not math.isfinite(v) for v in values):
+        return None
+    return float(sum(values))
+
+
+def steady_frames_per_second(run: ModelRun) -> float | None:
+    """frames/s after warm-up (the monitor's), summed over ranks; None when a report has no steady rate."""
+    return _summed([(report.get("throughput") or {}).get("steady_frames_per_second") for report in _rank_reports(run)])
+
+
+def overall_frames_per_second(run: ModelRun) -> float | None:
+    """frames / wall time of the whole run (setup included), summed over ranks."""
+    return _summed([report.get("frames_per_second") for report in _rank_reports(run)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -215,16 +215,18 @@ def attach_ttt(
 ) -> LMModel:
     """Insert a TTTLinear into the given temporal-transformer layers of `model` (in place) and return it.
 
-    Call it outside streaming mode. `seed` makes the new parameters reproducible without touching the global RNG.
+    Call it outside streaming mode. `seed` makes the new parameters reproducible without touching the global RNG:
+    every generator it seeds (CPU and CUDA) is restored afterwards.
     """
     if model._streaming_state is not None:
         raise RuntimeError("attach_ttt must be called outside streaming mode")
     blocks = model.transformer.layers
     param = next(model.parameters())
-    generator_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
+    # torch.manual_seed seeds every generator (CPU and each CUDA device): fork_rng restores them all afterwards.
+    devices = list(range(torch.cuda.device_count())) if seed is not None and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         for index in layers:
             if not -len(blocks) <= index < len(blocks):
                 raise IndexError(f"layer {index} out of range: the transformer has {len(blocks)} layers")
@@ -236,9 +238,6 @@ def attach_ttt(
                             device=param.device, dtype=param.dtype)
             layer.__class__ = TTTTransformerLayer  # a subclass: same state, forward, streaming idiom
             layer.ttt = ttt
-    finally:
-        if seed is not None:
-            torch.random.set_rng_state(generator_state)
     # moshi caches each module's streaming children on first use; forget them so the new layers stream too.
     for module in model.modules():
         if isinstance(module, StreamingModule):

@@ -64,3 +64,11 @@ def test_plan_resolves_once_for_the_device():
         make_plan(EvalConfig(cuda_graphs="on"), cpu)
     with pytest.raises(AttributeError):
         plan.graphs = True  # frozen: nothing after the evaluator's construction changes the plan
+
+
+def test_rehearse_plans_graphs_on_any_device():
+    """cuda_graphs="rehearse": the capture/replay control flow with eager calls, strict like "on", on a CPU too."""
+    plan = make_plan(EvalConfig(cuda_graphs="rehearse"), torch.device("cpu"))
+    assert plan.graphs and plan.rehearse and plan.strict_graphs and plan.graph_reason == "rehearsed on cpu"
+    assert not make_plan(EvalConfig(cuda_graphs="auto"), torch.device("cpu")).rehearse
+    assert "rehearse" in _choices("cuda_graphs")  # and so in the CLI's --cuda-graphs choices

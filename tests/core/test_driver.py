@@ -358,6 +358,11 @@ def test_nvml_memory_is_flat_over_20k_frames_of_small(make_codes):
 # --------------------------------------------------------------------------------------------------------------
 # Out of memory: halve the batch and retry; a sequence that fails alone is recorded, not fatal
 # --------------------------------------------------------------------------------------------------------------
+# The out-of-memory path runs with graphs as on a CPU ("auto": eager) and rehearsed ("rehearse": the capture/replay
+# control flow, the pool dropped and recreated by recover()).
+GRAPH_MODES = ["auto", "rehearse"]
+
+
 def _inject_oom(monkeypatch, fail_when):
     real = StreamingEvaluator._run_batch
     calls = []
@@ -372,12 +377,13 @@ def _inject_oom(monkeypatch, fail_when):
     return calls
 
 
-def test_an_oom_halves_the_batch_and_changes_nothing(tiny_model, make_codes, monkeypatch):
+@pytest.mark.parametrize("graphs", GRAPH_MODES)
+def test_an_oom_halves_the_batch_and_changes_nothing(tiny_model, make_codes, monkeypatch, graphs):
     sequences = make_codes(tiny_model, [40, 37, 33, 20, 18], seed=40)
     expected = evaluate(tiny_model, sequences, chunk_size=2, batch_size=4)
     calls = _inject_oom(monkeypatch, lambda n, B: n == 1)
     saved = []
-    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=2, batch_size=4)).evaluate(
+    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=2, batch_size=4, cuda_graphs=graphs)).evaluate(
         sequences, on_batch=lambda rows, _: saved.append(list(rows))
     )
     assert calls == [4, 2, 2, 1]  # 4 fails; the rest of the run goes on at 2
@@ -386,16 +392,61 @@ def test_an_oom_halves_the_batch_and_changes_nothing(tiny_model, make_codes, mon
     assert torch.equal(result.valid, expected.valid) and result.failed == {}
     assert result.report["out_of_memory"] == [{"batch_size": 4, "action": "retry at batch size 2"}]
     assert sorted(r for rows in saved for r in rows) == [0, 1, 2, 3, 4]  # every row reported once, after its batch
+    assert result.report["cuda_graphs"]["rehearsed"] is (graphs == "rehearse")
 
 
-def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make_codes, monkeypatch):
+@pytest.mark.parametrize("graphs", GRAPH_MODES)
+def test_a_sequence_that_cannot_fit_alone_is_recorded_as_failed(tiny_model, make_codes, monkeypatch, graphs):
     sequences = make_codes(tiny_model, [30, 25, 10], seed=41)
     expected = evaluate(tiny_model, sequences, batch_size=2)
     _inject_oom(monkeypatch, lambda n, B: B > 1 or n == 2)  # call 2 is the longest sequence alone: fails again
-    result = evaluate(tiny_model, sequences, batch_size=2)
+    result = evaluate(tiny_model, sequences, batch_size=2, cuda_graphs=graphs)
     assert set(result.failed) == {0} and "out of memory at batch size 1" in result.failed[0]
     assert result.losses[0].isnan().all() and not result.valid[0].any()
     assert_losses_close(result.losses[1:], expected.losses[1:], atol=1e-5)
+    assert result.report["cuda_graphs"]["rehearsed"] is (graphs == "rehearse")
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.cuda.OutOfMemoryError])
+@pytest.mark.parametrize("when", ["warm-up", "capture"])
+def test_an_oom_in_warm_up_or_capture_retries_smaller_with_graphs_still_on(tiny_model, make_codes, monkeypatch,
+                                                                           error, when):
+    """Out of memory while the step is warmed up or captured is about the batch size, not the model: free, halve,
+    retry (rehearsed, so it runs on a CPU) — never GraphCaptureError, never graphs switched off for the run."""
+    from fused_stream.core.graphs import WARMUP_CALLS, CUDAGraphed
+    from fused_stream.core.stream import Stream
+
+    sequences = make_codes(tiny_model, [40, 37, 33, 20, 18], seed=42)
+    expected = evaluate(tiny_model, sequences, chunk_size=2, batch_size=4)
+    fail_at = 1 if when == "warm-up" else WARMUP_CALLS + 1  # the first warm-up call, or the captured call
+    capturing = {"B": None, "calls": 0, "raised": 0}
+    real_capture, real_step = CUDAGraphed.capture, Stream.step
+
+    def capture(self):
+        capturing["B"], capturing["calls"] = self.watch.batch_size, 0
+        try:
+            real_capture(self)
+        finally:
+            capturing["B"] = None
+
+    def step(self):
+        if capturing["B"] == 4:  # only the first stream (B = 4) runs out of memory
+            capturing["calls"] += 1
+            if capturing["calls"] == fail_at:
+                capturing["raised"] += 1
+                raise error("out of memory (injected)")
+        real_step(self)
+
+    monkeypatch.setattr(CUDAGraphed, "capture", capture)
+    monkeypatch.setattr(Stream, "step", step)
+    result = evaluate(tiny_model, sequences, chunk_size=2, batch_size=4, cuda_graphs="rehearse", verify_graph=2)
+    assert capturing["raised"] == 1
+    assert result.report["out_of_memory"] == [{"batch_size": 4, "action": "retry at batch size 2"}]
+    graphs = result.report["cuda_graphs"]
+    assert graphs["rehearsed"] and graphs["reason"] == "rehearsed on cpu"
+    assert graphs["captures"] == graphs["streams_opened"] == 2  # (2, 40) and the last (1, 18)
+    assert_losses_close(result.losses, expected.losses, atol=1e-5)
+    assert torch.equal(result.valid, expected.valid) and result.failed == {}
 
 
 def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):

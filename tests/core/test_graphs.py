@@ -11,9 +11,11 @@ from fused_stream.core.config import EvalConfig, make_plan
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.graphs import (
     DISABLE_ENV,
+    WARMUP_CALLS,
     CUDAGraphed,
     GraphCaptureError,
     GraphMismatchError,
+    GraphPool,
     first_difference,
     graphs_wanted,
     verify_replay,
@@ -23,6 +25,8 @@ from fused_stream.core.runtime import inference_mode
 from fused_stream.core.stream import Stream
 
 NAMES = ["text"] + [f"audio codebook {k}" for k in range(8)]
+# The CPU graph tests run twice: eagerly ("auto" on a CPU) and through the rehearsed capture/replay ("rehearse").
+MODES = ["auto", "rehearse"]
 
 
 def test_graph_mode_resolution(monkeypatch):
@@ -32,6 +36,8 @@ def test_graph_mode_resolution(monkeypatch):
     assert graphs_wanted("off", cuda) == (False, "cuda_graphs='off'")
     assert graphs_wanted("auto", cuda) == (True, "captured")
     assert graphs_wanted("on", cuda) == (True, "captured")
+    assert graphs_wanted("rehearse", cpu) == (True, "rehearsed on cpu")
+    assert graphs_wanted("rehearse", cuda) == (True, "rehearsed on cuda")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         graphs_wanted("on", cpu)
     with pytest.raises(ValueError, match="cuda_graphs"):
@@ -51,22 +57,39 @@ def _eager(stream):
     return CUDAGraphed(stream.step, stream.reset, None)
 
 
+def _graphed(stream, mode):
+    """The step as the driver wraps it: eager ("auto" on a CPU) or rehearsed, captured already."""
+    if mode == "auto":
+        return _eager(stream)
+    graphed = CUDAGraphed(stream.step, stream.reset, GraphPool(torch.device("cpu"), rehearse=True), strict=True,
+                          watch=stream)
+    graphed.capture()
+    assert graphed.graphed  # the rehearsed graph stands where a CUDA graph would
+    return graphed
+
+
 def _run(graphed, stream, T):
     for _ in range(stream.n_calls):
         graphed()
     return stream.host_losses(T)
 
 
-def test_cpu_falls_back_to_eager_and_stays_exact(tiny_model, make_codes):
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_falls_back_to_eager_and_stays_exact(tiny_model, make_codes, mode):
     sequences = make_codes(tiny_model, [37, 22], seed=1)
     with inference_mode(tiny_model):
         stream, batch, lengths = _loaded_stream(tiny_model, sequences, chunk=4)
         try:
-            plan = make_plan(EvalConfig(cuda_graphs="auto"), torch.device("cpu"))
-            assert not plan.graphs and plan.graph_reason == "device is cpu"
-            graphed = _eager(stream)
-            graphed.capture()  # no pool: nothing to capture
-            assert not graphed.graphed
+            plan = make_plan(EvalConfig(cuda_graphs=mode), torch.device("cpu"))
+            if mode == "auto":
+                assert not plan.graphs and plan.graph_reason == "device is cpu"
+                graphed = _eager(stream)
+                graphed.capture()  # no pool: nothing to capture
+                assert not graphed.graphed
+            else:
+                assert plan.graphs and plan.rehearse and plan.strict_graphs
+                assert plan.graph_reason == "rehearsed on cpu"
+                graphed = _graphed(stream, mode)
             audio, text, _ = _run(graphed, stream, batch.shape[-1])
         finally:
             stream.close()
@@ -78,19 +101,21 @@ def test_cpu_falls_back_to_eager_and_stays_exact(tiny_model, make_codes):
         assert_losses_close(torch.where(text_valid[b, :, :T], text[b, :, :T], torch.nan)[None], ref_text)
 
 
-def test_a_reset_stream_is_bit_identical_to_a_fresh_one(tiny_model, make_codes):
-    """One Stream serves every batch of its shape: load() after another batch must not leak any state."""
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reset_stream_is_bit_identical_to_a_fresh_one(tiny_model, make_codes, mode):
+    """One Stream serves every batch of its shape: load() after another batch must not leak any state (rehearsed:
+    nor move a tensor the captured step reads)."""
     first, second = make_codes(tiny_model, [60, 60], seed=2), make_codes(tiny_model, [45, 60], seed=3)
     with inference_mode(tiny_model):
         fresh, batch, _ = _loaded_stream(tiny_model, second, chunk=8, capacity=64)
         try:
-            graphed = _eager(fresh)
+            graphed = _graphed(fresh, mode)
             expected = _run(graphed, fresh, batch.shape[-1])
         finally:
             fresh.close()
         reused, other, other_lengths = _loaded_stream(tiny_model, first, chunk=8, capacity=64)
         try:
-            graphed = _eager(reused)
+            graphed = _graphed(reused, mode)
             _run(graphed, reused, other.shape[-1])
             reused.load(*pad_batch(tiny_model, second))
             got = _run(graphed, reused, batch.shape[-1])
@@ -101,12 +126,13 @@ def test_a_reset_stream_is_bit_identical_to_a_fresh_one(tiny_model, make_codes):
                            b.view(torch.int32) if b.is_floating_point() else b)
 
 
-def test_verify_replay_passes_for_two_eager_runs(tiny_model, make_codes):
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_replay_passes_for_two_eager_runs(tiny_model, make_codes, mode):
     sequences = make_codes(tiny_model, [30, 30], seed=4)
     with inference_mode(tiny_model):
         stream, _, _ = _loaded_stream(tiny_model, sequences, chunk=2)
         try:
-            graphed = _eager(stream)
+            graphed = _graphed(stream, mode)
             assert verify_replay(graphed, stream, 10, NAMES) == 10
             assert verify_replay(graphed, stream, 1000, NAMES) == stream.n_calls  # capped at the batch
         finally:
@@ -147,13 +173,14 @@ def test_first_difference_compares_bits():
         first_difference(a, c, ["text"], lead=1)  # the earliest column (1), minus lead
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("chunk,unroll", [(1, 3), (4, 5)])
-def test_unrolled_steps_pad_and_mask(tiny_model, make_codes, chunk, unroll):
+def test_unrolled_steps_pad_and_mask(tiny_model, make_codes, chunk, unroll, mode):
     """graph_unroll=U pads each batch to a multiple of C*U frames; the padded steps score nothing."""
     sequences = make_codes(tiny_model, [41, 23, 17], seed=6)
     base = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=chunk, batch_size=2)).evaluate(sequences)
     unrolled = StreamingEvaluator(
-        tiny_model, EvalConfig(chunk_size=chunk, batch_size=2, graph_unroll=unroll, verify_graph=4)
+        tiny_model, EvalConfig(chunk_size=chunk, batch_size=2, graph_unroll=unroll, verify_graph=4, cuda_graphs=mode)
     ).evaluate(sequences)
     assert torch.equal(unrolled.valid, base.valid)
     assert torch.equal(unrolled.losses.view(torch.int32), base.losses.view(torch.int32))
@@ -163,10 +190,19 @@ def test_unrolled_steps_pad_and_mask(tiny_model, make_codes, chunk, unroll):
     assert unrolled.report["cuda_graphs"]["verified_calls"] > 0
 
 
-def test_a_stream_is_opened_once_per_shape(tiny_model, make_codes):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_is_opened_once_per_shape(tiny_model, make_codes, mode):
     sequences = make_codes(tiny_model, [50, 48, 40, 39, 12], seed=7)  # B = 2: shapes (2, 50), (2, 40), (1, 12)
-    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, batch_size=2)).evaluate(sequences)
-    assert result.report["cuda_graphs"]["streams_opened"] == 2  # the (2, 40) batch reuses the (2, 50) stream
+    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, batch_size=2, cuda_graphs=mode)).evaluate(
+        sequences)
+    graphs = result.report["cuda_graphs"]
+    assert graphs["streams_opened"] == 2  # the (2, 40) batch reuses the (2, 50) stream
+    if mode == "rehearse":  # a second shape in one run: a second (rehearsed) capture into the run's pool
+        assert graphs["captures"] == 2 and graphs["rehearsed"] and not graphs["graphed"]
+        assert graphs["reason"] == "rehearsed on cpu" and graphs["capture_seconds"] > 0
+        assert graphs["graphed_seconds"] > 0 and graphs["eager_seconds"] == 0
+    else:
+        assert graphs["captures"] == 0 and not graphs["rehearsed"] and not graphs["graphed"]
 
 
 def test_graphs_on_without_cuda_is_a_clear_error(tiny_model):
@@ -238,8 +274,6 @@ def test_calls_past_the_loaded_batch_stay_inside_the_buffer(tiny_model, make_cod
     """The warm-up before a capture runs WARMUP_CALLS steps whatever the batch's length; a short batch (T=8, C=4:
     two calls) must not gather past the delayed buffer (on CUDA a device-side assert), and a reset afterwards
     must give the batch's exact losses."""
-    from fused_stream.core.graphs import WARMUP_CALLS
-
     sequences = make_codes(tiny_model, [8], seed=61)
     with inference_mode(tiny_model):
         stream, batch, _ = _loaded_stream(tiny_model, sequences, chunk=4)
@@ -254,3 +288,172 @@ def test_calls_past_the_loaded_batch_stay_inside_the_buffer(tiny_model, make_cod
     ref_audio, ref_text, _, _ = forward_losses(tiny_model, sequences[0][None])
     assert_losses_close(audio[:1], ref_audio)
     assert_losses_close(text[:1], ref_text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rehearsal (cuda_graphs="rehearse", any device): the capture/replay control flow on the CPU, and the defects it
+# must catch before a first GPU run does
+# --------------------------------------------------------------------------------------------------------------
+def test_a_short_first_batch_rehearses_its_warm_up_inside_the_buffer(tiny_model, make_codes, monkeypatch):
+    """T = 8 <= 2 * C * U (C = 4): the warm-up's third call runs past the batch. With Stream.step_once's clamp the
+    rehearsed run is exact; without it the warm-up reads past the delayed buffer (on CUDA: a device-side assert)."""
+    sequences = make_codes(tiny_model, [8], seed=62)
+    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, cuda_graphs="rehearse", verify_graph=2)).evaluate(
+        sequences)
+    assert result.report["cuda_graphs"]["rehearsed"] and result.report["cuda_graphs"]["verified_calls"] == 2
+    ref_audio, ref_text, _, _ = forward_losses(tiny_model, sequences[0][None])
+    assert_losses_close(result.losses, ref_audio)
+    assert_losses_close(result.text_losses, ref_text)
+
+    real_init = Stream.__init__
+
+    def init_without_the_clamp(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.last_column = 10**9  # clamp(max=...) no longer clamps
+
+    monkeypatch.setattr(Stream, "__init__", init_without_the_clamp)
+    # The safety check's 3 steps (or the warm-up's 3 calls) are the first to read past the buffer.
+    with pytest.raises((IndexError, GraphCaptureError), match="out of range"):
+        StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, cuda_graphs="rehearse")).evaluate(sequences)
+
+
+@pytest.fixture
+def fresh_model():
+    from fused_stream.data.models import load_model
+
+    # The toys below are attached in place: never the session-wide tiny_model.
+    return load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+class _Wrapped(torch.nn.Module):
+    """Runs a transformer layer, then `self.after(y)` (as in test_graphsafe.py)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.layer(x, *args, **kwargs)
+        self.after(y)
+        return y
+
+    def after(self, y: torch.Tensor) -> None:
+        pass
+
+
+class _PythonSideTTT(_Wrapped):
+    """A Python counter: a replay would never advance it (from test_graphsafe.py)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__(layer)
+        self.step = 0
+
+    def after(self, y: torch.Tensor) -> None:
+        self.step += 1
+
+
+class _RebindingTTT(_Wrapped):
+    """An out-of-place update of a registered buffer (from test_graphsafe.py)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__(layer)
+        self.register_buffer("fast", torch.zeros(4))
+
+    def after(self, y: torch.Tensor) -> None:
+        self.fast = self.fast + y.mean()
+
+
+class _LateRebindingTTT(_RebindingTTT):
+    """Updates in place, but rebinds from its 9th call on: after the driver's 3-step check, 3 warm-ups, capture."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__(layer)
+        self.calls = torch.zeros((), dtype=torch.long)  # a device counter: not itself a defect
+
+    def after(self, y: torch.Tensor) -> None:
+        self.calls.add_(1)
+        if self.calls.item() > 8:  # noqa: PLR2004 - a host read, legal eagerly
+            self.fast = self.fast + y.mean()
+        else:
+            self.fast.add_(y.mean())
+
+
+def _attach(model, toy):
+    layers = model.transformer.layers
+    layers[1] = toy(layers[1])
+    return layers[1]
+
+
+@pytest.mark.parametrize("toy", [_PythonSideTTT, _RebindingTTT])
+def test_rehearsal_refuses_graph_unsafe_modules(fresh_model, make_codes, toy):
+    """The driver's safety check, rehearsed: "rehearse" refuses like "on" would on a GPU; "auto" on a CPU runs."""
+    _attach(fresh_model, toy)
+    codes = make_codes(fresh_model, [24], seed=63)
+    with pytest.raises(GraphCaptureError, match=r"cuda_graphs='rehearse' but these modules are not graph-safe"):
+        StreamingEvaluator(fresh_model, EvalConfig(cuda_graphs="rehearse")).evaluate(codes)
+    assert StreamingEvaluator(fresh_model, EvalConfig()).evaluate(codes).valid.any()
+
+
+@pytest.mark.parametrize("toy", [_PythonSideTTT, _RebindingTTT])
+def test_a_rehearsed_capture_catches_what_moves_during_the_step(fresh_model, make_codes, toy):
+    """Without the driver's safety check (a bare CUDAGraphed): the rehearsed capture itself fails like "on"."""
+    module = _attach(fresh_model, toy)
+    sequences = make_codes(fresh_model, [12], seed=64)
+    with inference_mode(fresh_model):
+        stream, _, _ = _loaded_stream(fresh_model, sequences, chunk=2)
+        try:
+            pool = GraphPool(torch.device("cpu"), rehearse=True)
+            graphed = CUDAGraphed(stream.step, stream.reset, pool, strict=True, watch=stream)
+            kind = "python_value" if isinstance(module, _PythonSideTTT) else "rebound_tensor"
+            with pytest.raises(GraphCaptureError, match=rf"during the captured call(.|\n)*layers\.1\.\w+: {kind}"):
+                graphed.capture()
+            lenient = CUDAGraphed(stream.step, stream.reset, GraphPool(torch.device("cpu"), rehearse=True),
+                                  watch=stream)
+            lenient.capture()  # not strict: runs eagerly and says why, like a failed capture on a GPU
+            assert not lenient.graphed and "capture failed" in lenient.reason
+        finally:
+            stream.close()
+
+
+def test_rehearsal_catches_a_rebinding_the_safety_check_misses(fresh_model, make_codes):
+    """A module that misbehaves only from its 9th call passes the driver's 3-step check; every rehearsed replay is
+    checked against the capture, so the run fails at the replay that would have gone wrong."""
+    _attach(fresh_model, _LateRebindingTTT)
+    codes = make_codes(fresh_model, [24], seed=65)
+    with pytest.raises(GraphCaptureError, match=r"during replay \d+(.|\n)*layers\.1\.fast: rebound_tensor"):
+        StreamingEvaluator(fresh_model, EvalConfig(cuda_graphs="rehearse")).evaluate(codes)
+
+
+def test_rehearsal_catches_a_tensor_rebound_by_reset(fresh_model, make_codes, monkeypatch):
+    """Rebinding in reset() (between capture and replay, or between batches) also leaves a real replay behind."""
+    module = _attach(fresh_model, _Wrapped)
+    module.register_buffer("fast", torch.zeros(4))
+
+    def after(y):
+        module.fast.add_(y.mean())
+
+    module.after = after
+    real_reset = Stream.reset
+
+    def reset_that_rebinds(self):
+        real_reset(self)
+        module.fast = torch.zeros(4)
+
+    codes = make_codes(fresh_model, [24], seed=66)
+    monkeypatch.setattr(Stream, "reset", reset_that_rebinds)
+    with pytest.raises(GraphCaptureError, match=r"between capture and replay 1(.|\n)*layers\.1\.fast: rebound"):
+        StreamingEvaluator(fresh_model, EvalConfig(cuda_graphs="rehearse")).evaluate(codes)
+
+
+def test_rehearsal_costs_normal_runs_nothing(tiny_model, make_codes, monkeypatch):
+    """Only rehearse mode takes snapshots: an "auto" run on a CPU never does."""
+    from fused_stream.core import graphsafe
+
+    sequences = make_codes(tiny_model, [20], seed=67)
+    taken = []
+    real = graphsafe.snapshot
+    monkeypatch.setattr(graphsafe, "snapshot", lambda model: taken.append(1) or real(model))
+    StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4)).evaluate(sequences)
+    assert taken == []
+    StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, cuda_graphs="rehearse")).evaluate(sequences)
+    assert len(taken) >= 2 * (20 // 4)  # two per rehearsed call

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from fused_stream.measure.throughput import chunk_mfu, flops_per_frame, frame_roofline, gpu_spec
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.measure.throughput import (
+    chunk_mfu,
+    flops_per_frame,
+    format_throughput,
+    frame_roofline,
+    gpu_spec,
+    headline_rate,
+    throughput_report,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,3 +68,37 @@ def test_flops_per_frame_by_hand(tiny_model):
     weights = sum(p.numel() for n, p in tiny_model.named_parameters() if n.split(".")[0] not in embedding_tables)
     layers, dim, context = 2, 32, 16  # the tiny preset
     assert flops_per_frame(tiny_model) == 2 * weights + 2 * 2 * layers * dim * context
+
+
+# --- the headline: the steady rate first, the overall one (setup included) beside it ---------------------------------
+
+
+def test_throughput_report_headline_is_the_steady_rate(tiny_model):
+    memory = {"frames": 1000, "frames_per_second": 400.0, "steady_frames_per_second": 500.0}
+    out = throughput_report(tiny_model, 1, {}, memory, torch.device("cpu"), steps=100, seconds=4.0)
+    assert out["headline_frames_per_second"] == 500.0 and out["headline"] == "steady"
+    assert out["overall_frames_per_second"] == 250.0  # 1000 frames / 4 s of wall time, setup included
+    assert out["steps_per_second"] == 25.0 and "bound_reason" in out  # the CPU has no roofline
+    line = format_throughput(out)
+    assert line.startswith("500.0 frames/s steady") and "250.0 frames/s overall incl. setup" in line
+
+
+def test_throughput_report_headline_falls_back_and_says_so(tiny_model):
+    memory = {"frames": 10, "frames_per_second": 40.0, "steady_frames_per_second": None}
+    out = throughput_report(tiny_model, 4, {}, memory, torch.device("cpu"), steps=3, seconds=1.0)
+    assert out["headline_frames_per_second"] == 40.0 and out["headline"].startswith("overall")
+    assert headline_rate({}) == (None, "not measured")
+    assert format_throughput({}) == "frames/s not measured"
+
+
+def test_format_throughput_names_the_bound():
+    line = format_throughput({"headline_frames_per_second": 90.0, "headline": "steady",
+                              "overall_frames_per_second": 60.0, "roofline_ratio": 0.625, "gpu": "H200"})
+    assert line == "90.0 frames/s steady; 60.0 frames/s overall incl. setup; 62.5 % of the H200 roofline"
+
+
+def test_the_driver_report_carries_the_headline(tiny_model, make_codes):
+    result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4)).evaluate(make_codes(tiny_model, [40], seed=0))
+    throughput = result.report["throughput"]
+    assert {"headline_frames_per_second", "headline", "overall_frames_per_second"} <= set(throughput)
+    assert throughput["overall_frames_per_second"] == pytest.approx(result.report["frames_per_second"])

@@ -13,6 +13,7 @@ def test_summary_table():
     big.metrics["flat"]["librilight_loss_24k"] = 1.5
     big.driver_report["memory"] = {"peak_bytes": 512 * 2**20, "constant_memory": None}
     del big.driver_report["frames_per_second"]
+    small.driver_report["throughput"] = {"steady_frames_per_second": 2000.0}
     small.driver_report["per_file"] = [{"name": "a", "frames": 6}, {"name": "b", "frames": 4}]
     big.driver_report["ranks"] = [{"per_file": [{"name": "a", "frames": 6}]},
                                   {"per_file": [{"name": "b", "frames": 5}]}]
@@ -29,7 +30,9 @@ def test_summary_table():
     assert "librilight_loss_16k" not in rows  # NaN in every run: no row
     assert rows["librilight_loss_24k"] == ["—", "1.5000"]  # absent / present
     assert rows["librilight_slope"] == ["-0.01235", "-0.01235"]
-    assert rows["frames/s"] == ["1,234.6", "—"]
+    assert rows["frames/s (steady)"] == ["2,000.0", "—"]  # the headline: after warm-up
+    assert rows["frames/s (overall)"] == ["1,234.6", "—"]  # beside it: setup included
+    assert [name for name in rows if name.startswith("frames/s")] == ["frames/s (steady)", "frames/s (overall)"]
     assert rows["peak memory"] == ["1.50", "GiB", "512.0", "MiB"]
     assert rows["constant memory"] == ["yes", "unknown"]
 
@@ -44,3 +47,16 @@ def test_rows_no_run_reaches_are_left_out_and_an_unknown_total_is_a_dash():
     rows = {line[:20].strip(): line[20:].split() for line in summary_table([run]).splitlines()[2:]}
     assert not [name for name in rows if name.startswith("librilight_loss")]
     assert rows["frames (total)"] == ["—"] and "frames" not in rows  # no per-file report: unknown, not guessed
+
+
+def test_speed_rows_sum_the_ranks_and_a_rank_without_a_rate_is_unknown():
+    run = make_run("m", 4)
+    run.driver_report["ranks"] = [
+        {"frames_per_second": 10.0, "throughput": {"steady_frames_per_second": 30.0}},
+        {"frames_per_second": 20.0, "throughput": {"steady_frames_per_second": 50.0}},
+    ]
+    rows = {line[:20].strip(): line[20:].split() for line in summary_table([run]).splitlines()[2:]}
+    assert rows["frames/s (steady)"] == ["80.0"] and rows["frames/s (overall)"] == ["30.0"]
+    run.driver_report["ranks"][1]["throughput"] = {"steady_frames_per_second": None}  # too few samples on a rank
+    rows = {line[:20].strip(): line[20:].split() for line in summary_table([run]).splitlines()[2:]}
+    assert rows["frames/s (steady)"] == ["—"] and rows["frames/s (overall)"] == ["30.0"]

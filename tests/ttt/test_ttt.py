@@ -195,3 +195,27 @@ def test_tracker_falls_back_on_name_for_third_party_layers():
         stream.close()
     layer = tracker.report()["layers"]["transformer.layers.0.ttt"]
     assert layer["weights_changed"] is True and layer["updates_applied"] == [3]
+
+
+
+def test_attach_with_a_seed_leaves_the_cpu_rng_stream_unchanged():
+    a, b = _ttt_model(layers=(0,)), _ttt_model(layers=(0,))  # the seed makes the new parameters reproducible
+    for p, q in zip(a.transformer.layers[0].ttt.parameters(), b.transformer.layers[0].ttt.parameters(), strict=True):
+        assert torch.equal(p, q)
+    model = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    attach_ttt(model, [0], mini_batch=MB, seed=1)  # seeds with 1 inside, then restores the stream
+    assert torch.equal(torch.rand(5), expected)
+
+
+@pytest.mark.gpu
+def test_attach_with_a_seed_leaves_the_cuda_rng_stream_unchanged():
+    """torch.manual_seed inside attach_ttt reseeds the CUDA generators too: they must be restored as well."""
+    model = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+    torch.cuda.manual_seed_all(123)
+    expected = torch.rand(5, device="cuda")
+    torch.cuda.manual_seed_all(123)
+    attach_ttt(model, [0], mini_batch=MB, seed=1)
+    assert torch.equal(torch.rand(5, device="cuda"), expected)
