@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from fused_stream.gpu_check import CHECKS, result_stem, slug
+from fused_stream.gpu_check.checks import CHECKS
+from fused_stream.gpu_check.run import result_stem, slug
 
 
 def test_dry_run_prints_one_line_per_check_and_writes_the_files(tmp_path):

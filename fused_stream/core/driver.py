@@ -35,10 +35,11 @@ from ..measure.throughput import throughput_report
 from .alignment import valid_masks
 from .config import EvalConfig, Plan, make_plan
 from .graphs import CUDAGraphed, GraphCaptureError, GraphPool, verify_replay
-from .graphsafe import check_stream, format_findings, unsafe
+from .graphsafe import check_stream
 from .inputs import batches_by_length, check_codes, pad_batch
 from .result import EvalResult, empty_result, fill_rows
 from .runtime import inference_mode
+from .state_snapshot import format_findings, unsafe
 from .stream import Stream
 
 __all__ = ["BatchHook", "ConstantMemoryError", "StreamingEvaluator"]

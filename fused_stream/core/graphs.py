@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .state_snapshot import Finding, compare, format_findings, harmless_reason, leaf_of, snapshot
+
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("auto", "on", "off", "rehearse")
@@ -228,18 +230,14 @@ class _RehearsedGraph:
     def _snapshot(self) -> dict:
         if self.watch is None:
             return {}
-        from .graphsafe import _leaf, snapshot  # graphsafe imports Stream: import it only when rehearsing
-
         out = snapshot(self.watch.model)
         for name, value in vars(self.watch).items():
-            leaf = _leaf(value)
+            leaf = leaf_of(value)
             if leaf is not None and name not in _HOST_ONLY:
                 out[(STREAM, name)] = leaf
         return out
 
     def _check(self, before: dict, after: dict, when: str) -> None:
-        from .graphsafe import Finding, compare, format_findings, harmless_reason
-
         bad = []
         for module, attribute, kind, old, new in compare(before, after):
             owner = self.modules.get(module)

@@ -447,12 +447,14 @@ def test_rehearsal_catches_a_tensor_rebound_by_reset(fresh_model, make_codes, mo
 
 def test_rehearsal_costs_normal_runs_nothing(tiny_model, make_codes, monkeypatch):
     """Only rehearse mode takes snapshots: an "auto" run on a CPU never does."""
+    from fused_stream.core import graphs as graphs_module
     from fused_stream.core import graphsafe
 
     sequences = make_codes(tiny_model, [20], seed=67)
     taken = []
     real = graphsafe.snapshot
-    monkeypatch.setattr(graphsafe, "snapshot", lambda model: taken.append(1) or real(model))
+    for module in (graphs_module, graphsafe):  # the rehearsed graph's checks and the safety probe
+        monkeypatch.setattr(module, "snapshot", lambda model: taken.append(1) or real(model))
     StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4)).evaluate(sequences)
     assert taken == []
     StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4, cuda_graphs="rehearse")).evaluate(sequences)

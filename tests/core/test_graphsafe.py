@@ -10,7 +10,8 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from fused_stream.core.graphsafe import Finding, check_graph_safety, format_findings, harmless_reason, unsafe
+from fused_stream.core.graphsafe import check_graph_safety
+from fused_stream.core.state_snapshot import Finding, format_findings, harmless_reason, unsafe
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
 
