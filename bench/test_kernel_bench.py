@@ -10,40 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fused_stream.gpu_check.checks import loss_step_inputs, plain_torch_step
 from fused_stream.kernels import cross_entropy as ce
 
-DEP_Q, CARD, TEXT_CARD = 8, 2048, 32000
+DEP_Q = 8
 SHAPES = [(8, 1), (8, 16)]  # (B, C)
-
-
-def make_step(B: int, C: int, device: torch.device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    text = torch.randn(B, 1, C, TEXT_CARD, generator=g, device=device).to(dtype)
-    audio = torch.randn(B, DEP_Q, C, CARD, generator=g, device=device).to(dtype)
-    targets = torch.randint(0, CARD, (B, 1 + DEP_Q, C), generator=g, device=device)
-    delays = torch.tensor([0, 0] + [1] * (DEP_Q - 1), device=device)
-    lengths = torch.full((B,), 10_000, device=device)
-    offset = torch.tensor(5, device=device)
-    out = torch.full((B, 1 + DEP_Q, 1 + 10_000), float("nan"), device=device)
-    counts = torch.zeros(ce.N_COUNTERS, dtype=torch.long, device=device)
-    return text, audio, targets, delays, lengths, offset, out, counts
-
-
-def plain_torch_step(text, audio, targets, delays, lengths, offset, out, counts, lead: int) -> None:
-    C = audio.shape[2]
-    step = offset + torch.arange(C, device=out.device)
-    t = step.view(1, 1, C) - delays.view(1, -1, 1)
-    losses = []
-    for logits, tgt in ((text, targets[:, :1]), (audio, targets[:, 1:])):
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.float().reshape(-1, V), tgt.clamp(0, V - 1).reshape(-1), reduction="none")
-        losses.append(loss.view(tgt.shape))
-    loss = torch.cat(losses, dim=1)
-    valid = (t >= 0) & (step.view(1, 1, C) < lengths.view(-1, 1, 1)) & (targets >= 0)
-    out.scatter_(2, (lead + t).expand_as(loss), torch.where(valid, loss, torch.full_like(loss, float("nan"))))
 
 
 def _timed(fn, device):
@@ -59,7 +31,7 @@ def _timed(fn, device):
 @pytest.mark.parametrize("path", ["fused", "plain_torch"])
 def test_step_loss(benchmark, path, B, C):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = make_step(B, C, device)
+    args = loss_step_inputs(B, C, device, small=False)  # Moshi's vocabularies: 2048 audio, 32000 text
     text, audio = args[0], args[1]
     if path == "fused":
         backend = "triton" if device.type == "cuda" else "torch"  # CPU: the twin (the interpreter is not a speed path)

@@ -182,9 +182,9 @@ def check_loss_kernel(ctx: Context, budget: float) -> tuple[str, dict]:
     rows, parts = [], []
     backend = "triton" if ctx.cuda else "torch"
     for B, C in shapes:
-        args = _loss_step(B, C, device, small=not ctx.cuda)
+        args = loss_step_inputs(B, C, device, small=not ctx.cuda)
         fused = _time(lambda args=args: ce.step_cross_entropy_(*args, lead=1, backend=backend), device)
-        plain = _time(lambda args=args: _plain_step(*args, lead=1), device)
+        plain = _time(lambda args=args: plain_torch_step(*args, lead=1), device)
         logit_bytes = args[0].numel() * args[0].element_size() + args[1].numel() * args[1].element_size()
         row = {"B": B, "C": C, "backend": backend, "logit_bytes": logit_bytes, "fused_s": fused, "plain_s": plain,
                "fused_GB_per_s": logit_bytes / fused / 1e9, "plain_GB_per_s": logit_bytes / plain / 1e9}
@@ -198,7 +198,7 @@ def check_loss_kernel(ctx: Context, budget: float) -> tuple[str, dict]:
     return f"B={shapes[0][0]} " + "; ".join(parts) + f" ({where})", {"rows": rows, "gpu": spec and spec.name}
 
 
-def _loss_step(B: int, C: int, device: Any, small: bool) -> tuple:
+def loss_step_inputs(B: int, C: int, device: Any, small: bool) -> tuple:
     """One step's logits, targets and buffers at Moshi's vocabularies (the CPU dry run: small vocabularies)."""
     dep_q, card, text_card = (8, 64, 96) if small else (8, 2048, 32000)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -214,8 +214,9 @@ def _loss_step(B: int, C: int, device: Any, small: bool) -> tuple:
     return text, audio, targets, delays, lengths, offset, out, counts
 
 
-def _plain_step(text, audio, targets, delays, lengths, offset, out, counts, lead: int) -> None:
-    """What a user writes: F.cross_entropy(x.float()) per stream, a mask, an index write (bench/test_kernel_bench)."""
+def plain_torch_step(text, audio, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+    """What a user writes: F.cross_entropy(x.float()) per stream, a mask, an index write: the baseline of the loss
+    kernel here and in bench/test_kernel_bench.py."""
     C = audio.shape[2]
     step = offset + torch.arange(C, device=out.device)
     t = step.view(1, 1, C) - delays.view(1, -1, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
+from toy_layers import PythonSideTTT, RebindingTTT, Wrapped
 
 from fused_stream.core.alignment import valid_masks
 from fused_stream.core.config import EvalConfig, make_plan
@@ -325,45 +326,7 @@ def fresh_model():
     return load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
 
 
-class _Wrapped(torch.nn.Module):
-    """Runs a transformer layer, then `self.after(y)` (as in test_graphsafe.py)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.layer(x, *args, **kwargs)
-        self.after(y)
-        return y
-
-    def after(self, y: torch.Tensor) -> None:
-        pass
-
-
-class _PythonSideTTT(_Wrapped):
-    """A Python counter: a replay would never advance it (from test_graphsafe.py)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__(layer)
-        self.step = 0
-
-    def after(self, y: torch.Tensor) -> None:
-        self.step += 1
-
-
-class _RebindingTTT(_Wrapped):
-    """An out-of-place update of a registered buffer (from test_graphsafe.py)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__(layer)
-        self.register_buffer("fast", torch.zeros(4))
-
-    def after(self, y: torch.Tensor) -> None:
-        self.fast = self.fast + y.mean()
-
-
-class _LateRebindingTTT(_RebindingTTT):
+class _LateRebindingTTT(RebindingTTT):
     """Updates in place, but rebinds from its 9th call on: after the driver's 3-step check, 3 warm-ups, capture."""
 
     def __init__(self, layer: torch.nn.Module) -> None:
@@ -384,7 +347,7 @@ def _attach(model, toy):
     return layers[1]
 
 
-@pytest.mark.parametrize("toy", [_PythonSideTTT, _RebindingTTT])
+@pytest.mark.parametrize("toy", [PythonSideTTT, RebindingTTT])
 def test_rehearsal_refuses_graph_unsafe_modules(fresh_model, make_codes, toy):
     """The driver's safety check, rehearsed: "rehearse" refuses like "on" would on a GPU; "auto" on a CPU runs."""
     _attach(fresh_model, toy)
@@ -394,7 +357,7 @@ def test_rehearsal_refuses_graph_unsafe_modules(fresh_model, make_codes, toy):
     assert StreamingEvaluator(fresh_model, EvalConfig()).evaluate(codes).valid.any()
 
 
-@pytest.mark.parametrize("toy", [_PythonSideTTT, _RebindingTTT])
+@pytest.mark.parametrize("toy", [PythonSideTTT, RebindingTTT])
 def test_a_rehearsed_capture_catches_what_moves_during_the_step(fresh_model, make_codes, toy):
     """Without the driver's safety check (a bare CUDAGraphed): the rehearsed capture itself fails like "on"."""
     module = _attach(fresh_model, toy)
@@ -404,7 +367,7 @@ def test_a_rehearsed_capture_catches_what_moves_during_the_step(fresh_model, mak
         try:
             pool = GraphPool(torch.device("cpu"), rehearse=True)
             graphed = CUDAGraphed(stream.step, stream.reset, pool, strict=True, watch=stream)
-            kind = "python_value" if isinstance(module, _PythonSideTTT) else "rebound_tensor"
+            kind = "python_value" if isinstance(module, PythonSideTTT) else "rebound_tensor"
             with pytest.raises(GraphCaptureError, match=rf"during the captured call(.|\n)*layers\.1\.\w+: {kind}"):
                 graphed.capture()
             lenient = CUDAGraphed(stream.step, stream.reset, GraphPool(torch.device("cpu"), rehearse=True),
@@ -426,7 +389,7 @@ def test_rehearsal_catches_a_rebinding_the_safety_check_misses(fresh_model, make
 
 def test_rehearsal_catches_a_tensor_rebound_by_reset(fresh_model, make_codes, monkeypatch):
     """Rebinding in reset() (between capture and replay, or between batches) also leaves a real replay behind."""
-    module = _attach(fresh_model, _Wrapped)
+    module = _attach(fresh_model, Wrapped)
     module.register_buffer("fast", torch.zeros(4))
 
     def after(y):
