@@ -58,3 +58,11 @@ def encode_calls(monkeypatch):
 
     monkeypatch.setattr(MimiModel, "encode", spy)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def _quiet_busy_cpu_check(monkeypatch):
+    """The CLI warns when other work keeps its CPUs busy; inside pytest that other work is pytest itself (torch's
+    spinning threads after the previous test), so in-process runs would print the warning at random. Tests of the
+    warning patch `idle_cpus` themselves."""
+    monkeypatch.setattr("fused_stream.cli.main.idle_cpus", lambda: None)
