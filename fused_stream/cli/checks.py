@@ -15,7 +15,6 @@ refuses, here, partial results made with a different fingerprint, naming what ch
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +191,10 @@ def _check_ttt(s: Settings, models: dict[str, ModelInfo]) -> None:
 
 
 def _check_codebook_weights(s: Settings, models: dict[str, ModelInfo]) -> None:
+    """One weight per audio codebook of every model (EvalConfig has already checked the values themselves)."""
     weights = s.eval.codebook_weights
     if weights is None:
         return
-    if not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"--codebook-weights must be finite numbers, got {','.join(map(str, weights))}")
     for info in models.values():
         if len(weights) != info.dep_q:
             raise ConfigError(f"--codebook-weights gives {len(weights)} weights but model {info.label} ({info.spec}) "

@@ -13,6 +13,7 @@ the evaluator is built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -114,9 +115,10 @@ class EvalConfig:
                  "a number of seconds > 0", self.monitor_interval)
         weights = self.codebook_weights
         if weights is not None:
-            ok = (isinstance(weights, Sequence) and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+            ok = (isinstance(weights, Sequence)
+                  and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
                   and any(w > 0 for w in weights))
-            _require(ok, "codebook_weights", "numbers >= 0 with at least one > 0", weights)
+            _require(ok, "codebook_weights", "finite numbers >= 0 with at least one > 0", weights)
         self.torch_dtype()
 
     def torch_dtype(self) -> torch.dtype | None:
