@@ -7,6 +7,7 @@ and moshi take seconds) print one line and exit 130 instead of a traceback; `mai
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -22,8 +23,10 @@ def quiet_startup_interrupts() -> bool:
         return False  # someone chose how SIGINT is handled: leave it
 
     def stop(signum: int, _frame: object) -> None:
-        print("interrupted while starting: nothing was evaluated or written", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        print("interrupted while starting: nothing was evaluated or written", file=sys.stderr, flush=True)
+        # Exit at once: nothing is open or written yet, and an exception raised in the middle of a native
+        # extension's import (torch, triton) can abort the interpreter (seen: SIGABRT) instead of unwinding.
+        os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, stop)
     return True
