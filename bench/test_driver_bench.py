@@ -1,6 +1,7 @@
 """End-to-end evaluation speed: the seed's per-frame loop vs frame mode vs chunk mode vs the batch path.
 
-Run with `pytest bench --benchmark-only`. Targets on the 2-core CPU (small preset, T=600, same run):
+Run with `pytest bench --benchmark-only`. Streaming runs with `verify=False`: these rows time the engine; what
+verification adds to a run is `test_verify_bench.py`'s. Targets on the 2-core CPU (small preset, T=600, same run):
 chunk mode C=64 (B=1) >= 15x the naive loop, frame mode at B=8 >= 2.5x.
 """
 
@@ -16,12 +17,12 @@ def test_naive_streaming(run_case, bench_model):
 
 
 def test_frame_mode_b8(run_case, bench_model):
-    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=1))
+    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=1, verify=False))
     run_case("frame_mode_B8", evaluator.evaluate, batch=8, rounds=2)
 
 
 def test_chunk_mode_c64(run_case, bench_model):
-    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64))
+    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64, verify=False))
     run_case("chunk_mode_C64", evaluator.evaluate, batch=1, rounds=5)
 
 
@@ -30,5 +31,5 @@ def test_batch_losses(run_case, bench_model):
 
 
 def test_chunk_mode_c64_b8(run_case, bench_model):
-    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64))
+    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size=64, verify=False))
     run_case("chunk_mode_C64_B8", evaluator.evaluate, batch=8, rounds=2)

@@ -23,7 +23,8 @@ def test_graphs(run_case, benchmark, bench_model, graphs, chunk, batch):
         pytest.skip("CUDA graphs need a CUDA device")
     mode = "frame" if chunk == 1 else f"chunk_C{chunk}"
     name = f"{'graphed' if graphs == 'on' else 'eager'}_{mode}_B{batch}"
-    config = EvalConfig(chunk_size=chunk, batch_size=batch, cuda_graphs=graphs)
+    # verify=False: the engine's speed and memory (verification's cost: test_verify_bench.py)
+    config = EvalConfig(chunk_size=chunk, batch_size=batch, cuda_graphs=graphs, verify=False)
     result = run_case(name, StreamingEvaluator(bench_model, config).evaluate, batch=batch,
                       rounds=1 if batch >= 32 else 2)
     report = result.report

@@ -9,20 +9,24 @@ from .compat import PaperMetricsLibriLight
 from .core.config import EvalConfig
 from .core.driver import ConstantMemoryError, StreamingEvaluator
 from .core.graphs import GraphCaptureError, GraphMismatchError
+from .core.parity import ParityError
 from .core.reference import batch_losses, naive_streaming_losses
 from .core.result import EvalResult
-from .data.models import load_model
+from .data.checkpoints import CheckpointError
+from .data.models import load_model, load_model_and_mimi
 from .measure.preflight import PreflightError
 from .ttt.layer import attach_ttt
 from .version import __version__
 
 __all__ = [
+    "CheckpointError",
     "ConstantMemoryError",
     "EvalConfig",
     "EvalResult",
     "GraphCaptureError",
     "GraphMismatchError",
     "PaperMetricsLibriLight",
+    "ParityError",
     "PreflightError",
     "StreamingEvaluator",
     "__version__",
@@ -30,5 +34,6 @@ __all__ = [
     "batch_losses",
     "evaluate_long_context_loss",
     "load_model",
+    "load_model_and_mimi",
     "naive_streaming_losses",
 ]

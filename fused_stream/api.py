@@ -4,7 +4,9 @@
 streams it with `StreamingEvaluator` on the model *as it is* (no move, no cast: a training loop owns its model's
 device and dtype) and returns the CLI's numbers: the flat `librilight_*` keys at the top level, plus the
 per-position curves, the full metrics dict and the driver's report. Its options are `EvalConfig`'s, by name or as
-a config, with EvalConfig's defaults: the call and the CLI cannot drift apart.
+a config, with EvalConfig's defaults: the call and the CLI cannot drift apart. Like every run, it first checks a
+prefix of the data against the batch path (`LMModel.forward`) and raises `core.parity.ParityError` on a mismatch
+(`verify=False` skips that).
 
 The model is handed back as it came: every module's train/eval flag, every parameter's `requires_grad`, and out
 of streaming mode, whatever happened inside (`preserved_model_state`).
@@ -47,6 +49,14 @@ def evaluate_long_context_loss(
     `config` and `options` (EvalConfig field names, e.g. `chunk_size=16, window=100`; they override `config`)
     choose the evaluation; a name EvalConfig does not have raises TypeError, a bad value ConfigError.
 
+    Verification is on by default (`verify=True`): while the run streams, a short prefix of up to two sequences
+    (automatic, a few percent of the run's time; `verify_frames=N` for exactly N frames) is compared with
+    `LMModel.forward` on that prefix. A model whose streaming path differs from its forward (e.g. a layer keeping
+    state outside moshi's streaming state, or a TTT layer updating its fast weights only in `forward`) raises
+    `fused_stream.ParityError` (an AssertionError naming the sequence, stream, frame, both values and a likely
+    cause) before any metric is computed; the model is handed back as it came either way. `verify=False`
+    skips the check (`report["verification"]` then says so).
+
     Returns a dict with:
     - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_slope*`,
       `librilight_samples`) at the top level; a key whose frames the data does not reach is absent;
@@ -54,7 +64,8 @@ def evaluate_long_context_loss(
       (`codebook_{k}`, `text`), `combined`, `weighted` (with `codebook_weights`) as floats with None where no
       sequence is valid (never NaN), and `count` as ints;
     - `"metrics"`: the full `compute_metrics` dict (overall, windows, first_frames, slopes, flat, ...);
-    - `"report"`: the driver's `result.report` (timings, memory verdict, preflight, CUDA graphs).
+    - `"report"`: the driver's `result.report` (timings, memory verdict, preflight, CUDA graphs, and
+      `"verification"`: what was compared with the batch path, the largest difference and what it cost).
     """
     config = _config(model, config, options)
     sequences = _prepare(model, codes_list, config)

@@ -16,6 +16,11 @@ directory speaker/book/chapter.flac, or one file), `librilight_max_files`, `libr
 `librilight_streaming` block), and `ttt_verification` and `cache_clear_interval`, accepted and unused here. Options
 only the command line has (models, outputs, ...) are an error in a `librilight_streaming` block; other keys of a
 finetune config are ignored.
+
+Every evaluation first checks a prefix of the data against the batch path (`LMModel.forward`) and raises
+`core.parity.ParityError` if the model streams differently (e.g. a TTT layer that updates its fast weights only in
+`forward`): a training loop learns at its first evaluation that the long-context numbers would be wrong, instead of
+logging them. `librilight_streaming: {verify: false}` skips the check; `verify_frames: N` verifies exactly N frames.
 """
 
 from __future__ import annotations

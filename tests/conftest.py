@@ -66,3 +66,14 @@ def _quiet_busy_cpu_check(monkeypatch):
     spinning threads after the previous test), so in-process runs would print the warning at random. Tests of the
     warning patch `idle_cpus` themselves."""
     monkeypatch.setattr("fused_stream.cli.main.idle_cpus", lambda: None)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test, restored after. Tiny models are thousands of small ops: on a busy 2-CPU
+    machine torch's two OpenMP threads spin against other processes and a 1 s test takes 30 s or more. Exactness
+    does not depend on it: both sides of every comparison run in the same process with the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

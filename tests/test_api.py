@@ -14,9 +14,13 @@ from fused_stream import evaluate_long_context_loss
 from fused_stream.cli.main import main
 from fused_stream.core.config import ConfigError, EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.core.parity import ParityError
+from fused_stream.core.reference import batch_losses
 from fused_stream.data.codes import generate_codes
 from fused_stream.errors import DataError
 from fused_stream.metrics import PositionSums, compute_metrics, position_means
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 DEP_Q, K, CARD = 8, 17, 64  # the tiny preset
 TOL = 1e-9
@@ -52,15 +56,6 @@ def assert_close(a, b, path="") -> None:
         assert a == b, (path, a, b)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread for these tests, restored after: on a busy 2-core VM, two OpenMP threads spin against
-    other processes and make the tiny model's small matmuls ~100x slower. Exactness does not depend on it: every
-    comparison here runs both sides in this same process and setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -241,3 +236,56 @@ def test_options_are_eval_configs(tiny_model, monkeypatch):
         evaluate_long_context_loss(tiny_model, [codes], batch_size=0)
     with pytest.raises(ConfigError, match="dtype"):
         evaluate_long_context_loss(tiny_model, [codes], dtype="bfloat16")  # would cast the caller's model
+
+
+def _toy_layers():
+    """tests/core/toy_layers.py (shared toy layers), loaded by path: tests/core is not on sys.path from here."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("api_toy_layers", Path(__file__).parent / "core" / "toy_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_model_that_streams_wrong_raises_parity_error_and_is_handed_back():
+    from fused_stream.data.models import load_model
+
+    model = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)  # its own: a layer is swapped in
+    model.transformer.layers[1] = _toy_layers().ForwardOnlyTTT(model.transformer.layers[1])
+    model.train()
+    model.depformer.eval()
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 2 == 0)
+    training, grads = [m.training for m in model.modules()], [p.requires_grad for p in params]
+    g = torch.Generator().manual_seed(7)
+    codes = [torch.randint(0, CARD, (DEP_Q, T), generator=g) for T in (40, 30)]
+
+    with pytest.raises(ParityError) as info:
+        evaluate_long_context_loss(model, codes, chunk_size=4)
+    assert info.value.sequence == 0 and info.value.stream.startswith("audio codebook")  # text_fill="zero"
+    assert not api.is_streaming(model)
+    assert [m.training for m in model.modules()] == training and [p.requires_grad for p in params] == grads
+
+    result = evaluate_long_context_loss(model, codes, chunk_size=4, verify=False)  # runs, silently wrong
+    assert result["report"]["verification"] == {"skipped": "verify=False"}
+    assert result["librilight_samples"] == 2 and not api.is_streaming(model)
+    assert _largest_gap_to_batch(model, codes, result) > 1e-3
+
+
+def _largest_gap_to_batch(model, codes, result) -> float:
+    """Largest |API curve - batch path| of audio codebook 1's per-position mean over sequences."""
+    batch = batch_losses(model, api._prepare(model, codes, EvalConfig()))
+    expected = batch.losses[:, 1].nanmean(dim=0).tolist()
+    return max(abs(a - b) for a, b in zip(result["per_position"]["codebook_1"], expected, strict=True)
+               if a is not None)
+
+
+def test_a_correct_model_passes_verification_by_default(tiny_model):
+    codes = [torch.randint(0, CARD, (DEP_Q, 40), generator=torch.Generator().manual_seed(8))]
+    result = evaluate_long_context_loss(tiny_model, codes, chunk_size=4)
+    report = result["report"]["verification"]
+    assert report["passed"] and report["sequences"] == [0] and report["positions"] > 0
+    assert _largest_gap_to_batch(tiny_model, codes, result) < 1e-4

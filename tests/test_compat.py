@@ -14,7 +14,10 @@ from fused_stream import PaperMetricsLibriLight
 from fused_stream.cli.main import main
 from fused_stream.compat import mimi_state_hash
 from fused_stream.core.config import ConfigError
+from fused_stream.core.parity import ParityError
 from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 CARD = 64  # the tiny preset's audio card
 TOL = 1e-9
@@ -24,14 +27,6 @@ CHAPTERS = [("100/book_a/chapter_2.flac", 45.0, 16000), ("100/book_a/chapter_1.f
             ("200/book_b/chapter_1.flac", 15.0, 24000)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread, restored after (see tests/test_api.py): two spin against other processes on a busy
-    2-core VM. Both sides of every comparison run in this process with this setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +158,37 @@ def test_mimi_hash_is_stable_and_tracks_the_weights(mimi_setup):
         mimi, {"librilight_audio_dir": "x"}).mimi_hash
     other = random_mimi(small_mimi_config(card=CARD), seed=1)
     assert mimi_state_hash(other) != mimi_state_hash(mimi)
+
+
+def _forward_only_tiny():
+    """A tiny model whose layer 1 updates its state in `forward` only (tests/core/toy_layers.py, loaded by path)."""
+    import importlib.util
+    from pathlib import Path
+
+    from fused_stream.data.models import load_model
+
+    spec = importlib.util.spec_from_file_location("compat_toy_layers",
+                                                  Path(__file__).parent / "core" / "toy_layers.py")
+    toys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toys)
+    model = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+    model.transformer.layers[1] = toys.ForwardOnlyTTT(model.transformer.layers[1])
+    return model
+
+
+def test_verification_is_on_by_default_and_a_finetune_config_turns_it_off(mimi_setup, librilight):
+    mimi, _ = mimi_setup
+    base = {"librilight_audio_dir": str(librilight), "librilight_max_files": 1, "max_sequence_length": 60,
+            "librilight_chunk_size": 4}
+    model = _forward_only_tiny()
+    assert PaperMetricsLibriLight(mimi, base).config.verify is True
+    with pytest.raises(ParityError, match="sequence 0"):
+        PaperMetricsLibriLight(mimi, base).evaluate_librilight_long_context(model)
+    off = PaperMetricsLibriLight(mimi, base | {"librilight_streaming": {"verify": False}})
+    assert off.config.verify is False
+    assert off.evaluate_librilight_long_context(model)["librilight_samples"] == 1
+    exact = PaperMetricsLibriLight(mimi, {"paper_metrics": base | {"librilight_streaming": {"verify_frames": 30}}})
+    assert exact.config.verify and exact.config.verify_frames == 30
+    for bad in ({"verify": "no"}, {"verify_frames": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            PaperMetricsLibriLight(mimi, base | {"librilight_streaming": bad})

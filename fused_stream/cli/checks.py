@@ -1,11 +1,13 @@
 """Every input of a run checked before its first expensive step, and the fingerprint of what its numbers depend on.
 
 `check_run` runs before any model is loaded or any file written, and reads no weights: the output folder (and the
-Mimi cache) must be writable folders; the device, dtype, loss backend and CUDA-graph mode must go together; every
---model must be a preset or a checkpoint whose config is readable; every --ttt layer must exist in its model and
-be given once; --codebook-weights must give one finite weight per audio codebook of every model; the data source
-must exist and the Mimi must match every model. Its errors are one line (`ConfigError`, `DataError`): the CLI exits
-2 with nothing written, in seconds rather than after a model ran.
+Mimi cache) must be writable folders; the device, dtype, loss backend and CUDA-graph mode must go together; the
+data source must exist; every --model must be a preset, a local checkpoint whose config is readable, or a Hugging
+Face checkpoint that moshi resolves (from the cache offline; online this is where missing files download), whose
+config builds an LMModel (on the meta device) whose weights fit the memory the device has free; every --ttt layer
+must exist in its model and be given once; --codebook-weights must give one finite weight per audio codebook of
+every model; the Mimi (--mimi, or the first model's checkpoint's) must match every model. Its errors are one line
+(`ConfigError`, `DataError`): the CLI exits 2 with nothing written, in seconds rather than after a model ran.
 
 It also resolves what `auto` means on this machine (device, dtype, loss backend) and builds each model's
 fingerprint for OUT/partial/<label>/run.json: the options that change a number (`Settings.fingerprint`), those
@@ -24,10 +26,12 @@ import torch
 from moshi.models import loaders
 
 from ..core.config import ConfigError, make_plan
+from ..data.checkpoints import HubCheckpoint, ResolvedHub, is_hub_spec
 from ..data.codes import CODES_SUFFIXES, codes_files
-from ..data.mimi import mimi_checkpoint
-from ..data.models import PRESETS, default_device, default_dtype, preset_config, resolve_checkpoint
+from ..data.mimi import MimiCheckpoint, hub_mimi, mimi_checkpoint
+from ..data.models import PRESETS, count_parameters, default_device, default_dtype, preset_config, resolve_checkpoint
 from ..errors import DataError, one_line
+from ..measure.preflight import available_bytes
 from .distributed import World
 from .fingerprints import file_fingerprint
 from .partials import check_resume, partial_dir
@@ -48,6 +52,8 @@ class ModelInfo:
     dep_q: int  # audio codebooks the model predicts: one --codebook-weights weight each
     card: int
     content: dict[str, Any]  # fingerprints of the weights (or preset + seed) and the config file
+    source: str | Path | ResolvedHub  # what `data.models.open_model` loads: a preset, a path, a resolved checkpoint
+    parameters: int  # of the LMModel its config builds (on the meta device: no memory)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class RunChecks:
     loss_backend: str
     models: dict[str, ModelInfo]  # by label, in --model order
     fingerprints: dict[str, dict[str, Any]]  # by label
+    mimi: str | MimiCheckpoint | None  # what tokenizes --audio: --mimi, or the first model's checkpoint's Mimi
 
     def fingerprint(self, label: str) -> dict[str, Any]:
         return self.fingerprints[label]
@@ -73,17 +80,19 @@ def check_run(s: Settings, world: World) -> RunChecks:
         plan = make_plan(s.eval, device)
     except (ValueError, RuntimeError) as exc:  # triton on a CPU, cuda_graphs=on without CUDA, ...
         raise ConfigError(one_line(exc)) from None
+    _check_data_paths(s)  # seconds, before a hub checkpoint may download gigabytes
     models = {info.label: info for info in (_model(entry, s, device) for entry in s.model)}
     _check_ttt(s, models)
     _check_codebook_weights(s, models)
-    mimi = _check_data(s, models)
+    _check_model_memory(models, device, dtype)
+    mimi = _check_mimi(s, models)
     resolved = {"dtype": str(dtype).removeprefix("torch."), "device_type": device.type,
-                "loss_backend": plan.loss_backend, "mimi_checkpoint": mimi}
+                "loss_backend": plan.loss_backend, "mimi_checkpoint": None if mimi is None else mimi.digest}
     fingerprints = {label: s.fingerprint(info.entry) | resolved | info.content for label, info in models.items()}
     if s.resume and world.is_main:
         for label, fingerprint in fingerprints.items():
             check_resume(partial_dir(s.out, label), fingerprint)
-    return RunChecks(device, dtype, plan.loss_backend, models, fingerprints)
+    return RunChecks(device, dtype, plan.loss_backend, models, fingerprints, mimi)
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -144,17 +153,26 @@ def _device(s: Settings, world: World) -> torch.device:
 # ------------------------------------------------------------------------------------------------------- models
 def _model(entry: str, s: Settings, device: torch.device) -> ModelInfo:
     label, spec = model_label(entry), model_spec(entry)
+    source: str | Path | ResolvedHub = spec
     if spec in PRESETS:
         if spec == "moshi-7b" and device.type == "cpu":
             raise ConfigError(f"--model {entry}: the moshi-7b preset has 7.7B parameters (31 GB in fp32): run it on a "
                               "GPU (--device cuda)")
         config = preset_config(spec)
         content: dict[str, Any] = {"model_weights": {"preset": spec, "seed": s.seed}, "model_config": None}
+    elif is_hub_spec(spec):
+        try:  # moshi's resolution: from the cache offline, else downloading what the cache lacks
+            source = HubCheckpoint.parse(spec).resolve()
+            content = {name: None if path is None else file_fingerprint(path)
+                       for name, path in source.weight_files().items()} | {"model_config": source.config_digest()}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--model {entry}: {one_line(exc)}") from None
+        config = source.lm_config
     else:
-        path = Path(spec)
+        path = source = Path(spec)
         if not path.exists():
-            raise ConfigError(f"--model {entry}: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
-                              "path")
+            raise ConfigError(f"--model {entry}: {spec!r} is neither a preset ({', '.join(PRESETS)}), an "
+                              "hf:ORG/NAME checkpoint, nor an existing path")
         try:
             weights, lm_kwargs = resolve_checkpoint(path)
             config_file = (path if path.is_dir() else path.parent) / "config.json"
@@ -163,12 +181,31 @@ def _model(entry: str, s: Settings, device: torch.device) -> ModelInfo:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--model {entry}: {one_line(exc)}") from None
         config = dict(loaders._lm_kwargs) if lm_kwargs is None else lm_kwargs  # no config.json: moshi's 7B
+    try:  # the config must build an LMModel at all; on the meta device that costs no memory and ~1 s for a 7B
+        base = {k: v for k, v in config.items() if not k.startswith("lora")}  # fused LoRA adds no parameters
+        parameters = count_parameters(loaders.get_moshi_lm(None, lm_kwargs=base, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - whatever moshi's constructor says about a bad config
+        raise ConfigError(f"--model {entry}: its config does not build a moshi LMModel: {one_line(exc)}") from None
     config = _LM_DEFAULTS | config
     num_layers, dep_q, card = config.get("num_layers"), config["dep_q"], config["card"]
     for key, value in (("num_layers", num_layers), ("dep_q", dep_q), ("card", card)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--model {entry}: its config gives {key} = {value!r}, not a count")
-    return ModelInfo(entry, label, spec, num_layers, dep_q, card, content)
+    return ModelInfo(entry, label, spec, num_layers, dep_q, card, content, source, parameters)
+
+
+def _check_model_memory(models: dict[str, ModelInfo], device: torch.device, dtype: torch.dtype) -> None:
+    """Each model's weights alone must fit the memory the device has free (models load one at a time): a 7B in
+    float32 on a 24 GB machine is refused here, not killed by the kernel minutes into loading it."""
+    available, source = available_bytes(device)
+    for info in models.values():
+        needed = info.parameters * dtype.itemsize
+        if needed > available:
+            dtype_name = str(dtype).removeprefix("torch.")
+            raise ConfigError(
+                f"--model {info.entry}: {info.parameters / 1e9:.2f}B parameters take {needed / 2**30:.1f} GiB in "
+                f"{dtype_name} but {device} has {available / 2**30:.1f} GiB available ({source}): use a GPU "
+                "(--device cuda) or a smaller dtype (--dtype bfloat16)")
 
 
 def _check_ttt(s: Settings, models: dict[str, ModelInfo]) -> None:
@@ -202,23 +239,39 @@ def _check_codebook_weights(s: Settings, models: dict[str, ModelInfo]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- data
-def _check_data(s: Settings, models: dict[str, ModelInfo]) -> str | None:
-    """The data source exists and the Mimi fits every model; the Mimi's content hash (None without audio)."""
+def _check_data_paths(s: Settings) -> None:
+    """The data source exists (reading nothing but folder listings)."""
     if s.codes is not None:
         root = Path(s.codes)
         if not (root.is_file() or root.is_dir() and any(p.suffix.lower() in CODES_SUFFIXES for p in root.iterdir())):
             codes_files(root)  # its DataError: missing, or a folder without codes files (else loading tells)
+    if s.audio is not None and not Path(s.audio).exists():
+        raise DataError(f"audio path {s.audio} does not exist")
+    if s.mimi is not None and s.audio is not None and not Path(s.mimi).exists():
+        raise DataError(f"Mimi checkpoint {s.mimi} not found")
+
+
+def _check_mimi(s: Settings, models: dict[str, ModelInfo]) -> MimiCheckpoint | None:
+    """The Mimi that tokenizes --audio (--mimi, or the first model's checkpoint's), checked against every model;
+    None without audio."""
     if s.audio is None:
         return None
-    if not Path(s.audio).exists():
-        raise DataError(f"audio path {s.audio} does not exist")
-    if s.mimi is None:
+    hub = [info for info in models.values() if isinstance(info.source, ResolvedHub)]
+    if s.mimi is not None:
+        mimi = mimi_checkpoint(s.mimi)  # DataError naming the file
+    elif hub and hub[0] is next(iter(models.values())):
+        mimi = hub_mimi(hub[0].source)
+        for info in hub[1:]:  # each model's own Mimi must be the one the shared data is tokenized with
+            other = hub_mimi(info.source)
+            if other.digest != mimi.digest:
+                raise DataError(f"models {hub[0].label} and {info.label} come with different Mimi checkpoints "
+                                f"({mimi.name}, {other.name}): the data is tokenized once, so choose one with --mimi")
+    else:
         return None  # settings.validate: only a disabled run gets here
-    _, config, digest = mimi_checkpoint(s.mimi)  # DataError naming the file
-    quantizer = config.get("quantizer") or {}
+    quantizer = mimi.config.get("quantizer") or {}
     n_q, card = quantizer.get("n_q"), quantizer.get("bins")
     for info in models.values():
         if card != info.card or not isinstance(n_q, int) or n_q < info.dep_q:
-            raise DataError(f"Mimi {s.mimi} has {n_q} codebooks of card {card}; model {info.label} expects "
+            raise DataError(f"Mimi {mimi.name} has {n_q} codebooks of card {card}; model {info.label} expects "
                             f"dep_q={info.dep_q} of card {info.card}")
-    return digest
+    return mimi

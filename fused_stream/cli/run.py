@@ -16,10 +16,11 @@ from typing import Any
 
 from ..core.config import ConfigError
 from ..core.driver import StreamingEvaluator
-from ..core.parity import check_parity
+from ..core.parity import ParityError
+from ..data.checkpoints import ResolvedHub
 from ..data.codes import EvalSequence
 from ..data.dataset import Dataset, load_dataset
-from ..data.models import count_parameters, load_model
+from ..data.models import count_parameters, open_model
 from ..errors import DataError
 from ..metrics import TEXT, PositionSums, compute_metrics, position_means
 from ..report.model_run import ModelRun
@@ -37,12 +38,9 @@ class RunOutcome:
     runs: list[ModelRun]
     data: list[dict[str, Any]]
     failed: list[dict[str, Any]]
-    parity_ok: bool
 
     def exit_code(self, settings: Settings) -> int:
-        if not self.parity_ok or (self.failed and not settings.keep_going):
-            return 1
-        return 0
+        return 1 if self.failed and not settings.keep_going else 0
 
 
 def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
@@ -51,24 +49,26 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
     `checks` is the `RunChecks` that `cli.checks.check_run` returned for `s` before anything expensive: the device,
     dtype and fingerprints to use.
     """
-    runs, dataset, parity_ok, failed = [], None, True, []
+    runs, dataset, failed = [], None, []
     for entry in s.model:
         label, spec = model_label(entry), model_spec(entry)
-        model = load_model(spec, device=checks.device, dtype=checks.dtype, seed=s.seed)
+        model = open_model(checks.models[label].source, device=checks.device, dtype=checks.dtype, seed=s.seed)
         for ttt_label, options in (parse_ttt(e) for e in s.ttt):
             if ttt_label == label:  # the same weights plus TTT layers: baseline vs TTT on identical data
                 attach_ttt(model, seed=s.seed, **options)
         if dataset is None:
-            dataset = _load_data(s, model, world)
+            dataset = _load_data(s, model, world, checks.mimi)
             failed = list(dataset.failed)
         else:
             _check_same_layout(model, dataset, label)
         log.info("model %s (%s): %s parameters, context %d, on %s", label, spec, f"{count_parameters(model):,}",
                  model.context, model.device)
-        sums, report, model_failed, parity = _evaluate_model(s, world, model, label, checks.fingerprint(label),
-                                                             dataset.sequences)
+        sums, report, model_failed = _evaluate_model(s, world, model, label, checks.fingerprint(label),
+                                                     dataset.sequences)
+        source = checks.models[label].source
+        if isinstance(source, ResolvedHub):
+            report["checkpoint"] = source.describe()
         failed += model_failed
-        parity_ok &= parity
         sums = all_reduce_sums(sums, world)
         reports = gather(report, world)
         if world.is_main:
@@ -82,13 +82,12 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
         gc.collect()
     data = sorted((d for part in gather(_data_list(dataset), world) for d in part), key=lambda d: d["index"])
     failed = sorted((f for part in gather(failed, world) for f in part), key=lambda f: f.get("index", -1))
-    parity_ok = all(gather(parity_ok, world))
-    return RunOutcome(runs, data, failed, parity_ok)
+    return RunOutcome(runs, data, failed)
 
 
 def _evaluate_model(
     s: Settings, world: World, model: Any, label: str, fingerprint: dict[str, Any], sequences: list[EvalSequence]
-) -> tuple[PositionSums, dict[str, Any], list[dict[str, Any]], bool]:
+) -> tuple[PositionSums, dict[str, Any], list[dict[str, Any]]]:
     """This rank's sequences through one model, each saved when its batch ends; sums added in data order."""
     store = _open_store(s, world, label, fingerprint)
     todo = [q for q in sequences if store.load(q.name, q.codes, q.sources) is None]
@@ -96,7 +95,7 @@ def _evaluate_model(
         log.info("resume: %d of %d sequences already done for %s", len(sequences) - len(todo), len(sequences), label)
     report: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
                               "resumed_sequences": len(sequences) - len(todo)}
-    failed, parity_ok = [], True
+    failed = []
     if todo:
         def save(rows: list[int], result: Any) -> None:  # called by the driver as soon as a batch is done
             for row in rows:
@@ -106,16 +105,14 @@ def _evaluate_model(
 
         config = replace(s.eval, progress=s.progress and s.verbosity >= 0)
         evaluator = StreamingEvaluator(model, config, hooks=ttt_hooks(model))
-        result = evaluator.evaluate([q.codes for q in todo], on_batch=save)
+        try:  # the driver first checks a prefix against the batch path (EvalConfig.verify)
+            result = evaluator.evaluate([q.codes for q in todo], on_batch=save)
+        except ParityError as exc:  # nothing of this model is reported; its message names the file
+            exc.args = (f"model {label}: {exc.describe(todo[exc.sequence].name)}",)
+            raise
         report = dict(result.report, **report)
         failed = [{"index": todo[row].index, "name": todo[row].name, "sources": todo[row].sources,
                    "reason": f"model {label}: {reason}"} for row, reason in sorted(result.failed.items())]
-        if s.verify if s.verify is not None else s.synthetic:
-            parity = check_parity(model, [q.codes for q in todo], result, frames=s.verify_frames)
-            report["parity"] = parity.as_dict()
-            parity_ok = parity.passed
-            log.info("parity vs LMModel.forward on the first %d frames: max |diff| %.2e, masks identical %s -> %s",
-                     parity.frames, parity.max_abs_diff, parity.masks_identical, "ok" if parity.passed else "FAILED")
     names = [f"codebook_{k}" for k in range(model.dep_q)] + [TEXT]
     sums, per_file = PositionSums.empty(names), []
     for q in sequences:  # data order, whether computed now or resumed: the same float64 additions either way
@@ -124,7 +121,7 @@ def _evaluate_model(
             sums = sums.add(store.sums(entry))
             per_file.append({"name": q.name, "frames": entry["frames"], **entry["metrics"]})
     report["per_file"] = per_file
-    return sums, report, failed, parity_ok
+    return sums, report, failed
 
 
 def _open_store(s: Settings, world: World, label: str, fingerprint: dict[str, Any]) -> PartialStore:
@@ -134,10 +131,10 @@ def _open_store(s: Settings, world: World, label: str, fingerprint: dict[str, An
     return store or PartialStore(s.out, label, fingerprint, resume=True)
 
 
-def _load_data(s: Settings, model: Any, world: World) -> Dataset:
+def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:
     cache_dir = s.cache_dir or str(Path(s.out) / "cache")
     dataset = load_dataset(
-        model, codes=s.codes, audio=s.audio, mimi=s.mimi, invalid_tokens=s.eval.invalid_tokens,
+        model, codes=s.codes, audio=s.audio, mimi=mimi, invalid_tokens=s.eval.invalid_tokens,
         generate=(s.generate or DEMO_SEQUENCES) if s.synthetic else None, frames=s.frames,
         max_frames=s.eval.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters,
         text_fill=s.eval.text_fill, other_fill=s.eval.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,

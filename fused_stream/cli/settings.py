@@ -31,7 +31,11 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moshi.models.loaders import DEFAULT_REPO
+
 from ..core.config import ConfigError, EvalConfig
+from ..data.checkpoints import HubCheckpoint, is_hub_spec
+from ..data.models import MOSHI_FLAGS
 from ..version import __version__
 
 __all__ = [
@@ -64,8 +68,6 @@ class Settings:
     cache_dir: str | None = None
     min_frames: int = 1
     seed: int = 0
-    verify: bool | None = None  # None: on for generated data (the demo proves parity), off otherwise
-    verify_frames: int = 256
     out: str = "fused_stream_out"
     resume: bool = False
     keep_going: bool = False
@@ -99,7 +101,7 @@ class Settings:
 
 
 _OWN = {f.name: f for f in fields(Settings) if f.name != "eval"}
-_COUNTS = ("generate", "frames", "max_files", "min_frames", "verify_frames", "threads")
+_COUNTS = ("generate", "frames", "max_files", "min_frames", "threads")
 # Options a config file may set by name: all but how the tool itself runs this time.
 _FILE_OPTIONS = (set(_OWN) | set(EVAL_OPTIONS)) - {"config", "verbosity", "progress"}
 
@@ -170,12 +172,15 @@ def resolve(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(read_config(args.config))
-    for name, value in vars(args).items():
-        if value is not None:
-            try:
-                values[name] = check_option(name, value)
-            except ConfigError as exc:
-                raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    hub = {name: given.pop(name) for name in MOSHI_FLAGS if name in given}
+    if hub:
+        values["model"] = [hub_flags_entry(hub, "model" in values or "model" in given)]
+    for name, value in given.items():
+        try:
+            values[name] = check_option(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
     settings = make_settings(values)
     validate(settings)
     return settings
@@ -267,11 +272,15 @@ def validate(s: Settings) -> None:
     sources = [name for name in ("codes", "audio") if getattr(s, name) is not None]
     if len(sources) > 1 or (sources and s.generate is not None):
         raise ConfigError("give one data source: --codes, --audio or --generate")
-    if s.enabled and s.audio is not None and s.mimi is None:
-        raise ConfigError(f"--audio {s.audio} needs --mimi PATH (a local Mimi checkpoint to tokenize the audio)")
     if not s.model:
         raise ConfigError("--model needs at least one preset or checkpoint")
-    labels = [model_label(spec) for spec in s.model]
+    if s.enabled and s.audio is not None and s.mimi is None and not is_hub_spec(model_spec(s.model[0])):
+        raise ConfigError(f"--audio {s.audio} needs a Mimi to tokenize the audio: --mimi PATH, or a first model from "
+                          "a Hugging Face checkpoint (--model hf:ORG/NAME, --hf-repo), whose Mimi is used")
+    try:
+        labels = [model_label(spec) for spec in s.model]
+    except ValueError as exc:  # an hf: spec that does not parse
+        raise ConfigError(f"--model: {exc}") from None
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
     for entry in s.ttt:
@@ -313,12 +322,39 @@ def parse_ttt(entry: str) -> tuple[str, dict[str, Any]]:
     return label, options
 
 
-def model_label(spec: str) -> str:
-    """`baseline=path/to/ckpt` -> "baseline"; a preset or path without a label -> its name."""
-    if "=" in spec:
-        return spec.split("=", 1)[0]
+def model_label(entry: str) -> str:
+    """`baseline=path/to/ckpt` -> "baseline"; without a label: a preset's name, a path's stem, a hub repository's
+    name (`HubCheckpoint.label`)."""
+    label, spec = _split_entry(entry)
+    if label is not None:
+        return label
+    if is_hub_spec(spec):
+        return HubCheckpoint.parse(spec).label()
     return Path(spec).stem if ("/" in spec or spec.endswith(".safetensors")) else spec
 
 
-def model_spec(spec: str) -> str:
-    return spec.split("=", 1)[1] if "=" in spec else spec
+def model_spec(entry: str) -> str:
+    return _split_entry(entry)[1]
+
+
+def _split_entry(entry: str) -> tuple[str | None, str]:
+    """(label or None, spec) of a --model entry. The `=` of an `hf:` spec's options (`hf:org/name,lora=...`) is not
+    a label's: a label has no comma and does not start with `hf:`."""
+    label, sep, spec = entry.partition("=")
+    if sep and label and "," not in label and not is_hub_spec(label):
+        return label, spec
+    return None, entry
+
+
+def hub_flags_entry(flags: dict[str, Any], given_model: bool) -> str:
+    """The --model entry that moshi's flags (--hf-repo, --moshi-weight, ..., as `MOSHI_FLAGS` names) describe."""
+    if given_model:
+        raise ConfigError(
+            f"{', '.join('--' + name.replace('_', '-') for name in flags)} describe one model, as python -m "
+            "moshi.server takes it, and --model is given too: to compare several models give each as --model "
+            "LABEL=hf:ORG/NAME[,moshi=PATH,lora=PATH,config=PATH,fuse_lora=false]")
+    flags = dict(flags)
+    try:
+        return HubCheckpoint(repo=flags.pop("hf_repo", DEFAULT_REPO), **flags).spec()
+    except ValueError as exc:
+        raise ConfigError(f"--hf-repo: {exc}") from None

@@ -1,10 +1,11 @@
 """`EvalConfig`: every option of an evaluation, its default and its allowed values, declared once.
 
-Who reads what: the driver reads the run options (chunk and batch size, loss backend, CUDA graphs, memory);
-`layout_codes` and the croppers read `max_frames`, `text_fill` and `other_fill` (the API and the CLI lay codes out
-before the driver sees them); `metrics` reads `window` and `codebook_weights`. The CLI builds its evaluation options
-from these fields (`metadata`: help text and how to parse the command line), the drop-in API passes its keyword
-arguments through, and the finetune-config reader maps its keys onto these names; none of them repeats a default.
+Who reads what: the driver reads the run options (chunk and batch size, loss backend, CUDA graphs, memory,
+verification); `layout_codes` and the croppers read `max_frames`, `text_fill` and `other_fill` (the API and the CLI
+lay codes out before the driver sees them); `metrics` reads `window` and `codebook_weights`. The CLI builds its
+evaluation options from these fields (`metadata`: help text and how to parse the command line), the drop-in API
+passes its keyword arguments through, and the finetune-config reader maps its keys onto these names; none of them
+repeats a default.
 Choice lists belong to the code that consumes them and are only imported here.
 
 `Plan` is the resolved form the rest of a run reads: device, dtype, loss backend and graph mode, decided once when
@@ -75,6 +76,11 @@ class EvalConfig:
     memory_limit: int | None = _option(None, "bytes the run may use (default: free device memory / available RAM)",
                                        cli=False)
     assert_constant_memory: bool = _option(False, "fail when the memory monitor sees memory grow with frames")
+    verify: bool = _option(True, "check a prefix of the data against the batch path (LMModel.forward) before the "
+                                 "run goes on; a mismatch stops the run (--no-verify skips it)")
+    # None: automatic, a prefix costing < 5% of the run (core.verification.verification_prefix).
+    verify_frames: int | None = _option(None, "frames of each verified sequence (default: automatic, a few percent "
+                                              "of the run; N: exactly min(N, the sequence's length))", parse=int)
     monitor_interval: float = _option(0.1, "seconds between memory samples", cli=False)
     progress: Any = _option(False, "a tqdm bar (True) or a callback (calls done, total calls)", cli=False)
     device: str | None = _option(None, "move the model there first (None: where it is)", cli=False)
@@ -100,11 +106,12 @@ class EvalConfig:
         """Raise ConfigError naming the first option whose value is not allowed."""
         for name in ("chunk_size", "graph_unroll", "window"):
             _require(_is_count(getattr(self, name)), name, "an int >= 1", getattr(self, name))
-        for name in ("max_frames", "memory_limit"):
+        for name in ("max_frames", "memory_limit", "verify_frames"):
             value = getattr(self, name)
             _require(value is None or _is_count(value), name, "None or an int >= 1", value)
         _require(self.batch_size in (None, "auto") or _is_count(self.batch_size), "batch_size",
                  "'auto', None or an int >= 1", self.batch_size)
+        _require(isinstance(self.verify, bool), "verify", "true or false", self.verify)
         _require(_is_count(self.verify_graph) or self.verify_graph == 0 and not isinstance(self.verify_graph, bool),
                  "verify_graph", "an int >= 0", self.verify_graph)
         for f in fields(self):

@@ -1,13 +1,16 @@
 """The exact teacher-forced streaming driver: one frame (or an exact chunk of C frames) per step.
 
-`evaluate()` checks the codes, sizes the batches against free memory (`preflight`), then for each batch: copies it
-into a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and reset
-in place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU (`CUDAGraphed`),
-eager calls elsewhere (`cuda_graphs="rehearse"`: eager calls through the same capture/replay control flow, checked
-as a replay would need) — and copies the losses to the host once, after the batch's last call. An out-of-memory error
-frees the stream and its graphs, halves the batch size and retries. A background `Monitor` samples memory and the
-host-side frame count meanwhile; its verdict (constant memory) and throughput land in `result.report`. Nothing in
-the step loop reads a device value on the host.
+`evaluate()` checks the codes, sizes the batches against free memory (`preflight`), computes the batch-path
+reference of a short prefix of the first batch (`core/verification.py`, on by default), then for each batch: copies
+it into a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and
+reset in place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU
+(`CUDAGraphed`), eager calls elsewhere (`cuda_graphs="rehearse"`: eager calls through the same capture/replay
+control flow, checked as a replay would need) — and copies the losses to the host once, after the batch's last call.
+The batch holding the verified prefix pauses once, after the calls that cover it, to compare it: a mismatch raises
+`ParityError`. An out-of-memory error frees the stream and its graphs, halves the batch size and retries. A
+background `Monitor` samples memory and the host-side frame count meanwhile; its verdict (constant memory) and
+throughput land in `result.report`. Nothing in the step loop reads a device value on the host, but that one
+verification copy per run.
 
 What the driver does not know about: TTT layers, or anything else that wants to watch each batch, come in as
 `hooks` (`begin_batch()` after a batch is loaded, `end_batch()` after its last call, `report()` at the end, put
@@ -41,6 +44,7 @@ from .result import EvalResult, empty_result, fill_rows
 from .runtime import inference_mode
 from .state_snapshot import format_findings, unsafe
 from .stream import Stream
+from .verification import Verification
 
 __all__ = ["BatchHook", "ConstantMemoryError", "StreamingEvaluator"]
 
@@ -96,6 +100,8 @@ class StreamingEvaluator:
 
         `on_batch(rows, result)` is called after each batch with the rows it filled (to save them at once). An
         out-of-memory error halves the batch size and retries; a sequence that fails alone lands in `result.failed`.
+        With `verify` (the default), a prefix of the first batch's first sequences is checked against the batch path
+        while it streams: a mismatch raises `core.parity.ParityError` before `on_batch` sees that batch.
         """
         model, cfg, plan = self.model, self.config, self.plan
         checked = check_codes(model, codes, cfg.invalid_tokens)
@@ -121,13 +127,16 @@ class StreamingEvaluator:
         batches = 0
         start = time.perf_counter()
         try:
+            # Before any Stream opens: a moshi module inside streaming() cannot run the reference's plain forward.
+            verification = (Verification(model, checked.sequences, queue[0], plan.frames_per_call, cfg.verify_frames)
+                            if cfg.verify else None)
             with inference_mode(model), monitor:
                 while queue:
                     rows = queue.popleft()
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
                     try:
-                        losses, text_losses, batch_counts = self._run_batch(streams, batch, batch_lengths, progress,
-                                                                            monitor)
+                        losses, text_losses, batch_counts = self._run_batch(streams, rows, batch, batch_lengths,
+                                                                            progress, monitor, verification)
                     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
                         streams.recover()
                         queue = _after_oom(rows, queue, error, result, oom)
@@ -162,6 +171,7 @@ class StreamingEvaluator:
             bad_targets=int(counts[2]),
             context_utilization=_context_utilization(model, lengths),
             cuda_graphs=streams.report(cfg.cuda_graphs),
+            verification=verification.report(elapsed) if verification else {"skipped": "verify=False"},
             **{name: hook.report() for name, hook in self.hooks.items()},
             memory=memory,
             constant_memory=memory.get("constant_memory"),
@@ -178,10 +188,13 @@ class StreamingEvaluator:
         return result
 
     def _run_batch(
-        self, streams: _Streams, batch: torch.Tensor, lengths: torch.Tensor, progress: Progress, monitor: Monitor
+        self, streams: _Streams, rows: list[int], batch: torch.Tensor, lengths: torch.Tensor, progress: Progress,
+        monitor: Monitor, verification: Verification | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stream one padded batch codes [B, K, T]; host tensors (audio [B, dep_q, T], text [B, 1, T], counts)."""
+        """Stream one padded batch codes [B, K, T] (sequences `rows`); host tensors (audio [B, dep_q, T], text
+        [B, 1, T], counts). Raises ParityError when a verified prefix in it differs from the batch path."""
         stream, step = streams.load(batch, lengths)
+        check_at = verification.pause_after(rows, stream.frames_per_call) if verification else None
         for hook in self.hooks.values():
             hook.begin_batch()  # after load/capture: the streaming state is at its reset values
         host_lengths = lengths.tolist()  # a host tensor: no sync
@@ -192,6 +205,8 @@ class StreamingEvaluator:
             lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
             monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
             progress.advance()
+            if call + 1 == check_at:
+                verification.check(stream, rows, batch, lengths)
         for hook in self.hooks.values():
             hook.end_batch()
         out = stream.host_losses(batch.shape[-1])  # the batch's one host copy: waits for its last call

@@ -27,7 +27,7 @@ from ..errors import DataError, one_line
 from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
 from .librilight import audio_files, group_chapters, natural_key, relative_name
-from .mimi import load_mimi, mimi_checkpoint
+from .mimi import MimiCheckpoint, load_mimi, mimi_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def load_sequences(model: LMModel, **options: Any) -> list[EvalSequence]:
 
 def load_dataset(
     model: LMModel, *, codes: str | Path | None = None, audio: str | Path | None = None,
-    mimi: str | Path | None = None, generate: int | None = None, frames: int | None = None,
+    mimi: str | Path | MimiCheckpoint | None = None, generate: int | None = None, frames: int | None = None,
     max_frames: int | None = _LAYOUT.max_frames, concat_chapters: bool = False, text_fill: str = _LAYOUT.text_fill,
     other_fill: str = _LAYOUT.other_fill, invalid_tokens: str = _LAYOUT.invalid_tokens,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
@@ -169,19 +169,19 @@ def load_dataset(
 
 
 def _audio_items(
-    model: LMModel, root: Path, mimi_path: str | Path, max_frames: int | None, min_frames: int,
+    model: LMModel, root: Path, mimi_path: str | Path | MimiCheckpoint, max_frames: int | None, min_frames: int,
     max_files: int | None, concat_chapters: bool, cache_dir: str | Path | None, device: str | torch.device,
     fill: dict[str, str],
 ) -> tuple[list[_Item], _Loader]:
     """The audio sequences to be, with lengths from file headers (nothing encoded yet), and how to encode one."""
     files = audio_files(root)
     base = root if root.is_dir() else root.parent
-    _, config, _ = mimi_checkpoint(mimi_path)
-    n_q, card = config["quantizer"].get("n_q"), config["quantizer"].get("bins")
+    checkpoint = mimi_checkpoint(mimi_path)
+    n_q, card = checkpoint.config["quantizer"].get("n_q"), checkpoint.config["quantizer"].get("bins")
     if card != model.card or not isinstance(n_q, int) or n_q < model.dep_q:
-        raise DataError(f"Mimi {mimi_path} has {n_q} codebooks of card {card}; the model expects "
+        raise DataError(f"Mimi {checkpoint.name} has {n_q} codebooks of card {card}; the model expects "
                         f"dep_q={model.dep_q} of card {model.card}")
-    mimi, mimi_hash = load_mimi(mimi_path, model.dep_q, device)
+    mimi, mimi_hash = load_mimi(checkpoint, model.dep_q, device)
     if mimi.channels != 1:  # else every file would fail alike in "collect" mode
         raise DataError(f"Mimi with {mimi.channels} channels is not supported: audio is mixed down to mono")
     if concat_chapters and root.is_dir():  # a LibriLight root, a speaker's or a book's folder: books by chapters

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,22 @@ def save_mimi_checkpoint(mimi: MimiModel, directory: str | Path, mimi_config: di
     return directory
 
 
-def mimi_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], str]:
-    """(weights file, Mimi config, content hash) of a .safetensors file (moshi's default config) or a directory."""
-    path = Path(path)
+@dataclass(frozen=True)
+class MimiCheckpoint:
+    """A Mimi on disk: its weights file, the config it is built with, and the content hash of both (what cached
+    codes are keyed by). `name` is how messages call it (the path or checkpoint the user gave)."""
+
+    weights: Path
+    config: dict[str, Any]
+    digest: str
+    name: str
+
+
+def mimi_checkpoint(source: str | Path | MimiCheckpoint) -> MimiCheckpoint:
+    """A .safetensors file (moshi's default config) or a directory (config.json + weights), checked and hashed."""
+    if isinstance(source, MimiCheckpoint):
+        return source
+    path = Path(source)
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
@@ -108,28 +122,45 @@ def mimi_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], str]:
         if missing:
             raise DataError(f"Mimi config {config_path} lacks {', '.join(missing)} (see small_mimi_config())")
         weights = path / str(config.pop("weights", MIMI_WEIGHTS))
-        extra = json.dumps(config, sort_keys=True).encode()  # the config shapes the codes: part of the hash
-    elif path.is_file():
-        weights, config, extra = path, copy.deepcopy(loaders._mimi_config), b""
-    else:
-        raise DataError(f"Mimi checkpoint {path} not found")
+        return _hashed(weights, config, str(path), extra=True)
+    if path.is_file():
+        return _hashed(path, None, str(path))
+    raise DataError(f"Mimi checkpoint {path} not found")
+
+
+def hub_mimi(resolved: Any) -> MimiCheckpoint:
+    """The Mimi of a resolved Hugging Face checkpoint (`data.checkpoints.ResolvedHub`): moshi's `mimi_weights`, with
+    the repository's Mimi config when it names one."""
+    info = resolved.info
+    return _hashed(Path(info.mimi_weights), info.mimi_config, f"{info.mimi_weights} (from {resolved.source.spec()})",
+                   extra=info.mimi_config is not None)
+
+
+def _hashed(weights: Path, config: dict[str, Any] | None, name: str, extra: bool = False) -> MimiCheckpoint:
+    """The checkpoint with its hash: the weights' sha256, and the config's when it is not moshi's default (the
+    config shapes the codes)."""
     if not weights.is_file():
         raise DataError(f"Mimi weights {weights} not found")
-    digest = hashlib.sha256(file_sha256(weights).encode() + extra)
-    return weights, config, digest.hexdigest()
+    config = copy.deepcopy(loaders._mimi_config) if config is None else config
+    digest = hashlib.sha256(file_sha256(weights).encode() + (json.dumps(config, sort_keys=True).encode() if extra
+                                                              else b""))
+    return MimiCheckpoint(weights, config, digest.hexdigest(), name)
 
 
-def load_mimi(path: str | Path, num_codebooks: int, device: torch.device | str = "cpu") -> tuple[MimiModel, str]:
-    """A local Mimi through moshi's `get_mimi`, in eval mode, and the hex sha256 of its weights (+ config)."""
-    weights, config, digest = mimi_checkpoint(path)
-    n_q, card = config["quantizer"].get("n_q"), config["quantizer"].get("bins")
+def load_mimi(source: str | Path | MimiCheckpoint, num_codebooks: int,
+              device: torch.device | str = "cpu") -> tuple[MimiModel, str]:
+    """A Mimi through moshi's `get_mimi`, in eval mode, and the hex sha256 of its weights (+ config)."""
+    checkpoint = mimi_checkpoint(source)
+    quantizer = checkpoint.config["quantizer"]
+    n_q, card = quantizer.get("n_q"), quantizer.get("bins")
     if not isinstance(n_q, int) or not 1 <= num_codebooks <= n_q:
-        raise DataError(f"Mimi {path} has {n_q} codebooks of card {card}; asked for num_codebooks={num_codebooks}")
+        raise DataError(f"Mimi {checkpoint.name} has {n_q} codebooks of card {card}; asked for "
+                        f"num_codebooks={num_codebooks}")
     try:
-        mimi = loaders.get_mimi(weights, config, device=device, num_codebooks=num_codebooks)
+        mimi = loaders.get_mimi(checkpoint.weights, checkpoint.config, device=device, num_codebooks=num_codebooks)
     except Exception as exc:  # a corrupt file, or weights that do not match the config
-        raise DataError(f"could not load Mimi {weights}: {one_line(exc)}") from exc
-    return mimi.eval(), digest
+        raise DataError(f"could not load Mimi {checkpoint.weights}: {one_line(exc)}") from exc
+    return mimi.eval(), checkpoint.digest
 
 
 def file_sha256(path: Path) -> str:

@@ -1,22 +1,31 @@
-"""Build or load a Moshi-architecture `LMModel`: named presets with seeded random weights, or a local checkpoint.
+"""Build or load a Moshi-architecture `LMModel`: named presets with seeded random weights, or a checkpoint.
 
-Checkpoints load through moshi's own loader (`moshi.models.loaders.get_moshi_lm`), never the network.
-A checkpoint is either a `.safetensors` file (with an optional `config.json` beside it) or a directory holding
-`config.json` and the weights file it names (`moshi_name`, default `model.safetensors`).
+Checkpoints load through moshi's own loaders. A local checkpoint is a `.safetensors` file (with an optional
+`config.json` beside it) or a directory holding `config.json` and the weights file it names (`moshi_name`, default
+`model.safetensors`), loaded with `get_moshi_lm`. A Hugging Face checkpoint (`hf:` specs, or moshi's flags as
+keywords) is resolved by `CheckpointInfo.from_hf_repo` and built by its `get_moshi` (LoRA included): see
+`data.checkpoints`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from moshi.models import loaders
+from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from ..errors import one_line
+from .checkpoints import HubCheckpoint, ResolvedHub, is_hub_spec
+from .mimi import hub_mimi, load_mimi
+
+# moshi's flags (`python -m moshi.server`), as `load_model` keywords.
+MOSHI_FLAGS = ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path", "lora_weight", "fuse_lora")
 
 # Moshi's stream layout: text, 8 Moshi audio codebooks, 8 user audio codebooks; acoustic codebooks delayed by 1.
 MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
@@ -86,34 +95,104 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    spec: str | Path,
+    spec: str | Path | HubCheckpoint | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    **moshi_flags: Any,
 ) -> LMModel:
-    """A preset name (`tiny`, `small`, `moshi-7b`) with weights drawn from `seed`, or a local checkpoint path.
+    """A model from a spec (see `fused_stream.data.checkpoints`), or from moshi's own flags as keywords.
 
-    The model is returned in eval mode on `device` (default: CUDA if available) in `dtype`
-    (default: bf16 on CUDA, fp32 otherwise).
+    `spec`: a preset name (`tiny`, `small`, `moshi-7b`, weights drawn from `seed`), a local checkpoint path, or
+    `hf:ORG/NAME[,lora=...,config=...]`. Or, instead of a spec, the keywords of `python -m moshi.server`:
+    `hf_repo`, `moshi_weight`, `mimi_weight`, `tokenizer`, `config_path`, `lora_weight`, `fuse_lora`, resolved by
+    moshi's `CheckpointInfo.from_hf_repo`. The model is returned in eval mode on `device` (default: CUDA if
+    available) in `dtype` (default: bf16 on CUDA, fp32 otherwise).
     """
+    return open_model(model_source(spec, **moshi_flags), device, dtype, seed)
+
+
+def load_model_and_mimi(
+    spec: str | Path | HubCheckpoint | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    **moshi_flags: Any,
+) -> tuple[LMModel, MimiModel]:
+    """`load_model(...)` and the Mimi of the same checkpoint (a hub checkpoint: its `mimi_weight`), with the
+    model's audio codebooks, on the same device: what tokenizes audio for this model."""
+    source = model_source(spec, **moshi_flags)
+    if not isinstance(source, (HubCheckpoint, ResolvedHub)):
+        raise ValueError(f"model {spec!r} is not a Hugging Face checkpoint, so it comes with no Mimi: load one "
+                         "with fused_stream.data.mimi.load_mimi(PATH, num_codebooks)")
+    resolved = source.resolve() if isinstance(source, HubCheckpoint) else source
+    model = open_model(resolved, device, dtype, seed)
+    mimi, _ = load_mimi(hub_mimi(resolved), model.dep_q, model.device)
+    return model, mimi
+
+
+def model_source(spec: str | Path | HubCheckpoint | ResolvedHub | None = None,
+                 **moshi_flags: Any) -> str | Path | HubCheckpoint | ResolvedHub:
+    """What `spec` (or moshi's flags) names: a preset name, a local path, or a `HubCheckpoint`."""
+    unknown = set(moshi_flags) - set(MOSHI_FLAGS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; moshi's are {', '.join(MOSHI_FLAGS)}")
+    flags = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in moshi_flags.items() if v is not None}
+    if set(flags) - {"fuse_lora"}:  # moshi's flags name the checkpoint
+        if spec is not None:
+            raise ValueError("give a model spec or moshi's flags (hf_repo=, lora_weight=, ...), not both")
+        return HubCheckpoint(repo=flags.pop("hf_repo", loaders.DEFAULT_REPO), **flags)
+    if spec is None:
+        raise ValueError("no model: give a preset, a checkpoint path, an hf: spec, or hf_repo=")
+    if isinstance(spec, str) and is_hub_spec(spec):
+        spec = HubCheckpoint.parse(spec)
+    if isinstance(spec, HubCheckpoint):
+        return spec.with_overrides(fuse_lora=flags.get("fuse_lora"))
+    if "fuse_lora" in flags:
+        raise ValueError(f"fuse_lora applies to a Hugging Face checkpoint with LoRA weights, not to {spec!r}")
+    if isinstance(spec, ResolvedHub):
+        return spec
+    if isinstance(spec, str) and spec in PRESETS:
+        return spec
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model spec {str(spec)!r} is neither a preset ({', '.join(PRESETS)}), an hf:ORG/NAME checkpoint, nor an "
+            "existing path"
+        )
+    return path
+
+
+def open_model(source: str | Path | HubCheckpoint | ResolvedHub, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, seed: int = 0) -> LMModel:
+    """Build or load the model `model_source` named, on `device` in `dtype` (defaults as `load_model`)."""
     try:
         device = torch.device(device) if device is not None else default_device()
     except RuntimeError as exc:
         raise ValueError(f"unknown device {device!r}: {exc}") from exc
     dtype = dtype if dtype is not None else default_dtype(device)
-    if isinstance(spec, str) and spec in PRESETS:
-        return _build_preset(spec, device, dtype, seed)
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model spec {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path"
-        )
-    weights, lm_kwargs = resolve_checkpoint(path)
+    if isinstance(source, str):
+        return _build_preset(source, device, dtype, seed)
+    if isinstance(source, HubCheckpoint):
+        source = source.resolve()
+    if isinstance(source, ResolvedHub):
+        weights, lm_kwargs, name = Path(source.info.moshi_weights), source.info.lm_config, source.source.spec()
+
+        def load() -> LMModel:
+            return source.info.get_moshi(device=device, dtype=dtype, fuse_lora=source.source.fuse_lora)
+    else:
+        weights, lm_kwargs = resolve_checkpoint(source)
+        name = str(weights)
+
+        def load() -> LMModel:
+            return loaders.get_moshi_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     try:
-        model = loaders.get_moshi_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
-    except Exception as exc:  # a corrupt file or a config that does not match the weights
-        reason = _shape_mismatch(weights, lm_kwargs) or one_line(exc)
-        raise ValueError(f"could not load the moshi checkpoint {str(weights)!r}: {reason}") from exc
+        model = load()
+    except Exception as exc:  # a corrupt file, a config that does not match the weights, LoRA keys that do not fit
+        lora = source.info.lora_weights if isinstance(source, ResolvedHub) else None
+        reason = (_shape_mismatch(weights, lm_kwargs) or (lora and _missing_adapters(Path(lora), lm_kwargs))
+                  or one_line(exc))
+        raise ValueError(f"could not load the moshi checkpoint {name!r}: {reason}") from exc
     return model.eval()
 
 
@@ -121,6 +200,7 @@ def _shape_mismatch(weights: Path, lm_kwargs: dict[str, Any] | None) -> str | No
     """One line naming the first tensors whose shapes differ between the checkpoint's safetensors header and the
     model its config builds (on the meta device: no memory), and the names only one side has; None when that
     cannot be told (not safetensors, unreadable, a config moshi cannot build) or nothing differs."""
+    lm_kwargs = None if lm_kwargs is None else {k: v for k, v in lm_kwargs.items() if not k.startswith("lora")}
     try:
         from safetensors import safe_open
 
@@ -143,6 +223,31 @@ def _shape_mismatch(weights: Path, lm_kwargs: dict[str, Any] | None) -> str | No
     unexpected = [name for name in stored if name not in expected]
     if unexpected:
         parts.append(f"{len(unexpected)} checkpoint tensors not in the model, first {', '.join(unexpected[:2])}")
+    return "; ".join(parts) or None
+
+
+def _missing_adapters(lora: Path, lm_kwargs: dict[str, Any] | None) -> str | None:
+    """One line naming the LoRA adapters the model needs and the file lacks (moshi loads adapters with
+    strict=False, so a missing one surfaces as "Cannot copy out of meta tensor") and the file's tensors the model
+    has no place for; None when the names agree."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(lora), "pt") as f:
+            stored = set(f.keys())
+        built = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.float32)
+        needed = [name for name in built.state_dict() if "lora_" in name]
+    except Exception:  # best effort, as _shape_mismatch
+        return None
+    missing = [name for name in needed if name not in stored]
+    unexpected = sorted(stored - set(needed))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the {len(needed)} LoRA adapter tensors the model needs are missing from "
+                     f"{lora}, first {', '.join(missing[:2])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors of {lora} are no adapter of this model, first "
+                     f"{', '.join(unexpected[:2])}")
     return "; ".join(parts) or None
 
 

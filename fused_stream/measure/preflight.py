@@ -70,7 +70,7 @@ def estimate_run_bytes(
     run_device = torch.device(device) if device is not None else next(model.parameters()).device
     on_cpu = run_device.type == "cpu"
     B, C = batch_size, chunk_size
-    es = _itemsize(dtype or model.text_linear.weight.dtype)
+    es = _itemsize(dtype or model.text_emb.weight.dtype)  # not text_linear: unfused LoRA replaces it
     weights = sum(_tensor_bytes(t, dtype) for t in (*model.parameters(), *model.buffers()))
     kv, capacity, heads = _streaming_state_bytes(model, B, C, dtype)
     activations = _step_activations(model, B, C, es, capacity, heads, torch_loss=on_cpu, scores=not on_cpu)

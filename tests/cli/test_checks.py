@@ -7,23 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import fused_stream.cli.run as run_module
 from fused_stream.cli.checks import check_run, writable_folder
 from fused_stream.cli.distributed import World
 from fused_stream.cli.main import build_parser, main
 from fused_stream.cli.settings import resolve
 from fused_stream.core.config import ConfigError
 from fused_stream.data.models import load_model, preset_config, save_checkpoint
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any model load fails the test: the checks must refuse bad input before the first one."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(run_module, "load_model", refuse)
 
 
 def _refused(tmp_path, capsys, argv, *needles, out=None):
@@ -90,6 +79,25 @@ def test_devices_and_backends_that_cannot_run_are_refused_first(tmp_path, capsys
         _refused(tmp_path, capsys, ["--cuda-graphs", "on", "--device", "cpu"], "cuda_graphs='on'")
     _refused(tmp_path, capsys, ["--device", "nonsense"], "--device 'nonsense' is not a device")
     _refused(tmp_path, capsys, ["--model", "moshi-7b", "--device", "cpu"], "moshi-7b", "GPU")
+
+
+def test_a_model_whose_weights_do_not_fit_the_free_memory_is_refused_first(tmp_path, capsys, monkeypatch,
+                                                                             checkpoint, no_model_load):
+    """The parameter count comes from the config (built on the meta device), times the dtype's size: a 7B in
+    float32 on a 24 GB machine stops here, not minutes into loading."""
+    import fused_stream.cli.checks as checks_module
+
+    parameters = sum(p.numel() for p in load_model("tiny", device="cpu").parameters())
+    argv = ["--model", f"ckpt={checkpoint}", "--device", "cpu", "--dtype", "float32"]
+    monkeypatch.setattr(checks_module, "available_bytes", lambda device: (parameters * 4 - 1, "meminfo"))
+    err = _refused(tmp_path, capsys, argv, "--model ckpt=", f"{parameters / 1e9:.2f}B parameters", "float32",
+                   "(meminfo)", "--dtype bfloat16")
+    assert f"{parameters * 4 / 2**30:.1f} GiB in float32" in err
+    # One byte more and the same model passes the check; in bfloat16 half the bytes do.
+    monkeypatch.setattr(checks_module, "available_bytes", lambda device: (parameters * 4, "meminfo"))
+    assert check_run(_settings([*argv, "--out", str(tmp_path / "a")]), World()).models["ckpt"].parameters == parameters
+    monkeypatch.setattr(checks_module, "available_bytes", lambda device: (parameters * 2, "meminfo"))
+    check_run(_settings([*argv[:-1], "bfloat16", "--out", str(tmp_path / "b")]), World())
 
 
 # ---------------------------------------------------------------------------------------------------- --out

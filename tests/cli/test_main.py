@@ -36,7 +36,7 @@ def test_default_demo_writes_every_output(tmp_path, capsys):
         assert key in results
     (run,) = results["models"]
     assert run["label"] == "tiny" and run["parameters"] > 0
-    assert run["report"]["parity"]["passed"] and run["report"]["parity"]["masks_identical"]
+    assert run["report"]["verification"]["passed"] and run["report"]["verification"]["masks_identical"]
     assert run["metrics"]["flat"]["librilight_samples"] == 4
     assert "librilight_loss_8k" not in run["metrics"]["flat"]  # 200 frames: never a fake value
     assert [d["frames"] for d in results["data"]] == [200] * 4
@@ -93,25 +93,51 @@ def test_codes_directory_end_to_end(tmp_path, tiny_model, make_codes):
     assert main(["--codes", str(codes_dir), "--out", str(out), "--verify", "-q"]) == 0
     results = _strict_json(out / "results.json")
     assert sorted(d["frames"] for d in results["data"]) == [30, 45]
-    assert results["models"][0]["report"]["parity"]["passed"]
+    assert results["models"][0]["report"]["verification"]["passed"]
     assert results["models"][0]["metrics"].get("overall", {}).get("text") is None  # text filled with zero tokens
 
 
-def test_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
-    import fused_stream.core.parity as parity
+class _ForwardOnlyState(torch.nn.Module):
+    """A hand-written TTT-like layer: its state (a running sum of its outputs) is carried along time inside one
+    call only, so a whole-sequence forward sees it and a stream, one call per step, never does."""
 
-    real = parity.batch_losses
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
 
-    def shifted(model, codes):
-        result = real(model, codes)
-        result.losses += 0.5
-        return result
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.layer(x, *args, **kwargs)
+        return y + torch.cumsum(y, dim=1) - y
 
-    monkeypatch.setattr(parity, "batch_losses", shifted)
+
+def test_a_model_that_streams_unlike_its_forward_exits_1_and_reports_nothing(tmp_path, monkeypatch, capsys,
+                                                                             tiny_model, make_codes):
+    import fused_stream.cli.run as run_module
+
+    real = run_module.open_model
+
+    def with_forward_only_state(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.transformer.layers[1] = _ForwardOnlyState(model.transformer.layers[1])
+        return model
+
+    monkeypatch.setattr(run_module, "open_model", with_forward_only_state)
+    codes_dir = tmp_path / "codes"
+    codes_dir.mkdir()
+    for i, T in enumerate([60, 40]):
+        full = make_codes(tiny_model, [T], seed=i)[0]
+        torch.save(full[1 : 1 + tiny_model.dep_q].clone(), codes_dir / f"book_{i}.pt")
     out = tmp_path / "out"
-    assert main(["--generate", "1", "--frames", "20", "--out", str(out), "-q"]) == 1
-    assert "FAILED" in capsys.readouterr().err
-    assert not _strict_json(out / "results.json")["models"][0]["report"]["parity"]["passed"]
+    assert main(["--codes", str(codes_dir), "--out", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model tiny: streaming differs"), err
+    assert "book_0, audio codebook" in err[0] and "frame" in err[0]  # the longest file is verified first
+    assert "updates it only in forward" in err[0]  # the likely cause, in words
+    assert not (out / "results.json").exists()
+    assert not list((out / "partial").rglob("*.json")) or all(p.name == "run.json" for p in (out / "partial").rglob(
+        "*.json"))  # no sequence of the model was saved
+    # The same model with --no-verify runs to the end: what the check stopped was a real difference.
+    assert main(["--codes", str(codes_dir), "--out", str(tmp_path / "unchecked"), "-q", "--no-verify"]) == 0
 
 
 def test_triton_kernel_under_the_interpreter(tmp_path):
@@ -195,7 +221,7 @@ def test_audio_end_to_end_with_concatenated_chapters(tmp_path, librilight, mimi_
     results = _strict_json(out / "results.json")
     frames = {d["name"]: d["frames"] for d in results["data"]}
     assert frames == {"100/bookA": 25 + 19, "200/bookB": 32}  # ceil(seconds x 12.5) per chapter, joined in order
-    assert results["models"][0]["report"]["parity"]["passed"]
+    assert results["models"][0]["report"]["verification"]["passed"]
     cached = sorted((out / "cache").glob("*.safetensors"))
     assert len(cached) == 3  # one per chapter file
     assert main(argv) == 0  # rerun: every file from the cache
@@ -222,7 +248,7 @@ def test_the_finetune_blocks_audio_dir_selects_the_audio(tmp_path, librilight, m
 def test_mimi_card_mismatch_exits_2(tmp_path, librilight, tmp_path_factory, capsys, monkeypatch):
     import fused_stream.cli.run as run_module
 
-    monkeypatch.setattr(run_module, "load_model", None)  # checked before any model loads
+    monkeypatch.setattr(run_module, "open_model", None)  # checked before any model loads
     wrong = _mimi(tmp_path_factory, 128)
     out = tmp_path / "out"
     assert main(["--audio", str(librilight), "--mimi", str(wrong), "--out", str(out)]) == 2
@@ -359,7 +385,8 @@ def test_a_model_and_the_same_model_with_ttt_side_by_side(tmp_path):
     assert main(argv) == 0
     results = _strict_json(out / "results.json")
     base, ttt = results["models"]
-    assert "ttt" not in base["report"] and base["report"]["parity"]["passed"] and ttt["report"]["parity"]["passed"]
+    assert "ttt" not in base["report"]
+    assert base["report"]["verification"]["passed"] and ttt["report"]["verification"]["passed"]
     assert set(ttt["report"]["ttt"]["layers"]) == {"transformer.layers.0.ttt", "transformer.layers.1.ttt"}
     assert all(layer["weights_changed"] for layer in ttt["report"]["ttt"]["layers"].values())
     assert ttt["parameters"] > base["parameters"]
@@ -410,7 +437,7 @@ def test_a_cache_dir_that_is_a_file_fails_before_any_model_or_encoding(tmp_path,
                                                                        monkeypatch, encode_calls):
     import fused_stream.cli.run as run_module
 
-    monkeypatch.setattr(run_module, "load_model", None)
+    monkeypatch.setattr(run_module, "open_model", None)
     cache = tmp_path / "cache"
     cache.write_text("")
     out = tmp_path / "out"

@@ -22,7 +22,7 @@ def settings_for(argv):
 def test_defaults_are_the_synthetic_demo():
     s = settings_for([])
     assert s.model == ["tiny"] and s.synthetic and s.generate is None and s.out == "fused_stream_out"
-    assert s.eval == EvalConfig() and s.verify is None
+    assert s.eval == EvalConfig() and s.eval.verify is True
 
 
 def test_config_file_then_cli_wins(tmp_path):
@@ -63,7 +63,7 @@ def test_bad_config_files(tmp_path, text, match):
     "argv,match",
     [
         (["--codes", "a", "--audio", "b", "--mimi", "m"], "one data source"),
-        (["--audio", "dir"], "needs --mimi"),
+        (["--audio", "dir"], "needs a Mimi"),
         (["--chunk-size", "0"], "--chunk-size"),
         (["--dtype", "float8"], "--dtype"),
         (["--model", "tiny", "--model", "tiny"], "share a label"),
@@ -87,6 +87,11 @@ def test_settings_error_is_config_error():
 def test_model_labels():
     assert (model_label("baseline=ckpt/a"), model_spec("baseline=ckpt/a")) == ("baseline", "ckpt/a")
     assert model_label("runs/ttt/model.safetensors") == "model" and model_label("tiny") == "tiny"
+    # An hf: spec's own "=" is not a label's; without a label it is named after its repository.
+    hub = "hf:kyutai/moshiko-pytorch-bf16,lora=run/lora.safetensors,config=run/config.json"
+    assert (model_label(hub), model_spec(hub)) == ("moshiko-pytorch-bf16-lora", hub)
+    assert (model_label("ft=" + hub), model_spec("ft=" + hub)) == ("ft", hub)
+    assert model_label("hf:kyutai/moshiko-pytorch-bf16@abc123") == "moshiko-pytorch-bf16"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,12 +102,15 @@ def test_evaluation_flags_are_eval_configs_cli_fields_with_its_defaults():
     actions = {a.dest: a for a in build_parser()._actions}
     for f in cli_fields:
         action = actions[f.name]
-        assert action.option_strings == ["--" + f.name.replace("_", "-")], f.name
+        flag = "--" + f.name.replace("_", "-")
+        on_by_default = f.default is True  # --verify / --no-verify
+        assert action.option_strings == ([flag, "--no-" + flag[2:]] if on_by_default else [flag]), f.name
         assert action.default is None and action.help == f.metadata["help"], f.name
         if f.metadata["choices"] is not None:
             assert list(action.choices) == list(f.metadata["choices"]), f.name
         if isinstance(f.default, bool):
-            assert isinstance(action, argparse._StoreTrueAction), f.name
+            kind = argparse.BooleanOptionalAction if on_by_default else argparse._StoreTrueAction
+            assert isinstance(action, kind), f.name
     hidden = {f.name for f in dataclasses.fields(EvalConfig) if not f.metadata["cli"]}
     # device, dtype and progress are the CLI's own options (model loading, bars), not EvalConfig's
     assert not (hidden - {"device", "dtype", "progress"}) & set(actions)

@@ -29,7 +29,8 @@ def test_choice_lists_are_the_consumers_own():
      ("batch_size", False), ("loss_backend", "cuda"), ("cuda_graphs", "sometimes"), ("graph_unroll", 0),
      ("verify_graph", -1), ("verify_graph", True), ("invalid_tokens", "ignore"), ("memory_limit", 0),
      ("monitor_interval", 0), ("max_frames", 0), ("text_fill", "blank"), ("other_fill", "noise"), ("window", 0),
-     ("codebook_weights", [0.0, 0.0]), ("codebook_weights", [1.0, -1.0]), ("dtype", "int64"), ("dtype", "float33")],
+     ("codebook_weights", [0.0, 0.0]), ("codebook_weights", [1.0, -1.0]), ("dtype", "int64"), ("dtype", "float33"),
+     ("verify", "yes"), ("verify", 1), ("verify_frames", 0), ("verify_frames", True), ("verify_frames", 1.5)],
 )
 def test_a_bad_value_is_a_config_error_naming_the_option(name, value):
     with pytest.raises(ConfigError, match=rf"^{name} must be"):
@@ -44,6 +45,10 @@ def test_defaults():
     config = EvalConfig()
     assert config.batch_size == "auto" and config.chunk_size == 1 and config.window == 1000
     assert EvalConfig(batch_size=None).batch_size is None  # Python callers may still ask for all at once
+    # Verification on by default, with an automatic prefix; both are command-line options of "the run".
+    assert config.verify is True and config.verify_frames is None
+    options = {f.name: f.metadata for f in fields(EvalConfig)}
+    assert options["verify"]["cli"] and options["verify_frames"]["cli"] and options["verify_frames"]["parse"] is int
 
 
 def test_parsers():

@@ -11,6 +11,7 @@ from reference_ce import assert_losses_close, forward_losses
 from fused_stream.core import stream as stream_module
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import ConstantMemoryError, StreamingEvaluator
+from fused_stream.core.parity import ParityError
 from fused_stream.core.reference import batch_losses
 from fused_stream.kernels.cross_entropy import triton_interpreted
 
@@ -91,7 +92,9 @@ def test_chunk_mode_needs_the_enlarged_ring(tiny_model, make_codes, monkeypatch)
     codes = make_codes(tiny_model, 64, seed=3)
     audio, _, _, _ = forward_losses(tiny_model, codes)
     monkeypatch.setattr(stream_module, "enlarge_kv_caches", lambda model, context_extra: None)
-    broken = evaluate(tiny_model, codes, chunk_size=8)
+    with pytest.raises(ParityError, match="attention window"):  # verification stops such a run
+        evaluate(tiny_model, codes, chunk_size=8)
+    broken = evaluate(tiny_model, codes, chunk_size=8, verify=False)
     diff = (broken.losses.double() - audio).abs().nan_to_num(0.0).max()
     assert diff > 1e-3, "moshi's context-sized ring should make chunk mode inexact"
 
@@ -367,11 +370,11 @@ def _inject_oom(monkeypatch, fail_when):
     real = StreamingEvaluator._run_batch
     calls = []
 
-    def run(self, streams, batch, lengths, progress, monitor):
+    def run(self, streams, rows, batch, *args):
         calls.append(batch.shape[0])
         if fail_when(len(calls), batch.shape[0]):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return real(self, streams, batch, lengths, progress, monitor)
+        return real(self, streams, rows, batch, *args)
 
     monkeypatch.setattr(StreamingEvaluator, "_run_batch", run)
     return calls

@@ -1,19 +1,23 @@
-"""--verify: streamed losses against LMModel.forward on a prefix; it passes on the real driver and catches errors."""
+"""Streamed losses against LMModel.forward on a prefix: the comparison, the prefix rule, the error and its cause."""
 
 from __future__ import annotations
+
+import pickle
 
 import pytest
 
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.core.parity import check_parity
+from fused_stream.core.parity import ParityError, ParityReport, check_parity, compare, likely_cause, select_rows
+from fused_stream.core.reference import batch_losses
+from fused_stream.core.verification import verification_prefix
 
 
 def test_parity_passes_on_whole_and_cropped_sequences(tiny_model, make_codes):
     sequences = make_codes(tiny_model, [60, 25], seed=1)
     result = StreamingEvaluator(tiny_model, EvalConfig(chunk_size=4)).evaluate(sequences)
     whole = check_parity(tiny_model, sequences, result, frames=100)
-    assert whole.passed and whole.masks_identical and whole.sequences == 2
+    assert whole.passed and whole.masks_identical and whole.sequences == [0, 1] and whole.frames == [60, 25]
     cropped = check_parity(tiny_model, sequences, result, frames=30)  # 60 cropped to 30, 25 compared whole
     assert cropped.passed and 0 < cropped.positions < whole.positions
 
@@ -24,9 +28,15 @@ def test_parity_catches_a_shifted_loss_and_a_wrong_mask(tiny_model, make_codes):
     result.losses[0, 3, 10] += 1e-3
     report = check_parity(tiny_model, sequences, result, frames=40)
     assert not report.passed and report.masks_identical and report.max_abs_diff > 5e-4
+    reference = batch_losses(tiny_model, sequences)
+    _, error = compare(tiny_model, select_rows(result, [0]), reference, [0], [40])
+    assert (error.sequence, error.stream, error.position) == (0, "audio codebook 3", 10)
+    assert error.streamed - error.batch == pytest.approx(1e-3, abs=1e-5)
     result = StreamingEvaluator(tiny_model, EvalConfig()).evaluate(sequences)
     result.valid[0, 0, 5] = ~result.valid[0, 0, 5]
     assert not check_parity(tiny_model, sequences, result, frames=40).masks_identical
+    _, error = compare(tiny_model, select_rows(result, [0]), reference, [0], [40])
+    assert (error.stream, error.position) == ("audio codebook 0", 5) and "different positions" in error.cause
 
 
 def _deep_bf16_proxy(layers: int):
@@ -64,3 +74,64 @@ def test_tolerance_grows_with_depth_and_fp32_keeps_its_floor(tiny_model):
     assert parity_tolerance(tiny_model) == FP32_FLOOR
     shallow, deep = parity_tolerance(_deep_bf16_proxy(2)), parity_tolerance(_deep_bf16_proxy(8))
     assert deep == pytest.approx(2 * shallow)  # sqrt(8 / 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The automatic prefix: budget max(run // 25, 80) frames; 256 each for up to 2 sequences; never below
+# min(T, frames_per_call + lead + 16); one sequence when two of that minimum do not fit.
+
+
+@pytest.mark.parametrize("lengths, run, per_call, expected", [
+    ([5000, 4000], 100_000, 1, [256, 256]),  # a long run: budget 4000, the full prefix
+    ([5000, 4000], 100_000, 64, [256, 256]),
+    ([1000, 1000], 2000, 64, [81]),  # budget 80: 2 x 40 < 64 + 1 + 16 = 81, 2 x 81 > 80 -> one of 81
+    ([2000], 2000, 64, [81]),  # one sequence: budget 80, but never below the minimum
+    ([1000, 1000], 2000, 1, [40, 40]),  # frame mode: the minimum is 18, so 80 // 2 each
+    ([30, 20], 50, 64, [30, 20]),  # short sequences compared whole (50 <= the 80-frame floor of the budget)
+    ([10, 5], 15, 64, [10, 5]),  # shorter than the minimum: whole
+    ([3000, 3000, 3000], 9000, 1, [180, 180]),  # budget 360: 2 x 180; a third candidate is never used
+    ([100, 90], 190, 64, [81]),
+])
+def test_automatic_prefix(lengths, run, per_call, expected):
+    assert verification_prefix(lengths, run, per_call, lead=1) == expected
+
+
+def test_explicit_prefix_is_exact_and_has_no_budget():
+    assert verification_prefix([5000, 5000], 10_000, 64, lead=1, verify_frames=512) == [512, 512]
+    assert verification_prefix([300, 50, 40], 390, 1, lead=1, verify_frames=100) == [100, 50]
+    assert verification_prefix([30], 30, 8, lead=1, verify_frames=1000) == [30]
+
+
+def test_likely_cause_per_branch():
+    common = {"max_abs_diff": 3.0, "tolerance": 1e-4}
+    masks = likely_cause(7, masks_differ=True, **common)
+    assert "score different positions" in masks and "delays" in masks
+    first = likely_cause(0, masks_differ=False, **common)
+    assert "from the first frame" in first and "agree" not in first
+    later = likely_cause(5, masks_differ=False, **common)
+    assert "the first 5 frames agree" in later and "outside moshi's streaming state" in later and "TTT" in later
+    assert "attention window" not in likely_cause(5, masks_differ=False, context=16, **common)
+    window = likely_cause(16, masks_differ=False, context=16, **common)
+    assert "the first 16 frames agree" in window and "attention window (context 16)" in window
+    rounding = {"max_abs_diff": 0.5, "tolerance": 0.1}
+    assert "precision" in likely_cause(3, masks_differ=False, half_precision=True, **rounding)
+    assert "precision" not in likely_cause(3, masks_differ=False, half_precision=False, **rounding)
+    assert "precision" not in likely_cause(3, masks_differ=False, half_precision=True, max_abs_diff=2.0,
+                                           tolerance=0.1)
+    assert all("\n" not in c for c in (masks, first, later, window))
+
+
+def test_parity_error_is_one_line_and_names_the_sequence():
+    report = ParityReport(passed=False, sequences=[3], frames=[81], positions=700, max_abs_diff=0.25, tolerance=1e-4,
+                          masks_identical=True)
+    cause = likely_cause(17, masks_differ=False, max_abs_diff=0.25, tolerance=1e-4)
+    error = ParityError(3, "audio codebook 2", 16, 4.5, 4.25, 1e-4, cause, report)
+    assert isinstance(error, AssertionError) and error.report is report
+    line = str(error)
+    assert "\n" not in line
+    for part in ("sequence 3", "audio codebook 2", "frame 16", "4.5", "4.25", "0.0001", cause):
+        assert part in line
+    named = error.describe("books/alice.flac")
+    assert named == line.replace("sequence 3", "books/alice.flac") and "sequence 3" not in named
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == line and again.report == report

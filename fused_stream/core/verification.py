@@ -1,0 +1,170 @@
+"""Verification on by default: every run first checks a prefix of its data against the batch path.
+
+A layer whose state lives outside moshi's streaming state, or whose streaming path differs from its `forward` (a
+hand-written TTT layer that updates its fast weights only in `forward`), streams numbers that look fine and are
+wrong. So before anything is reported, the driver compares the run's *own* streamed losses (no extra streaming) on
+a short prefix of up to two sequences with `LMModel.forward` over that prefix (`core/reference.py:batch_losses`):
+
+1. `Verification(...)`, after preflight fixed the batches and before any `Stream` opens (moshi modules inside
+   `streaming()` cannot run a plain forward): pick the prefixes (`verification_prefix`) of the first up to two rows
+   of the first batch (the longest sequences) and compute their batch-path reference;
+2. `pause_after(rows)`: while the batch holding them streams, the driver pauses after the first k calls, exactly
+   enough to have written every loss of the compared prefix;
+3. `check(...)`: one host copy of that prefix of the stream's loss buffer, compared (`parity.compare`); a mismatch
+   raises `ParityError` before the batch finishes, so nothing of it is reported.
+
+Pending checks are keyed by sequence index: after an out-of-memory retry at a smaller batch size the verified
+sequences may land in different batches, and each is checked in whichever batch streams it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import torch
+from moshi.models.lm import LMModel
+
+from .alignment import scored_delays, valid_masks
+from .parity import ParityReport, compare, nan_max, select_rows
+from .reference import batch_losses
+from .result import empty_result, fill_rows
+from .stream import Stream
+
+__all__ = ["Verification", "verification_prefix"]
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCES = 2  # sequences verified per run
+FULL_PREFIX = 256  # frames per sequence when the budget allows
+BUDGET_SHARE = 25  # the batch forward may cost 1/25 of the run's frames...
+MIN_BUDGET = 80  # ...but never less than this many frames
+CROSSING_MARGIN = 16  # compared frames past the first call: a state not carried across calls is caught
+
+
+def verification_prefix(
+    lengths: list[int], run_frames: int, frames_per_call: int, lead: int, verify_frames: int | None = None
+) -> list[int]:
+    """Frames verified of each candidate sequence (`lengths`: the first up to 2 of the first batch); one entry per
+    verified sequence, so a shorter list verifies fewer sequences.
+
+    Explicit `verify_frames`: exactly min(verify_frames, T_i) for each of up to 2 sequences, no budget.
+
+    Automatic (None): the cost is the batch forward over the prefixes, which on a CPU costs about as much per frame
+    as chunk-mode streaming (measured, `small` preset, fp32: chunk C=64 streams 2000 frames in 1.25 s, 0.6 ms a
+    frame; `batch_losses` on [2, K, 256] 0.234 s, [2, K, 64] 0.048 s, [2, K, 32] 0.030 s: 0.4-0.5 ms a frame;
+    frame mode streams only ~100 frames/s, so it is far cheaper there). To keep it under 5% of a run of >= 2000
+    frames, the prefixes get a budget of max(run_frames // 25, 80) frames in total (4% of the run's frames, and
+    80 frames even for short runs: a 2000-frame C=64 run spends ~0.03 s of its 1.25 s):
+
+    - P_i = min(256, T_i) for up to 2 sequences (a long run: 2 x 256, ~0.23 s);
+    - if they exceed the budget, P_i shrinks to budget // n, but never below min(T_i, frames_per_call + lead + 16):
+      a cropped prefix drops its last `lead` frames, so the compared region still runs 16 frames into the second
+      call, where a state not carried from one step/chunk to the next shows;
+    - if 2 sequences of that minimum still exceed the budget, 1 sequence is verified (max(min(256, T_0, budget),
+      its minimum) frames).
+
+    E.g. 2 x 1000 frames, C=64, lead 1: budget 80; 2 x 40 < the minimum 81, and 2 x 81 > 80 -> one prefix of 81
+    frames. The same run in frame mode: the minimum is 18 -> 2 x 40.
+    """
+    candidates = lengths[:MAX_SEQUENCES]
+    if verify_frames is not None:
+        return [min(verify_frames, T) for T in candidates]
+    budget = max(run_frames // BUDGET_SHARE, MIN_BUDGET)
+    full = [min(FULL_PREFIX, T) for T in candidates]
+    if sum(full) <= budget:
+        return full
+    floors = [min(T, frames_per_call + lead + CROSSING_MARGIN) for T in candidates]
+    shrunk = [max(min(P, budget // len(candidates)), floor) for P, floor in zip(full, floors, strict=True)]
+    if sum(shrunk) <= budget or len(candidates) == 1:
+        return shrunk
+    return [max(min(full[0], budget), floors[0])]
+
+
+class Verification:
+    """The run's check against the batch path: the prefixes, their reference, and the comparison mid-batch."""
+
+    def __init__(
+        self, model: LMModel, sequences: list[torch.Tensor], first_batch: list[int], frames_per_call: int,
+        verify_frames: int | None = None,
+    ) -> None:
+        self.model = model
+        lengths = [s.shape[1] for s in sequences]
+        chosen = first_batch[:MAX_SEQUENCES]
+        frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call,
+                                     max(scored_delays(model)), verify_frames)
+        # sequence index -> prefix frames, until checked; `frames` may verify fewer sequences than `chosen`
+        self.pending: dict[int, int] = dict(zip(chosen, frames, strict=False))
+        self.order = list(self.pending)  # the reference's rows
+        start = time.perf_counter()
+        prefixes = [sequences[i][:, :P] for i, P in self.pending.items()]
+        same = len({p.shape[1] for p in prefixes}) == 1
+        # Equal prefixes: one [n, K, P] forward; otherwise one forward per sequence (no padding to reason about).
+        self.reference = batch_losses(model, torch.stack(prefixes) if same else prefixes)
+        self.reference_seconds = time.perf_counter() - start
+        self.compare_seconds = 0.0
+        self.reports: list[ParityReport] = []
+
+    def pause_after(self, rows: list[int], frames_per_call: int) -> int | None:
+        """Calls after which the batch of `rows` holds every loss of its pending prefixes (None: none pending).
+
+        A loss at original time t of a stream of delay d is written by delayed step t + d, and it is valid only when
+        t + d < T_i. The compared region is [0, P) when P = T_i (every valid step is < T_i = P) and [0, P - lead)
+        otherwise (steps < P - lead + lead = P): either way, delayed steps [0, P) suffice, i.e. the first
+        ceil(P / frames_per_call) calls (never more than the batch's, since P <= T_i <= the batch's length).
+        """
+        prefixes = [self.pending[i] for i in rows if i in self.pending]
+        return max(math.ceil(P / frames_per_call) for P in prefixes) if prefixes else None
+
+    def check(self, stream: Stream, rows: list[int], batch: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Compare the pending prefixes of `rows` (streamed into `stream` from the host `batch` [B, K, T] of
+        `lengths`) with the reference; raise ParityError on a mismatch."""
+        start = time.perf_counter()
+        positions = [j for j, i in enumerate(rows) if i in self.pending]
+        sequences = [rows[j] for j in positions]
+        frames = [self.pending[i] for i in sequences]
+        width = max(frames)
+        index = torch.tensor(positions, dtype=torch.long)
+        # The one host copy inside a batch, once per run: it waits for the calls queued so far (on a GPU the rest of
+        # the batch is not queued yet, so the device idles for the copy's few milliseconds). Losses are stored at
+        # time t + lead; channel 0 is text.
+        host = stream.losses.index_select(0, index.to(stream.losses.device))[:, :, stream.lead : stream.lead + width]
+        host = host.cpu()
+        codes, own_lengths = batch[index, :, :width], lengths[index]
+        valid, text_valid = valid_masks(self.model, codes, own_lengths)  # the full sequence's masks, cropped
+        streamed = empty_result(len(positions), self.model.dep_q, width)
+        fill_rows(streamed, list(range(len(positions))), host[:, 1:], host[:, :1], valid, text_valid, own_lengths)
+        reference = select_rows(self.reference, [self.order.index(i) for i in sequences])
+        report, error = compare(self.model, streamed, reference, sequences, frames)
+        self.reports.append(report)
+        for i in sequences:
+            del self.pending[i]
+        self.compare_seconds += time.perf_counter() - start
+        if error is not None:
+            error.report = merge(self.reports)
+            raise error
+        log.info("verified against LMModel.forward: sequences %s, first %s frames, max |diff| %.2e (tolerance %.1e)",
+                 sequences, frames, report.max_abs_diff, report.tolerance)
+
+    def report(self, run_seconds: float) -> dict:
+        """`result.report["verification"]`: what was compared, how closely, and what it cost."""
+        if not self.reports:  # every verified sequence failed before its check (out of memory at batch size 1)
+            return {"skipped": "no verified sequence was streamed (see failed)"}
+        seconds = self.reference_seconds + self.compare_seconds
+        return merge(self.reports).as_dict() | {
+            "reference_seconds": self.reference_seconds,
+            "seconds": seconds,
+            "fraction_of_run": seconds / run_seconds if run_seconds > 0 else float("nan"),
+        }
+
+
+def merge(reports: list[ParityReport]) -> ParityReport:
+    """One report over the checks of a run (one per batch that held verified sequences)."""
+    return ParityReport(
+        passed=all(r.passed for r in reports), sequences=[i for r in reports for i in r.sequences],
+        frames=[f for r in reports for f in r.frames], positions=sum(r.positions for r in reports),
+        max_abs_diff=functools.reduce(nan_max, (r.max_abs_diff for r in reports)), tolerance=reports[0].tolerance,
+        masks_identical=all(r.masks_identical for r in reports),
+    )

@@ -1,0 +1,128 @@
+"""Verification on by default: every run checks a prefix of its own streamed losses against LMModel.forward and stops
+with ParityError, before anything is reported, when a layer's streaming path differs from its forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_layers import FirstFrameCarryTTT, ForwardOnlyTTT
+
+from fused_stream.core.alignment import scored_delays
+from fused_stream.core.config import EvalConfig
+from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.core.parity import ParityError, parity_tolerance, stream_name
+from fused_stream.core.reference import batch_losses
+from fused_stream.data.models import load_model
+
+
+def fresh_tiny():
+    # A model of its own: moshi caches a model's streaming children on first use, so layers are swapped before.
+    return load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+def with_layer(toy, *args, index: int = 1, **kwargs):
+    model = fresh_tiny()
+    model.transformer.layers[index] = toy(model.transformer.layers[index], *args, **kwargs)
+    return model
+
+
+def run(model, codes, on_batch=None, **config):
+    return StreamingEvaluator(model, EvalConfig(**config)).evaluate(codes, on_batch=on_batch)
+
+
+def expected_first_difference(model, first_step: int) -> tuple[int, str]:
+    """Where a model whose steps agree up to `first_step` must first differ: frame first_step - d of the most
+    delayed stream (its loss of frame t is computed at step t + d), the first such stream in the driver's order."""
+    delays = scored_delays(model)
+    lead = max(delays)
+    return first_step - lead, stream_name(delays.index(lead))
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_forward_only_state_raises_before_any_batch_is_reported(make_codes, chunk):
+    model = with_layer(ForwardOnlyTTT)
+    sequences = make_codes(model, [60, 40, 30], seed=1)
+    reported = []
+    with pytest.raises(ParityError) as info:
+        run(model, sequences, on_batch=lambda rows, result: reported.append(rows), chunk_size=chunk, batch_size=2)
+    error = info.value
+    assert reported == []  # the batch that failed was never handed to on_batch
+    # The first call equals forward (a fresh state); the second call is where the carried state is missing.
+    position, stream = expected_first_difference(model, first_step=chunk)
+    assert (error.sequence, error.stream, error.position) == (0, stream, position)
+    reference = batch_losses(model, [sequences[0][:, :40]])
+    channel = [stream_name(c) for c in range(1 + model.dep_q)].index(stream)
+    values = torch.cat([reference.text_losses[0], reference.losses[0]])  # the driver's channel order
+    assert error.batch == pytest.approx(float(values[channel, position]), abs=1e-6)  # the batch path's own value
+    assert abs(error.streamed - error.batch) > error.tolerance == parity_tolerance(model)
+    assert f"the first {chunk} frames agree" in error.cause
+    assert not error.report.passed and error.report.masks_identical and error.report.sequences == [0, 1]
+    message = str(error)
+    assert "\n" not in message and f"sequence 0, {stream}, frame {position}" in message
+
+
+def test_the_same_model_runs_with_verify_off(make_codes):
+    model = with_layer(ForwardOnlyTTT)
+    sequences = make_codes(model, [30, 20], seed=1)
+    result = run(model, sequences, verify=False)
+    assert result.report["verification"] == {"skipped": "verify=False"}
+    batch = batch_losses(model, sequences)
+    assert not torch.allclose(result.losses.nan_to_num(), batch.losses.nan_to_num(), atol=1e-3)  # silently wrong
+
+
+@pytest.mark.parametrize("config", [
+    {"chunk_size": 1}, {"chunk_size": 4}, {"chunk_size": 8, "cuda_graphs": "rehearse"},
+    {"chunk_size": 3, "graph_unroll": 2, "batch_size": 1}, {"chunk_size": 4, "verify_frames": 1000},
+], ids=["frame", "chunk", "rehearse", "unroll-B1", "whole"])
+def test_a_correct_model_passes_and_reports_what_it_compared(tiny_model, make_codes, config):
+    lengths = [70, 25, 45]
+    sequences = make_codes(tiny_model, lengths, seed=2)
+    result = run(tiny_model, sequences, **config)
+    v = result.report["verification"]
+    assert v["passed"] and v["masks_identical"] and v["max_abs_diff"] <= v["tolerance"]
+    assert v["sequences"][0] == 0 and set(v["sequences"]) <= {0, 2}  # the longest first
+    assert all(1 <= f <= lengths[i] for i, f in zip(v["sequences"], v["frames"], strict=True))
+    if "verify_frames" in config:
+        assert v["frames"] == [lengths[i] for i in v["sequences"]]  # compared whole
+    assert v["positions"] > 0 and 0 < v["reference_seconds"] <= v["seconds"]
+    assert v["fraction_of_run"] == pytest.approx(v["seconds"] / result.report["seconds"])
+    # Verification changes nothing of the run's numbers.
+    quiet = run(tiny_model, sequences, **config, verify=False)
+    assert torch.equal(result.losses.nan_to_num(-1), quiet.losses.nan_to_num(-1))
+    assert torch.equal(result.text_losses.nan_to_num(-1), quiet.text_losses.nan_to_num(-1))
+
+
+def test_a_layer_right_frame_by_frame_but_wrong_across_chunks(make_codes):
+    sequences = make_codes(fresh_tiny(), [50, 50], seed=3)
+    model = with_layer(FirstFrameCarryTTT, fresh_tiny().dim)
+    assert run(model, sequences, chunk_size=1).report["verification"]["passed"]
+    with pytest.raises(ParityError) as info:
+        run(with_layer(FirstFrameCarryTTT, fresh_tiny().dim), sequences, chunk_size=8)
+    position, stream = expected_first_difference(model, first_step=8)  # the first chunk is right
+    assert (info.value.stream, info.value.position) == (stream, position)
+
+
+def test_the_pending_check_follows_its_sequences_after_an_out_of_memory_retry(tiny_model, make_codes, monkeypatch):
+    from fused_stream.core import stream as stream_module
+
+    sequences = make_codes(tiny_model, [40, 30, 20], seed=4)
+    real_init = stream_module.Stream.__init__
+
+    def fail_at_batch_3(self, model, batch_size, *args, **kwargs):
+        if batch_size == 3:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+        real_init(self, model, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module.Stream, "__init__", fail_at_batch_3)
+    result = run(tiny_model, sequences, chunk_size=4, batch_size=3)
+    assert result.report["out_of_memory"] and result.report["verification"]["passed"]
+    assert result.report["verification"]["sequences"] == [0, 1]  # both still checked, in the retried batches
+
+
+def test_with_batch_size_1_only_the_first_sequence_is_verified(make_codes):
+    model = with_layer(ForwardOnlyTTT)
+    sequences = make_codes(model, [30, 30], seed=5)
+    reported = []
+    with pytest.raises(ParityError) as info:
+        run(model, sequences, on_batch=lambda rows, result: reported.append(rows), batch_size=1, chunk_size=2)
+    assert reported == [] and info.value.sequence == 0 and info.value.report.sequences == [0]
