@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--codes", metavar="PATH", help="a codes file (.pt, .npy, .safetensors) or a directory of "
                       "them, holding [8, T] audio codes or full [K, T] layouts")
     data.add_argument("--audio", metavar="DIR", help="audio files (.flac, .wav, .mp3, .ogg), e.g. LibriLight "
-                      "speaker/book/chapter.flac; tokenized with --mimi, cached (see --cache-dir)")
+                      "speaker/book/chapter.flac; tokenized with the first model's checkpoint's Mimi or --mimi, cached "
+                      "(see --cache-dir)")
     data.add_argument("--mimi", metavar="PATH", help="local Mimi checkpoint for --audio (.safetensors, or a directory "
                       "with config.json; default: the Mimi of the first model's Hugging Face checkpoint); its "
                       "codebooks and card must match every model")

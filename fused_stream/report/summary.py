@@ -46,6 +46,7 @@ def summary_table(runs: list[ModelRun]) -> str:
         ("frames/s (overall)", lambda r: _fmt(overall_frames_per_second(r), "{:,.1f}")),
         ("peak memory", lambda r: _bytes((r.driver_report.get("memory") or {}).get("peak_bytes"))),
         ("constant memory", lambda r: _verdict((r.driver_report.get("memory") or {}).get("constant_memory"))),
+        ("verified (frames)", lambda r: _verified(r.driver_report.get("verification"))),
     ]
     header = [""] + [run.label for run in runs]
     body = [[name] + [cell(run) for run in runs] for name, cell in rows]
@@ -105,6 +106,18 @@ def _bytes(value: Any) -> str:
     if not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
         return _DASH
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def _verified(report: Any) -> str:
+    """What the check against LMModel.forward covered: frames per verified sequence and its share of the run's time
+    ("40+40 (1.6%)"); "off" with --no-verify. A failed check never reaches the table: the run stops."""
+    if not isinstance(report, dict):
+        return _DASH
+    if "skipped" in report:
+        return "off"
+    frames, share = report.get("frames") or [], report.get("fraction_of_run")
+    cost = f" ({share:.1%})" if isinstance(share, float) and math.isfinite(share) else ""
+    return "+".join(str(f) for f in frames) + cost if frames else _DASH
 
 
 def _verdict(value: Any) -> str:

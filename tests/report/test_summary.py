@@ -17,6 +17,8 @@ def test_summary_table():
     small.driver_report["per_file"] = [{"name": "a", "frames": 6}, {"name": "b", "frames": 4}]
     big.driver_report["ranks"] = [{"per_file": [{"name": "a", "frames": 6}]},
                                   {"per_file": [{"name": "b", "frames": 5}]}]
+    small.driver_report["verification"] = {"passed": True, "frames": [40, 40], "fraction_of_run": 0.0163}
+    big.driver_report["verification"] = {"skipped": "verify=False"}
     lines = summary_table([small, big]).splitlines()
     assert lines[0].split() == ["baseline", "ttt"]
     assert set(lines[1]) == {"-", " "}
@@ -35,6 +37,7 @@ def test_summary_table():
     assert [name for name in rows if name.startswith("frames/s")] == ["frames/s (steady)", "frames/s (overall)"]
     assert rows["peak memory"] == ["1.50", "GiB", "512.0", "MiB"]
     assert rows["constant memory"] == ["yes", "unknown"]
+    assert rows["verified (frames)"] == ["40+40", "(1.6%)", "off"]
 
 
 def test_summary_table_without_text_has_no_text_row():
