@@ -4,12 +4,20 @@ Sizes: `FUSED_STREAM_BENCH_PRESET` (default `moshi-7b` in bf16 on a GPU, `small`
 `FUSED_STREAM_BENCH_FRAMES` (default 600) frames and
 `FUSED_STREAM_BENCH_DEVICE` (default: cuda if available, else cpu; the model runs in that device's default dtype).
 Speed is reported as frames/s and as a ratio to the naive per-frame loop measured in the same run.
+
+Busy machine: every `benchmark.pedantic` round is watched (`watch_cpu_contention`): the CPU time other processes
+took from this process's CPUs during the round (/proc/stat's busy time minus our own) goes into extra_info
+(`others_cpu_seconds`, `others_cpu_share`). A round in which others used more than
+`FUSED_STREAM_BENCH_CONTENDED_SHARE` (default 0.2) of a CPU beyond the CPUs torch leaves free is run again, up to
+`FUSED_STREAM_BENCH_RETRIES` (default 3) times, and the first clean repeat replaces its time; a round still contended
+then marks the benchmark `contended: True`, and `python -m fused_stream.bench_report` leaves it out of the tables.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 import pytest
 import torch
@@ -17,12 +25,16 @@ import torch
 import fused_stream
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import count_parameters, default_device, load_model
+from fused_stream.report.environment import CpuSample, available_cpus, contended, others_cpu
 
 DEVICE = os.environ.get("FUSED_STREAM_BENCH_DEVICE") or None
 _ON_GPU = (DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET") or ("moshi-7b" if _ON_GPU else "small")  # sizes follow the device
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
+CONTENDED_SHARE = float(os.environ.get("FUSED_STREAM_BENCH_CONTENDED_SHARE", "0.2"))  # CPUs others may use
+RETRIES = int(os.environ.get("FUSED_STREAM_BENCH_RETRIES", "3"))  # repeats of a contended round
 _frames_per_second: dict[str, float] = {}
+_contended: list[str] = []
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +92,104 @@ def run_case(benchmark, bench_model, bench_codes):
     return run
 
 
+class ContentionWatch:
+    """`benchmark.pedantic` with each round's CPU contention measured and a contended round repeated.
+
+    Why: on a shared machine a round that shares its cores with another process runs 5-15x slower (measured on
+    the 2-core VM, where two other jobs ran beside the benchmarks), and the median of 2-5 rounds does not hide it.
+    Each round is bracketed by two `CpuSample`s in pedantic's untimed setup/teardown. Rounds too short to judge
+    alone (`contended` gives None) are judged together, over the span of all the rounds, and not repeated.
+    """
+
+    def __init__(self, benchmark: Any, limit_cpus: float, retries: int) -> None:
+        self.benchmark, self.limit_cpus, self.retries = benchmark, limit_cpus, retries
+        self.original = benchmark.pedantic
+        self.used = False
+
+    def pedantic(self, target, args=(), kwargs=None, setup=None, teardown=None, rounds=1, warmup_rounds=0,
+                 iterations=1):
+        if iterations > 1 or self.benchmark.disabled:  # pytest-benchmark allows no setup with iterations > 1
+            return self.original(target, args, kwargs, setup, teardown, rounds, warmup_rounds, iterations)
+        self.used = True
+        samples: list[CpuSample] = []
+
+        def sampled_setup():
+            made = setup() if setup is not None else None
+            samples.append(CpuSample.take())  # last, so the window holds the timed call only
+            return made
+
+        def sampled_teardown(*a, **kw):
+            samples.append(CpuSample.take())
+            if teardown is not None:
+                teardown(*a, **kw)
+
+        result = self.original(target, args, kwargs, sampled_setup, sampled_teardown, rounds, warmup_rounds, 1)
+        # (--benchmark-cprofile adds teardowns without setups after the rounds: cut them off)
+        pairs = list(zip(samples[0::2], samples[1::2], strict=False))[warmup_rounds : warmup_rounds + rounds]
+        usages = [others_cpu(before, after) for before, after in pairs]
+        stats = self.benchmark.stats.stats  # pytest-benchmark's Stats: `data` holds one duration per round
+        repeated = 0
+        for i, usage in enumerate(usages):
+            for _ in range(self.retries if contended(usage, self.limit_cpus) else 0):
+                repeated += 1
+                duration, retry = self._round(target, args, kwargs, setup, teardown)
+                if contended(retry, self.limit_cpus) is False:
+                    stats.data[i], usages[i] = duration, retry  # the clean repeat replaces the contended round
+                    break
+        for cached in [name for name in vars(stats) if name != "data"]:
+            delattr(stats, cached)  # statistics cached before a replacement (none in 5.2.3, but they'd be stale)
+        verdicts = [contended(u, self.limit_cpus) for u in usages]
+        if None in verdicts and pairs:  # short rounds: one window from the first round's start to the last's end
+            span = others_cpu(pairs[0][0], pairs[-1][1])
+            verdicts, usages, judged = [contended(span, self.limit_cpus)], [span], "over all rounds"
+        else:
+            judged = "per round"
+        known = [u for u in usages if u is not None]
+        others, wall = sum(u["others_cpu_seconds"] for u in known), sum(u["wall_seconds"] for u in known)
+        self.benchmark.extra_info.update(
+            others_cpu_seconds=others if known else None,
+            others_cpu_share=others / wall if known and wall > 0 else None,
+            contended=any(v is True for v in verdicts),
+            contention_judged=judged if None not in verdicts else "unknown (no /proc/stat, or rounds too short)",
+            contended_rounds_repeated=repeated,
+            contention_limit_cpus=self.limit_cpus,
+        )
+        return result
+
+    def _round(self, target, args, kwargs, setup, teardown) -> tuple[float, dict[str, float] | None]:
+        """One more round, timed like pedantic's own (its runner: the same timer and gc handling)."""
+        made = setup() if setup is not None else None
+        args, kwargs = made if made else (args, kwargs or {})
+        runner = self.benchmark._make_runner(target, args, kwargs)
+        before = CpuSample.take()
+        duration, _ = runner(None)
+        usage = others_cpu(before, CpuSample.take())
+        if teardown is not None:
+            teardown(*args, **kwargs)
+        return duration, usage
+
+
+@pytest.fixture(autouse=True)
+def watch_cpu_contention(request):
+    """Every benchmark's rounds watched for other processes' CPU use (ContentionWatch)."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    # CPUs torch's threads leave free may be busy without slowing the benchmark.
+    spare = max(0, available_cpus() - torch.get_num_threads())
+    watch = ContentionWatch(benchmark, CONTENDED_SHARE + spare, RETRIES)
+    benchmark.pedantic = watch.pedantic
+    yield
+    if watch.used and benchmark.extra_info.get("contended"):
+        _contended.append(benchmark.extra_info.get("path") or request.node.name)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
+    if _contended:
+        terminalreporter.write_sep("-", "contended benchmarks (other processes took CPU; left out of bench_report)")
+        for name in _contended:
+            terminalreporter.write_line(f"{name:>24}: contended")
     if not _frames_per_second:
         return
     base = _frames_per_second.get("naive_streaming")

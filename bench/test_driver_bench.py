@@ -1,4 +1,4 @@
-"""End-to-end evaluation speed: the seed's per-frame loop vs frame mode vs chunk mode vs the batch path.
+"""End-to-end evaluation speed: the seed's per-frame loop vs frame mode vs chunk mode (C=64, auto) vs the batch path.
 
 Run with `pytest bench --benchmark-only`. Streaming runs with `verify=False`: these rows time the engine; what
 verification adds to a run is `test_verify_bench.py`'s. Targets on the 2-core CPU (small preset, T=600, same run):
@@ -28,6 +28,12 @@ def test_chunk_mode_c64(run_case, bench_model):
 
 def test_batch_losses(run_case, bench_model):
     run_case("batch_losses", lambda codes: batch_losses(bench_model, codes), batch=1)
+
+
+def test_chunk_mode_auto(run_case, bench_model):
+    """chunk_size="auto": the chunk the preflight picks for this length (T=600: 3 balanced steps of 200)."""
+    evaluator = StreamingEvaluator(bench_model, EvalConfig(chunk_size="auto", verify=False))
+    run_case("chunk_mode_auto", evaluator.evaluate, batch=1, rounds=5)
 
 
 def test_chunk_mode_c64_b8(run_case, bench_model):

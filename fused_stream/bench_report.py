@@ -5,6 +5,11 @@
 Each file (one `pytest bench --benchmark-only --benchmark-json=FILE` run) becomes its own table: speed-ups and
 memory ratios are only computed between rows of the same file, because timings from different runs or machines
 are not comparable. A value the JSON does not record is shown as "—", never estimated.
+
+A benchmark that other processes slowed down (`extra_info["contended"]`, set by bench/conftest.py when they took
+more than a threshold of its CPUs even after repeats) is left out of the table and named below it, and is never
+the reference of a ratio: on a shared 2-core machine such a row is 5-15x off. `--include-contended` keeps them in
+the table, marked. A contended row none of whose cells depend on time (the memory suite's peaks) stays in.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ MISSING = "—"
 NAIVE_PATH = "naive_streaming"  # the seed's per-frame loop (bench/test_driver_bench.py)
 LMGEN_PREFIX = "lmgen"  # moshi's own LMGen loop, the anchor a Moshi user would pick today
 BATCH_PATH = "batch_losses"  # the O(T^2)-memory batch path, the memory reference
+TIMED = ("frames_per_second", "vs_naive", "vs_lmgen", "roofline_ratio", "mfu")  # cells a busy machine changes
 COLUMNS = [
     ("path", "path"), ("device", "device"), ("preset", "preset"), ("dtype", "dtype"), ("B", "B"), ("C", "C"),
     ("T", "T"), ("frames/s", "frames_per_second"), ("vs per-frame loop", "vs_naive"), ("vs LMGen", "vs_lmgen"),
@@ -108,10 +114,13 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "frames_per_second": _frames_per_second(bench), "peak_memory_bytes": peak,
             "roofline_ratio": _num(info.get("roofline_ratio")), "mfu": _num(info.get("mfu")),
             "constant_memory": constant if isinstance(constant, bool) else None,
+            "contended": info.get("contended") is True,
+            "others_cpu_share": _num(info.get("others_cpu_share")),
         })
+    clean = [r for r in out if not r["contended"]]  # a contended row is no reference: its speed is not its own
 
     def reference(match) -> dict[str, Any] | None:
-        return next((r for r in out if match(r["path"])), None)
+        return next((r for r in clean if match(r["path"])), None)
 
     naive = reference(lambda p: p.startswith(NAIVE_PATH))
     lmgen = reference(lambda p: p.lower().startswith(LMGEN_PREFIX))
@@ -120,6 +129,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         row["vs_lmgen"] = _ratio(row["frames_per_second"], lmgen and lmgen["frames_per_second"])
         # Memory depends on the length: compare with a batch_losses row (`batch_losses`, `memory_batch_losses`)
         # of the same T only, so the memory-vs-length suite gives one ratio per T.
+        # (a contended row's peak memory is still its own)
         batch = next((r for r in out if r["T"] == row["T"] and r["peak_memory_bytes"] is not None
                       and (r["path"] == BATCH_PATH or r["path"].endswith("_" + BATCH_PATH))), None)
         row["memory_vs_batch"] = _ratio(row["peak_memory_bytes"], batch and batch["peak_memory_bytes"])
@@ -169,21 +179,38 @@ def _machine(results: dict[str, Any], table: list[dict[str, Any]]) -> str:
     return "; ".join(parts) if parts else "machine not recorded"
 
 
-def markdown(results_list: list[dict[str, Any]]) -> str:
-    """One section per results file: a heading with its machine, the table and the same-run footnote."""
+def _contention(row: dict[str, Any]) -> str:
+    share = row["others_cpu_share"]
+    return f"`{row['path']}`" + (f" (others used {share:.2f} CPUs)" if share is not None else "")
+
+
+def markdown(results_list: list[dict[str, Any]], include_contended: bool = False) -> str:
+    """One section per results file: a heading with its machine, the table and the same-run footnote. Contended
+    rows are left out and named under the table, or kept and marked with `include_contended`."""
     sections = []
     for results in results_list:
         table = rows(results)
+        contended = [row for row in table if row["contended"] and any(row[key] is not None for key in TIMED)]
+        flagged = {id(row) for row in contended}
+        shown = table if include_contended else [row for row in table if id(row) not in flagged]
         lines = [f"### `{results.get('report_source', 'results')}`", "", _machine(results, table), ""]
         lines.append("| " + " | ".join(title for title, _ in COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
-        for row in table:
-            lines.append("| " + " | ".join(_cell(key, row[key]) for _, key in COLUMNS) + " |")
-        if not table:
+        for row in shown:
+            cells = [_cell(key, row[key]) for _, key in COLUMNS]
+            if id(row) in flagged:
+                cells[0] += " (contended)"
+            lines.append("| " + " | ".join(cells) + " |")
+        if not shown:
             lines.append("| " + " | ".join(MISSING for _ in COLUMNS) + " |")
         lines += ["", f"Ratios compare rows of this file only (the same run on the same machine): speed-ups vs "
                   f"`{NAIVE_PATH}` and `{LMGEN_PREFIX}*`, memory vs `{BATCH_PATH}` at the same T. "
                   f"{MISSING} = not recorded in the JSON (or its reference row is absent)."]
+        if contended:
+            verb = "Marked (contended)" if include_contended else "Left out"
+            lines += ["", f"{verb}: other processes took CPU time from these benchmarks even after repeats, so "
+                      f"their speed is not their own and no ratio uses them: "
+                      + ", ".join(_contention(row) for row in contended) + "."]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
@@ -195,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("results", nargs="+", metavar="RESULTS.json", help="pytest-benchmark JSON file(s)")
     parser.add_argument("--out", metavar="FILE.md", help="write the markdown here instead of stdout")
+    parser.add_argument("--include-contended", action="store_true",
+                        help="keep benchmarks that other processes slowed down in the tables, marked")
     args = parser.parse_args(argv)
     try:
         loaded = [load_results(path) for path in args.results]
     except BenchReportError as exc:
         print(f"bench_report: error: {exc}", file=sys.stderr)
         return 2
-    text = markdown(loaded)
+    text = markdown(loaded, include_contended=args.include_contended)
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -141,3 +141,49 @@ def test_help_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "fused_stream.bench_report", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--out" in proc.stdout
+
+
+def contended_run() -> dict:
+    """A run on a busy machine: the naive loop and one chunk row were slowed by other processes."""
+    common = {"preset": "small", "device": CPU, "dtype": "torch.float32", "T": 600, "B": 1, "frames": 600}
+    return results([
+        bench("test_naive_streaming", 10.0, path="naive_streaming", frames_per_second=60.0, contended=True,
+              others_cpu_share=0.95, **common),
+        bench("test_naive_streaming_again", 5.0, path="naive_streaming_quiet", frames_per_second=120.0,
+              contended=False, others_cpu_share=0.01, **common),
+        bench("test_chunk_mode_c64", 1.0, path="chunk_mode_C64", frames_per_second=600.0, contended=True,
+              others_cpu_share=1.2, **common),
+        bench("test_frame_mode_b8", 2.0, path="frame_mode_B8", frames_per_second=300.0, contended=False, **common),
+        # The memory suite times nothing shown: contended or not, its peak is its own and the row stays.
+        bench("test_peak_memory_vs_length[batch_losses-600]", 1.0, path="memory_batch_losses", T=600,
+              peak_memory_bytes=600 * MIB, contended=True, others_cpu_share=0.5),
+    ])
+
+
+def test_contended_rows_are_left_out_and_never_a_reference():
+    data = contended_run()
+    table = {r["path"]: r for r in rows(data)}
+    assert table["chunk_mode_C64"]["contended"] and not table["frame_mode_B8"]["contended"]
+    # The contended naive loop is no reference; the first clean naive_streaming* row is.
+    assert table["frame_mode_B8"]["vs_naive"] == pytest.approx(2.5)
+    assert table["memory_batch_losses"]["memory_vs_batch"] == pytest.approx(1.0)
+    text = markdown([data])
+    body = [ln for ln in text.splitlines() if ln.startswith("| `")]
+    assert [ln.split("|")[1].strip() for ln in body] == ["`naive_streaming_quiet`", "`frame_mode_B8`",
+                                                         "`memory_batch_losses`"]
+    note = next(ln for ln in text.splitlines() if ln.startswith("Left out:"))
+    assert "`naive_streaming` (others used 0.95 CPUs)" in note and "`chunk_mode_C64` (others used 1.20 CPUs)" in note
+    assert "memory_batch_losses" not in note
+
+
+def test_include_contended_marks_them(tmp_path, capsys):
+    path = write(tmp_path, "busy.json", contended_run())
+    assert main([str(path), "--include-contended"]) == 0
+    out = capsys.readouterr().out
+    chunk = next(ln for ln in out.splitlines() if "`chunk_mode_C64`" in ln)
+    cells = [c.strip() for c in chunk.strip("|").split("|")]
+    assert cells[0] == "`chunk_mode_C64` (contended)" and cells[7] == "600.0" and cells[8] == "5.00×"
+    assert "Marked (contended):" in out and "| `memory_batch_losses` |" in out
+    assert main([str(write(tmp_path, "quiet.json", cpu_run()))]) == 0
+    quiet = capsys.readouterr().out  # a clean run says nothing about contention
+    assert "(contended)" not in quiet and "Left out" not in quiet and "Marked" not in quiet

@@ -40,6 +40,16 @@ def parse_batch_size(text: str) -> int | str:
         raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {text!r}") from None
 
 
+def parse_chunk_size(text: str) -> int | str:
+    """The command line's and a config file's spelling of `chunk_size`: an integer or "auto"."""
+    if str(text) == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"chunk_size must be an integer >= 1 or 'auto', got {text!r}") from None
+
+
 def parse_weights(text: str) -> list[float]:
     """`100,1,1,1,1,1,1,1` -> a list of codebook weights."""
     try:
@@ -57,8 +67,11 @@ def _option(default: Any, help: str, *, cli: bool = True, parse: Callable[[str],
 @dataclass
 class EvalConfig:
     # --- the run (read by the driver)
-    chunk_size: int = _option(1, "frames per step: 1 = frame mode, the deployment semantics (default); C > 1 = "
-                                 "exact chunk mode, faster", parse=int)
+    # "auto": resolved by the driver once the lengths are known (measure/chunk_choice.py).
+    chunk_size: int | str = _option(1, "frames per step: 1 = frame mode, the deployment semantics (default); C > 1 "
+                                       "= exact chunk mode, faster; auto = chunk mode with the C that is fastest "
+                                       "and fits in memory (at most 256, or the longest sequence)",
+                                    parse=parse_chunk_size)
     # None (Python only): all sequences at once.
     batch_size: int | str | None = _option("auto", "sequences per batch, or auto (default): the most that fit in "
                                                    "free memory", parse=parse_batch_size)
@@ -104,8 +117,10 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first option whose value is not allowed."""
-        for name in ("chunk_size", "graph_unroll", "window"):
+        for name in ("graph_unroll", "window"):
             _require(_is_count(getattr(self, name)), name, "an int >= 1", getattr(self, name))
+        _require(self.chunk_size == "auto" or _is_count(self.chunk_size), "chunk_size", "an int >= 1 or 'auto'",
+                 self.chunk_size)
         for name in ("max_frames", "memory_limit", "verify_frames"):
             value = getattr(self, name)
             _require(value is None or _is_count(value), name, "None or an int >= 1", value)
@@ -156,7 +171,7 @@ class Plan:
     graphs: bool  # capture CUDA graphs (or rehearse capturing them)
     strict_graphs: bool  # cuda_graphs="on" or "rehearse": a capture that fails raises instead of running eagerly
     graph_reason: str  # why graphs are on or off, for the report
-    chunk_size: int
+    chunk_size: int  # chunk_size="auto": 1 until the driver resolves it for the run's lengths
     unroll: int
     rehearse: bool = False  # cuda_graphs="rehearse": eager calls where capture and replay would be, checked
 
@@ -171,5 +186,5 @@ def make_plan(config: EvalConfig, device: torch.device) -> Plan:
     graphs, reason = graphs_wanted(config.cuda_graphs, device)
     return Plan(device=device, loss_backend=check_backend(config.loss_backend, device), graphs=graphs,
                 strict_graphs=config.cuda_graphs in ("on", "rehearse"), graph_reason=reason,
-                chunk_size=config.chunk_size, unroll=config.graph_unroll,
+                chunk_size=1 if config.chunk_size == "auto" else config.chunk_size, unroll=config.graph_unroll,
                 rehearse=graphs and config.cuda_graphs == "rehearse")

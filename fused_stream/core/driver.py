@@ -19,6 +19,7 @@ in the run's report under the hook's name).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -31,16 +32,18 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..kernels.cross_entropy import N_COUNTERS
+from ..measure.chunk_choice import resolve_chunk_size
 from ..measure.monitor import Monitor
 from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
 from ..measure.progress import Progress, mib
 from ..measure.throughput import throughput_report
 from .alignment import valid_masks
 from .config import EvalConfig, Plan, make_plan
-from .graphs import CUDAGraphed, GraphCaptureError, GraphPool, verify_replay
+from .graphs import GraphCaptureError, GraphPool, verify_replay
 from .graphsafe import check_stream
 from .inputs import batches_by_length, check_codes, pad_batch
 from .result import EvalResult, empty_result, fill_rows
+from .ring_attention import RingSteps
 from .runtime import inference_mode
 from .state_snapshot import format_findings, unsafe
 from .stream import Stream
@@ -103,10 +106,11 @@ class StreamingEvaluator:
         With `verify` (the default), a prefix of the first batch's first sequences is checked against the batch path
         while it streams: a mismatch raises `core.parity.ParityError` before `on_batch` sees that batch.
         """
-        model, cfg, plan = self.model, self.config, self.plan
+        model, cfg = self.model, self.config
         checked = check_codes(model, codes, cfg.invalid_tokens)
         lengths = [s.shape[1] for s in checked.sequences]
         preflight = self._preflight(lengths)
+        plan = self.plan  # chunk_size="auto" is resolved now, for these lengths
         queue = deque(batches_by_length(lengths, preflight["batch_size"]))
         total_calls = sum(math.ceil(lengths[rows[0]] / plan.frames_per_call) for rows in queue)
         result = empty_result(len(lengths), model.dep_q, max(lengths))
@@ -114,7 +118,7 @@ class StreamingEvaluator:
         log.info(
             "streaming %d sequences (%d frames, longest %d) on %s: B=%d, C=%d, graphs=%s; estimated %.2f GiB, "
             "%.2f GiB available (%s); context utilization %.2f",
-            len(lengths), sum(lengths), max(lengths), self.device, preflight["batch_size"], cfg.chunk_size,
+            len(lengths), sum(lengths), max(lengths), self.device, preflight["batch_size"], plan.chunk_size,
             plan.graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
             preflight["available_source"], _context_utilization(model, lengths),
         )
@@ -155,7 +159,8 @@ class StreamingEvaluator:
         preflight["measured_peak_increase_bytes"] = _peak_increase(memory)
         result.report.update(
             path="streaming",
-            chunk_size=cfg.chunk_size,
+            chunk_size=plan.chunk_size,
+            chunk_choice=preflight["chunk_choice"],
             batch_size=preflight["batch_size"],
             loss_backend=plan.loss_backend,
             batches=batches,
@@ -176,7 +181,7 @@ class StreamingEvaluator:
             memory=memory,
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,
-            throughput=throughput_report(model, cfg.chunk_size, preflight, memory, self.device,
+            throughput=throughput_report(model, plan.chunk_size, preflight, memory, self.device,
                                          total_calls * plan.unroll, elapsed),
         )
         self._log_done(result.report)
@@ -214,21 +219,27 @@ class StreamingEvaluator:
         return out
 
     def _preflight(self, lengths: list[int]) -> dict:
-        """Resolve batch_size and check that the run fits, before anything is allocated."""
-        cfg, model, plan = self.config, self.model, self.plan
+        """Resolve chunk_size (into self.plan) and batch_size and check that the run fits, before anything is
+        allocated."""
+        cfg, model = self.config, self.model
         available, source = available_bytes(self.device)
         if cfg.memory_limit is not None:
             available, source = min(available, cfg.memory_limit), f"memory_limit ({source})"
+        chunk, why = resolve_chunk_size(cfg.chunk_size, model, max(lengths), len(lengths), cfg.batch_size, available,
+                                        source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs)
+        self.plan = plan = dataclasses.replace(self.plan, chunk_size=chunk)
         frames = math.ceil(max(lengths) / plan.frames_per_call) * plan.frames_per_call
         if cfg.batch_size == "auto":
-            batch_size = pick_batch_size(model, len(lengths), cfg.chunk_size, frames, available,
+            batch_size = pick_batch_size(model, len(lengths), plan.chunk_size, frames, available,
                                          cuda_graphs=plan.graphs)
         else:
             batch_size = min(len(lengths), cfg.batch_size or len(lengths))
-        estimate = estimate_run_bytes(model, batch_size, cfg.chunk_size, frames, cuda_graphs=plan.graphs)
+        estimate = estimate_run_bytes(model, batch_size, plan.chunk_size, frames, cuda_graphs=plan.graphs)
         check_fits(estimate, available, source)
         return {
             "batch_size": batch_size,
+            "chunk_size": chunk,
+            "chunk_choice": why,
             "estimate": estimate.as_dict() | {"run_bytes": estimate.run_bytes, "total": estimate.total},
             "available_bytes": available,
             "available_source": source,
@@ -247,7 +258,7 @@ class StreamingEvaluator:
 
 
 class _Streams:
-    """The run's current Stream and its CUDAGraphed step; reopened (and recaptured) only when (B, capacity) changes.
+    """The run's current Stream and its RingSteps (CUDAGraphed steps); reopened (recaptured) when (B, capacity) changes.
 
     Batches come longest first, so a run opens a Stream for its first batch and reuses it (copy in, reset in place,
     replay) until the batch size changes (the last, smaller batch). Graphs of the run share one `GraphPool`.
@@ -259,12 +270,12 @@ class _Streams:
         self.pool = GraphPool(plan.device, rehearse=plan.rehearse) if plan.graphs else None  # one per run
         self.safety_checked = False
         self.stream: Stream | None = None
-        self.step: CUDAGraphed | None = None
+        self.step: RingSteps | None = None
         self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
         self.opened = self.captures = self.verified_calls = self.max_state_bytes = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
 
-    def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, CUDAGraphed]:
+    def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, RingSteps]:
         """The stream holding `batch` (opened and captured if its shape is new) and the step to call."""
         B, _, T = batch.shape
         if self.stream is not None and self.stream.fits(B, T):
@@ -277,8 +288,8 @@ class _Streams:
         stream.load(batch.to(stream.losses.device), lengths)
         if self.graphs and not self.safety_checked:
             self._refuse_unsafe_modules(stream)
-        self.step = CUDAGraphed(stream.step, stream.reset, self.pool if self.graphs else None,
-                                strict=plan.strict_graphs, reason=self.reason, watch=stream)
+        # One captured step per fill bucket of the ring attention (ring_attention.py), or eager exact-fill calls.
+        self.step = RingSteps(stream, self.pool if self.graphs else None, strict=plan.strict_graphs, reason=self.reason)
         self.step.capture()
         # Counted once captured: an out-of-memory error in warm-up or capture retries smaller, and the report must
         # still say graphed (captures == opened) when every stream that ran was captured.
@@ -287,7 +298,7 @@ class _Streams:
         self.captures += self.step.graphed
         self.reason = self.step.reason if self.graphs else self.reason
         if self.verify_graph:
-            self.verified_calls += verify_replay(self.step, stream, self.verify_graph, self.names)
+            self.verified_calls += verify_replay(self.step, stream, self.verify_graph, self.names, self.step.eager)
         log.debug("stream opened: B=%d, capacity %d, %s", stream.batch_size, stream.capacity, self.reason)
         return stream, self.step
 

@@ -1,4 +1,5 @@
-"""CUDA Graphs for the streaming step: capture once per (B, C) shape, replay every step, verify bit for bit.
+"""CUDA Graphs for the streaming step: capture once per (B, C) shape (and per fill bucket of the ring attention,
+`ring_attention.RingSteps`), replay every step, verify bit for bit.
 
 A graph replays recorded kernels on recorded addresses, so it repeats exactly the device work of the captured
 step: the gather by the device counter, the model, the loss kernel and the counter's advance. It does not repeat
@@ -252,7 +253,9 @@ class _RehearsedGraph:
 
 
 STREAM = "\0stream"  # the snapshot's module name for the Stream's own attributes (no module can be named so)
-_HOST_ONLY = frozenset({"n_calls"})  # Stream attributes the step never reads: the driver's host-side call count
+# Stream attributes the step never reads: the driver's host-side call counts (`calls_done` picks the fill bucket of
+# ring_attention.RingSteps outside the captured call; the count a step depends on is `attend_frames`, checked).
+_HOST_ONLY = frozenset({"n_calls", "calls_done"})
 
 
 def _abandon_capture(device: torch.device, handle: Any) -> None:
@@ -272,16 +275,17 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def verify_replay(graphed: Callable[[], None], stream: Any, calls: int, names: list[str]) -> int:
-    """Run `calls` calls of `stream.step` eagerly and of `graphed` (its replay) from the same start; the losses must
-    be bit-identical.
+def verify_replay(graphed: Callable[[], None], stream: Any, calls: int, names: list[str],
+                  eager: Callable[[], None] | None = None) -> int:
+    """Run `calls` calls of `eager` (default `stream.step`) and of `graphed` (its replay) from the same start; the
+    losses must be bit-identical.
 
     Returns the number of calls compared (at most the loaded batch's). Raises GraphMismatchError naming the first
     differing (batch, stream, position). Leaves the stream reset to the start of its batch. Without a graph (CPU,
     failed capture) it compares two eager runs: a reset stream must then be bit-identical to itself.
     """
     calls = max(1, min(calls, stream.n_calls))
-    reference = _run_from_start(stream, stream.step, calls)
+    reference = _run_from_start(stream, eager or stream.step, calls)
     candidate = _run_from_start(stream, graphed, calls)
     stream.reset()
     first_difference(reference, candidate, names, stream.lead)

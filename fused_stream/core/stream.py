@@ -2,7 +2,8 @@
 
 The step: the whole delayed sequence D [B, K, L + 1] sits on the device; at step s it gathers
 D[:, :, s : s + C + 1] with the device counter `pos`, runs `forward_text` (streaming, ring KV cache) on the first
-C columns and `forward_depformer_training` (non-streaming over the K codebooks) on the last C, and one launch of
+C columns and `forward_depformer_training` (non-streaming over the K codebooks; `core.depformer` computes it with
+stacked per-codebook weights) on the last C, and one launch of
 `kernels.cross_entropy` scores every row and writes it into a preallocated loss buffer at original time
 t = s + j - delay_k; `pos` then advances on the device.
 
@@ -23,6 +24,8 @@ from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
 from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
 from .alignment import delayed_sequence, scored_delays
+from .depformer import prepare_depformer, stacked_bytes
+from .ring_attention import RingAttention
 
 
 class Stream:
@@ -52,15 +55,24 @@ class Stream:
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # delayed step s, advanced on the device
         self.window = torch.arange(chunk + 1, device=device)  # [C + 1]
         self.delays = torch.tensor(scored_delays(model), device=device)  # [1 + dep_q], one per loss channel
+        # moshi's forward_depformer_training with its per-codebook weights stacked (one bmm per projection instead
+        # of dep_q linears), or moshi's own for configurations it does not reproduce: decided once, here, before
+        # any capture, since the stacked weights must keep their addresses (core/depformer.py).
+        self.depformer = prepare_depformer(model)
         # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
         # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
         # Clamped columns read the fill; every loss they produce falls past each length and is masked.
         self.last_column = self.capacity
+        # Ring slots `step()` attends over (None: the whole ring, moshi's path): set around each call by the driver's
+        # `ring_attention.RingSteps` from `calls_done`, the host count of calls since `reset()` (ring_attention.py).
+        self.attend_frames: int | None = None
+        self.calls_done = 0
         self._exit = contextlib.ExitStack()
         try:
             self._exit.enter_context(model.streaming(batch_size))
             if chunk > 1:
                 enlarge_kv_caches(model, context_extra=chunk - 1)
+            self.attention = self._exit.enter_context(RingAttention(model))  # left first on close()
         except BaseException:
             # The ring caches are the largest allocations: an out-of-memory error here must leave the model as it
             # was (out of streaming mode, no cache referenced) so the caller can free memory and retry smaller.
@@ -95,18 +107,21 @@ class Stream:
         self.pos.zero_()
         self.losses.fill_(float("nan"))
         self.counts.zero_()
+        self.calls_done = 0
 
     def step(self) -> None:
-        """`unroll` consecutive steps: the unit a CUDA graph captures."""
-        for _ in range(self.unroll):
-            self.step_once()
+        """`unroll` consecutive steps: the unit a CUDA graph captures (one per `attend_frames` value)."""
+        for u in range(self.unroll):  # `attend_frames` counts the keys after the last step: C fewer per step before
+            frames = None if self.attend_frames is None else self.attend_frames - (self.unroll - 1 - u) * self.chunk
+            with self.attention.attending(frames):
+                self.step_once()
 
     def step_once(self) -> None:
         """One step of C frames; its inputs are gathered by the device counter and its losses written on the device."""
         model, C = self.model, self.chunk
         cols = self.delayed.index_select(2, (self.pos + self.window).clamp_(max=self.last_column))  # [B, K, C + 1]
         transformer_out, text_logits = model.forward_text(cols[:, :, :C])  # [B, C, D], [B, 1, C, text_card]
-        logits = model.forward_depformer_training(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
+        logits = self.depformer(cols[:, :, 1:], transformer_out)  # [B, dep_q, C, card]
         targets = cols[:, : 1 + model.dep_q, 1:]  # [B, 1 + dep_q, C]: step s predicts the next delayed column
         step_cross_entropy_(
             text_logits, logits, targets, self.delays, self.lengths, self.pos, self.losses, self.counts,
@@ -122,7 +137,8 @@ class Stream:
     def state_bytes(self) -> int:
         """Bytes of the streaming state (KV caches, offsets) plus the step's working tensors."""
         small = (self.pos, self.window, self.delays, self.lengths, self.counts)
-        return streaming_state_bytes(self.model) + sum(t.untyped_storage().nbytes() for t in small)
+        return (streaming_state_bytes(self.model) + sum(t.untyped_storage().nbytes() for t in small)
+                + stacked_bytes(self.depformer))
 
     def close(self) -> None:
         self._exit.close()

@@ -41,7 +41,7 @@ MAX_SEQUENCES = 2  # sequences verified per run
 FULL_PREFIX = 256  # frames per sequence when the budget allows
 BUDGET_SHARE = 25  # the batch forward may cost 1/25 of the run's frames...
 MIN_BUDGET = 80  # ...but never less than this many frames
-CROSSING_MARGIN = 16  # compared frames past the first call: a state not carried across calls is caught
+CROSSING_MARGIN = 8  # compared frames past the first call: a state not carried across calls is caught
 
 
 def verification_prefix(
@@ -57,30 +57,33 @@ def verification_prefix(
     frame; `batch_losses` on [2, K, 256] 0.234 s, [2, K, 64] 0.048 s, [2, K, 32] 0.030 s: 0.4-0.5 ms a frame;
     frame mode streams only ~100 frames/s, so it is far cheaper there). To keep it under 5% of a run of >= 2000
     frames, the prefixes get a budget of max(run_frames // 25, 80) frames in total (4% of the run's frames, and
-    80 frames even for short runs: a 2000-frame C=64 run spends ~0.03 s of its 1.25 s):
+    80 frames even for short runs: a 2000-frame C=64 run spends ~0.04 s of its 1.25 s):
 
-    - P_i = min(256, T_i) for up to 2 sequences (a long run: 2 x 256, ~0.23 s);
-    - if they exceed the budget, P_i shrinks to budget // n, but never below min(T_i, frames_per_call + lead + 16):
-      a cropped prefix drops its last `lead` frames, so the compared region still runs 16 frames into the second
-      call, where a state not carried from one step/chunk to the next shows;
-    - if 2 sequences of that minimum still exceed the budget, 1 sequence is verified (max(min(256, T_0, budget),
-      its minimum) frames).
+    - each sequence wants min(T_i, max(256, frames_per_call + lead + 8)) frames: 256, and with a large chunk
+      enough that the compared region (a cropped prefix drops its last `lead` frames) runs 8 frames into the
+      second call, where a state not carried from one step/chunk to the next shows; up to 2 sequences (a long
+      run: 2 x 256, ~0.23 s);
+    - over the budget, each shrinks to budget // n, but not below min(T_i, frames_per_call + lead + 8);
+    - if that still exceeds the budget, 1 sequence of min(want, budget) frames is verified: with a chunk larger
+      than the budget (chunk_size="auto" on a short run) that prefix stays inside the first call, and says so
+      by its length (< frames_per_call).
 
-    E.g. 2 x 1000 frames, C=64, lead 1: budget 80; 2 x 40 < the minimum 81, and 2 x 81 > 80 -> one prefix of 81
-    frames. The same run in frame mode: the minimum is 18 -> 2 x 40.
+    E.g. 2 x 1000 frames, C=64, lead 1: budget 80; 2 x 40 < the minimum 73, and 2 x 73 > 80 -> one prefix of 80
+    frames, 16 into the second call. The same run in frame mode -> 2 x 40.
     """
     candidates = lengths[:MAX_SEQUENCES]
     if verify_frames is not None:
         return [min(verify_frames, T) for T in candidates]
     budget = max(run_frames // BUDGET_SHARE, MIN_BUDGET)
-    full = [min(FULL_PREFIX, T) for T in candidates]
-    if sum(full) <= budget:
-        return full
-    floors = [min(T, frames_per_call + lead + CROSSING_MARGIN) for T in candidates]
-    shrunk = [max(min(P, budget // len(candidates)), floor) for P, floor in zip(full, floors, strict=True)]
-    if sum(shrunk) <= budget or len(candidates) == 1:
+    crossing = frames_per_call + lead + CROSSING_MARGIN
+    want = [min(T, max(FULL_PREFIX, crossing)) for T in candidates]
+    if sum(want) <= budget:
+        return want
+    floors = [min(T, crossing) for T in candidates]
+    shrunk = [max(min(P, budget // len(candidates)), floor) for P, floor in zip(want, floors, strict=True)]
+    if sum(shrunk) <= budget:
         return shrunk
-    return [max(min(full[0], budget), floors[0])]
+    return [min(want[0], budget)]
 
 
 class Verification:

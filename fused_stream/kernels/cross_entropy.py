@@ -29,6 +29,7 @@ Counters (`counts`, int64 [3], accumulated on the device, read once at the end):
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -291,37 +292,50 @@ def step_cross_entropy_torch_(
     counts: torch.Tensor,
     lead: int,
 ) -> None:
-    """The kernel's contract in torch ops (see the module docstring); no host sync."""
-    B, _, C, _ = audio_logits.shape
+    """The kernel's contract in torch ops (see the module docstring); no host sync.
+
+    Masks and counters are computed once over all 1 + dep_q channels (a vocabulary size per channel); only the
+    cross-entropy itself runs per vocabulary. What does not depend on the step (the chunk's frame indices, the
+    rows' base addresses, the vocabulary sizes) is built once per shape (`_twin_constants`).
+    """
+    B, K, C, V_audio = audio_logits.shape
     T_out = out.shape[2]
-    step = offset + torch.arange(C, device=out.device)  # [C]
-    t = step.view(1, 1, C) - delays.view(1, -1, 1)  # [1, 1 + dep_q, C]
-    col = lead + t
+    window, base, vocab = _twin_constants(out.device, B, 1 + K, C, out.stride(), out.storage_offset(),
+                                          text_logits.shape[-1], V_audio)
+    step = offset + window  # [C]
+    t = step - delays.view(-1, 1)  # [1 + dep_q, C]
+    col = t + lead
     in_buffer = (col >= 0) & (col < T_out - 1)
-    col = torch.where(in_buffer, col, torch.full_like(col, T_out - 1))  # the trash column
-    in_sequence = (t >= 0) & (step.view(1, 1, C) < lengths.view(-1, 1, 1))  # [B, 1 + dep_q, C]
-    scored = in_sequence & in_buffer
-    new_counts = torch.zeros(N_COUNTERS, dtype=torch.long, device=out.device)
-    losses = []
-    for logits, tgt, pos, writable in (
-        (text_logits, targets[:, :1], in_sequence[:, :1], scored[:, :1]),
-        (audio_logits, targets[:, 1:], in_sequence[:, 1:], scored[:, 1:]),
-    ):
-        V = logits.shape[-1]
+    col = torch.where(in_buffer, col, T_out - 1)  # the trash column
+    in_sequence = (t >= 0) & (step < lengths.view(-1, 1, 1))  # [B, 1 + dep_q, C]
+    in_vocab = (targets >= 0) & (targets < vocab)
+    valid = in_sequence & in_buffer & in_vocab
+    safe = torch.where(in_vocab, targets, 0)  # never an out-of-bounds read
+    losses, sums = [], []
+    for logits, rows in ((text_logits, safe[:, :1]), (audio_logits, safe[:, 1:])):
         x = logits.float()  # fp32 accumulation
-        in_vocab = (tgt >= 0) & (tgt < V)
-        valid = writable & in_vocab
-        safe = torch.where(in_vocab, tgt, torch.zeros_like(tgt))  # never an out-of-bounds read
-        loss = F.cross_entropy(x.reshape(-1, V), safe.reshape(-1), reduction="none").view(tgt.shape)
-        losses.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))))
-        nonfinite = ~x.sum(dim=-1).isfinite()
-        new_counts += torch.stack([
-            valid.sum(), (valid & nonfinite).sum(), (pos & (tgt != ZERO_TOKEN) & ~in_vocab).sum()
-        ])
-    counts.add_(new_counts)
+        V = x.shape[-1]
+        losses.append(F.cross_entropy(x.reshape(-1, V), rows.reshape(-1), reduction="none").view(rows.shape))
+        sums.append(x.sum(dim=-1))
+    nonfinite = ~torch.cat(sums, dim=1).isfinite()
+    bad = in_sequence & (targets != ZERO_TOKEN) & ~in_vocab
+    counts.add_(torch.stack([valid, valid & nonfinite, bad]).flatten(1).sum(1))
     # Write each row at out[b, ch, lead + t] through explicit int64 element offsets, like the kernel's stores.
-    b, ch = torch.meshgrid(torch.arange(B, device=out.device), torch.arange(t.shape[1], device=out.device),
-                           indexing="ij")
-    offsets = element_offsets([b.unsqueeze(-1), ch.unsqueeze(-1), col], out.stride())  # [B, 1 + dep_q, C]
     flat = out.as_strided((out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
-    flat[offsets + out.storage_offset()] = torch.cat(losses, dim=1)
+    flat[base + col * out.stride(2)] = torch.where(valid, torch.cat(losses, dim=1), float("nan"))
+
+
+@functools.lru_cache(maxsize=16)
+def _twin_constants(
+    device: torch.device, B: int, channels: int, C: int, strides: tuple[int, ...], storage_offset: int,
+    V_text: int, V_audio: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(frame index in the chunk [C], each row's base element offset [B, channels, 1], vocabulary [1, channels, 1]).
+
+    Cached per shape: the first call (a warm-up, before any capture) allocates them, later steps only read them.
+    """
+    b = torch.arange(B, device=device).view(B, 1, 1)
+    ch = torch.arange(channels, device=device).view(1, channels, 1)
+    base = element_offsets([b, ch], strides[:2]) + storage_offset
+    vocab = torch.tensor([V_text] + [V_audio] * (channels - 1), device=device).view(1, channels, 1)
+    return torch.arange(C, device=device), base, vocab

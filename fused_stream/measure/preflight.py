@@ -18,6 +18,7 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformer
 
 from ..core.alignment import scored_delays
+from ..core.depformer import depformer_stack_bytes
 
 GiB = 1024**3
 # Per-run fixed cost outside any tensor we can name: compute-library workspaces. On CPU the first gemm of each
@@ -32,7 +33,7 @@ class MemoryEstimate:
     weights: int  # parameters + buffers of the model, at the run's dtype
     kv_cache: int  # ring KV caches of B sequences at capacity context + C - 1, plus the small per-state tensors
     activations: int  # peak transient bytes of one step (logits, loss work, one layer's attention / FF)
-    buffers: int  # codes, delayed codes, loss buffer, host copies of one batch
+    buffers: int  # codes, delayed codes, loss buffer, host copies of one batch, the stacked depformer weights
     graph_margin: int  # CUDA-graph private pool (0 without graphs)
     batch_size: int
     chunk_size: int
@@ -82,6 +83,7 @@ def estimate_run_bytes(
         + 2 * B * K * (L + 1) * 8  # delayed codes [B, K, L + 1] int64: built, then copied into the step's buffer
         + B * channels * (lead + L + 1) * 4  # loss buffer [B, 1 + dep_q, lead + L + 1] fp32
         + B * channels * max_length * (4 + 4 + 1)  # host copy, result rows (fp32) and valid masks (bool)
+        + depformer_stack_bytes(model, dtype)  # the Stream's stacked copy of the depformer's weights
     )
     # A captured graph keeps its own private pool holding every intermediate of the step for as long as the
     # graph lives, while the eager warm-up run before capture leaves the same intermediates cached in the main

@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,69 @@ def idle_cpus(interval: float = 0.15, stat: str | Path = "/proc/stat") -> float 
         if total1 > total0:
             idle += (idle1 - idle0) / (total1 - total0)
     return idle
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A point in time for `others_cpu`: the machine's busy CPU time on this process's CPUs and this process's own.
+
+    Why both: the kernel counts every process's busy time per CPU (/proc/stat); this process knows its own
+    (`time.process_time()`, plus its children that have been waited for). What is left between two samples is what
+    other processes (and the hypervisor's steal time) took from the CPUs this process may run on.
+    """
+
+    wall: float  # time.perf_counter()
+    busy: float | None  # busy CPU-seconds since boot on the CPUs of `cpus` (all but idle and iowait); None: unknown
+    own: float  # CPU-seconds of this process and its waited-for children
+    cpus: int  # CPUs summed in `busy`
+
+    @classmethod
+    def take(cls, stat: str | Path = "/proc/stat") -> CpuSample:
+        try:
+            allowed: set[int] | None = os.sched_getaffinity(0)
+        except (AttributeError, OSError):  # not Linux: count every CPU the file lists
+            allowed = None
+        times = _cpu_times(Path(stat))
+        mine = [total - idle for cpu, (idle, total) in times.items() if allowed is None or cpu in allowed]
+        t = os.times()
+        return cls(wall=time.perf_counter(), busy=sum(mine) / _ticks_per_second() if mine else None,
+                   own=time.process_time() + t.children_user + t.children_system, cpus=len(mine))
+
+
+def others_cpu(before: CpuSample, after: CpuSample) -> dict[str, float] | None:
+    """What other processes used of this process's CPUs between two samples, or None where /proc/stat is unreadable:
+
+    - `others_cpu_seconds`: busy CPU-seconds of the machine minus this process's own (never below 0);
+    - `others_cpu_share`: those seconds per wall second, i.e. how many of these CPUs others kept busy on average;
+    - `resolution_seconds`: how far off `others_cpu_seconds` may be: /proc/stat counts whole ticks (1/100 s), so
+      each CPU's difference of two readings is off by up to one tick. A window much shorter than a tick per CPU
+      cannot tell contention from rounding.
+    """
+    if before.busy is None or after.busy is None:
+        return None
+    wall = max(after.wall - before.wall, 1e-9)
+    others = max(0.0, (after.busy - before.busy) - (after.own - before.own))
+    return {"others_cpu_seconds": others, "others_cpu_share": others / wall, "wall_seconds": wall,
+            "resolution_seconds": max(before.cpus, after.cpus) / _ticks_per_second()}
+
+
+def contended(usage: dict[str, float] | None, limit_cpus: float) -> bool | None:
+    """Whether others used more than `limit_cpus` CPUs on average over the window `usage` (from `others_cpu`); None
+    when unknown: no /proc/stat, or a window so short that tick rounding could move the share by more than half the
+    limit (on 2 CPUs and a limit of 0.2: windows under 0.2 s)."""
+    if usage is None:
+        return None
+    wall = usage["wall_seconds"]
+    if usage["resolution_seconds"] > 0.5 * limit_cpus * wall:
+        return None
+    return usage["others_cpu_seconds"] > limit_cpus * wall
+
+
+def _ticks_per_second() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 100  # USER_HZ on every Linux build
 
 
 def _cpu_times(stat: Path) -> dict[int, tuple[int, int]]:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from fused_stream.core import graphs, inputs
-from fused_stream.core.config import ConfigError, EvalConfig, make_plan, parse_batch_size, parse_weights
+from fused_stream.core.config import (
+    ConfigError,
+    EvalConfig,
+    make_plan,
+    parse_batch_size,
+    parse_chunk_size,
+    parse_weights,
+)
 from fused_stream.kernels import cross_entropy
 
 
@@ -30,7 +37,8 @@ def test_choice_lists_are_the_consumers_own():
      ("verify_graph", -1), ("verify_graph", True), ("invalid_tokens", "ignore"), ("memory_limit", 0),
      ("monitor_interval", 0), ("max_frames", 0), ("text_fill", "blank"), ("other_fill", "noise"), ("window", 0),
      ("codebook_weights", [0.0, 0.0]), ("codebook_weights", [1.0, -1.0]), ("dtype", "int64"), ("dtype", "float33"),
-     ("verify", "yes"), ("verify", 1), ("verify_frames", 0), ("verify_frames", True), ("verify_frames", 1.5)],
+     ("verify", "yes"), ("verify", 1), ("verify_frames", 0), ("verify_frames", True), ("verify_frames", 1.5),
+     ("chunk_size", "Auto")],
 )
 def test_a_bad_value_is_a_config_error_naming_the_option(name, value):
     with pytest.raises(ConfigError, match=rf"^{name} must be"):
@@ -55,6 +63,11 @@ def test_parsers():
     assert parse_batch_size("auto") == "auto" and parse_batch_size("8") == 8
     with pytest.raises(ConfigError, match="batch_size"):
         parse_batch_size("eight")
+    assert parse_chunk_size("auto") == "auto" and parse_chunk_size("64") == 64
+    with pytest.raises(ConfigError, match="^chunk_size must be an integer >= 1 or 'auto'"):
+        parse_chunk_size("sixty-four")
+    options = {f.name: f.metadata for f in fields(EvalConfig)}
+    assert options["chunk_size"]["parse"] is parse_chunk_size  # the CLI's --chunk-size and config files
     assert parse_weights("100,1,1") == [100.0, 1.0, 1.0]
     with pytest.raises(ConfigError, match="codebook_weights"):
         parse_weights("1,x")
@@ -69,6 +82,12 @@ def test_plan_resolves_once_for_the_device():
         make_plan(EvalConfig(cuda_graphs="on"), cpu)
     with pytest.raises(AttributeError):
         plan.graphs = True  # frozen: nothing after the evaluator's construction changes the plan
+
+
+def test_auto_chunk_is_allowed_and_planned_as_frame_mode_until_the_lengths_are_known():
+    config = EvalConfig(chunk_size="auto")
+    assert config.chunk_size == "auto" and EvalConfig().chunk_size == 1  # frame mode stays the default
+    assert make_plan(config, torch.device("cpu")).chunk_size == 1  # the driver resolves it (measure.chunk_choice)
 
 
 def test_rehearse_plans_graphs_on_any_device():

@@ -276,6 +276,26 @@ def test_cuda_matches_batch_without_host_sync(make_codes, monkeypatch, chunk):
     assert_losses_close(result.text_losses, reference.text_losses)
 
 
+@pytest.mark.parametrize(("lengths", "chunk", "verified"), [([300, 40, 7], 150, [80]), ([40, 25], 40, [40, 25])],
+                         ids=["T>cap", "T<cap"])
+def test_auto_chunk_matches_the_batch_path(tiny_model, make_codes, lengths, chunk, verified):
+    """chunk_size="auto" (cap 256): above the cap, balanced steps (300 -> 2 x 150); below it, one step of the longest
+    sequence. The verified prefix follows the resolved chunk: a 347-frame run's budget (80 frames) is less than
+    C + lead + 8, so one prefix of 80 frames; two short sequences are verified whole."""
+    sequences = make_codes(tiny_model, lengths, seed=31)
+    report = (result := evaluate(tiny_model, sequences, chunk_size="auto")).report
+    assert report["chunk_size"] == report["preflight"]["chunk_size"] == chunk
+    assert report["chunk_choice"].startswith(f"auto: C={chunk} (" + ("capped" if chunk < 256 and chunk < lengths[0]
+                                                                     else "= longest sequence"))
+    assert report["steps"] == -(-lengths[0] // chunk)  # one batch of all the sequences
+    assert report["verification"]["passed"]
+    assert report["verification"]["frames"] == verified
+    batch = batch_losses(tiny_model, sequences)
+    assert torch.equal(result.valid, batch.valid) and torch.equal(result.text_valid, batch.text_valid)
+    assert_losses_close(result.losses, batch.losses, atol=1e-4)
+    assert_losses_close(result.text_losses, batch.text_losses, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The run's report: memory monitor, preflight, throughput, logging
 # --------------------------------------------------------------------------------------------------------------

@@ -77,20 +77,22 @@ def test_tolerance_grows_with_depth_and_fp32_keeps_its_floor(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The automatic prefix: budget max(run // 25, 80) frames; 256 each for up to 2 sequences; never below
-# min(T, frames_per_call + lead + 16); one sequence when two of that minimum do not fit.
+# The automatic prefix: budget max(run // 25, 80) frames; each sequence wants min(T, max(256, C + lead + 8)) (into
+# the second call), shrinks to budget // n but not below min(T, C + lead + 8); else one sequence of min(want, budget).
 
 
 @pytest.mark.parametrize("lengths, run, per_call, expected", [
     ([5000, 4000], 100_000, 1, [256, 256]),  # a long run: budget 4000, the full prefix
     ([5000, 4000], 100_000, 64, [256, 256]),
-    ([1000, 1000], 2000, 64, [81]),  # budget 80: 2 x 40 < 64 + 1 + 16 = 81, 2 x 81 > 80 -> one of 81
-    ([2000], 2000, 64, [81]),  # one sequence: budget 80, but never below the minimum
-    ([1000, 1000], 2000, 1, [40, 40]),  # frame mode: the minimum is 18, so 80 // 2 each
+    ([5000, 4000], 100_000, 250, [259, 259]),  # a large chunk: 250 + 1 + 8, so the check reaches the second call
+    ([1000, 1000], 2000, 64, [80]),  # budget 80: 2 x 40 < 64 + 1 + 8 = 73, 2 x 73 > 80 -> one of 80
+    ([2000], 2000, 64, [80]),  # one sequence: the budget
+    ([3000], 3000, 250, [120]),  # a chunk larger than the budget: the budget (inside the first call)
+    ([1000, 1000], 2000, 1, [40, 40]),  # frame mode: the minimum is 10, so 80 // 2 each
     ([30, 20], 50, 64, [30, 20]),  # short sequences compared whole (50 <= the 80-frame floor of the budget)
     ([10, 5], 15, 64, [10, 5]),  # shorter than the minimum: whole
     ([3000, 3000, 3000], 9000, 1, [180, 180]),  # budget 360: 2 x 180; a third candidate is never used
-    ([100, 90], 190, 64, [81]),
+    ([100, 90], 190, 64, [80]),
 ])
 def test_automatic_prefix(lengths, run, per_call, expected):
     assert verification_prefix(lengths, run, per_call, lead=1) == expected

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from fused_stream.jsonio import to_jsonable
-from fused_stream.report.environment import available_cpus, environment_info, git_commit, idle_cpus
+from fused_stream.report.environment import (
+    CpuSample,
+    available_cpus,
+    contended,
+    environment_info,
+    git_commit,
+    idle_cpus,
+    others_cpu,
+)
 
 
 def _head_from_git_files(repo: Path) -> str:
@@ -99,3 +107,62 @@ def test_idle_cpus_counts_what_other_processes_leave(tmp_path):
     finally:
         environment.time.sleep = original
     assert idle_cpus(stat=tmp_path / "missing") is None
+
+
+def _stat(path: Path, busy: dict[int, int], idle: int = 1000) -> None:
+    """A /proc/stat with the given busy ticks (user, system, irq, steal) per CPU, plus an aggregate line and a CPU
+    this process may not use (it must not count)."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]
+    for cpu, ticks in busy.items():
+        user, system, irq, steal = ticks // 2, ticks // 4, ticks // 8, ticks - ticks // 2 - ticks // 4 - ticks // 8
+        lines.append(f"cpu{cpu} {user} 0 {system} {idle} 7 {irq} 0 {steal} 0 0")
+    path.write_text("\n".join(lines + ["intr 1 2 3", "ctxt 99"]) + "\n")
+
+
+def test_others_cpu_is_machine_busy_time_minus_our_own(tmp_path, monkeypatch):
+    import fused_stream.report.environment as environment
+
+    cpus = sorted(os.sched_getaffinity(0))
+    outside = max(cpus) + 1  # a CPU outside the affinity mask: others busy there do not slow us
+    stat, hz = tmp_path / "stat", os.sysconf("SC_CLK_TCK")
+    clock = {"wall": 100.0, "own": 5.0, "children": 1.0}
+    monkeypatch.setattr(environment.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(environment.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(environment.os, "times",
+                        lambda: os.times_result((0.0, 0.0, clock["children"], 0.0, 0.0)))
+
+    _stat(stat, {c: 0 for c in cpus} | {outside: 0})
+    before = CpuSample.take(stat)
+    assert before.busy == 0.0 and before.cpus == len(cpus) and before.own == 6.0
+    # 2 s later: we used 1.5 CPU-seconds (1.0 in this process, 0.5 in a waited-for child); the CPUs we may use were
+    # busy for 3 s in all (idle/iowait ticks do not count), and CPU `outside` for 2 s (it does not count).
+    clock.update(wall=102.0, own=6.0, children=1.5)
+    busy = {c: 0 for c in cpus}
+    busy[cpus[0]] = int(1.5 * hz)
+    busy[cpus[-1]] += int(1.5 * hz)
+    _stat(stat, busy | {outside: 2 * hz}, idle=5000)
+    after = CpuSample.take(stat)
+    assert after.busy == pytest.approx(3.0) and after.own == pytest.approx(7.5)
+    usage = others_cpu(before, after)
+    assert usage == pytest.approx({"others_cpu_seconds": 1.5, "others_cpu_share": 0.75, "wall_seconds": 2.0,
+                                   "resolution_seconds": len(cpus) / hz})
+    # Our own time counted more precisely than the kernel's ticks: never a negative share.
+    clock.update(own=9.0)
+    assert others_cpu(before, CpuSample.take(stat))["others_cpu_seconds"] == 0.0
+    # No /proc/stat (not Linux): unknown, not zero.
+    missing = CpuSample.take(tmp_path / "missing")
+    assert missing.busy is None and others_cpu(before, missing) is None
+
+
+def test_contended_needs_a_window_long_enough_to_tell():
+    def usage(others: float, wall: float, resolution: float = 0.02) -> dict[str, float]:
+        return {"others_cpu_seconds": others, "others_cpu_share": others / wall, "wall_seconds": wall,
+                "resolution_seconds": resolution}
+
+    assert contended(usage(0.5, 2.0), 0.2) is True  # others kept a quarter of a CPU busy: over 0.2
+    assert contended(usage(0.3, 2.0), 0.2) is False
+    assert contended(usage(0.5, 2.0), 1.2) is False  # one CPU torch leaves free raises the limit
+    # A 50 ms round: one tick of rounding per CPU is 0.4 CPUs' worth: cannot tell, whatever it read.
+    assert contended(usage(0.05, 0.05), 0.2) is None and contended(usage(0.0, 0.05), 0.2) is None
+    assert contended(usage(0.05, 0.2), 0.2) is True  # 0.2 s: rounding moves the share by at most 0.1
+    assert contended(None, 0.2) is None

@@ -1,0 +1,216 @@
+"""Streaming attention over the ring slots that hold keys, exactly: `RingAttention` and the driver's `RingSteps`.
+
+Why: moshi's streaming attention (`StreamingMultiheadAttention.forward`, `RingKVCache.complete`) runs SDPA over
+every slot of the ring (context + C - 1 after `stream.enlarge_kv_caches`: 3000+ for Moshi) from the first frame on,
+although after s frames only s slots hold keys. Until the ring wraps, `RingKVCache.complete` writes position p at
+slot p, and every slot >= the frames written has position -1, which moshi's mask (`pos_k >= 0`) removes: those
+slots contribute exact zeros to the softmax. Keeping only the first `frames` slots (any `frames` >= the slots
+written, moshi's context and causal masks still applied to the kept ones) therefore gives moshi's result up to
+float reassociation; once the ring is full (`frames` >= its capacity) nothing is cut and moshi's path runs as is.
+
+The number of slots written is host arithmetic, never a device read: every sequence of a batch starts at position
+0 after `Stream.reset()` and each `Stream.step()` writes C * U frames (padding included) into every ring, so
+after call c each ring holds min(capacity, (c + 1) * C * U) keys. (moshi's `offset_cpu` would say the same in
+eager mode but freezes under a CUDA graph, so it is not used.) The count lives in the driver's `RingSteps`:
+
+- `Stream.step()` attends over `Stream.attend_frames` slots (None, its value outside `RingSteps`: the whole ring,
+  moshi's path), so a direct `stream.step()` (tests, graph-safety check, eager verification) is always exact;
+- `RingSteps` sets `attend_frames` around each call from `Stream.calls_done` (zeroed by every `Stream.reset()`):
+  eagerly to the exact count; under CUDA graphs (or their rehearsal) to the count rounded up to a fill bucket,
+  one captured step per bucket, all captured when the stream opens. A graph freezes the key count it was captured
+  with; rounding up is exact (the extra slots are masked), and the bucket of each call is chosen on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from moshi.modules.transformer import KVCacheResult, RingKVCache, StreamingMultiheadAttention
+
+from .graphs import CUDAGraphed, GraphPool
+
+__all__ = ["MAX_BUCKETS", "RingAttention", "RingSteps", "fill_buckets"]
+
+# Fill buckets per stream at most (+ one full-ring step when its batches wrap the ring). Each is captured (a warm-up
+# and a capture) when the stream opens; the rounding costs at most capacity / MAX_BUCKETS extra keys a call.
+MAX_BUCKETS = 16
+
+
+class RingAttention:
+    """Makes each temporal-transformer ring attention of `model` attend over the first `frames` ring slots.
+
+    Enter it inside `model.streaming()` after the rings have their final size; leaving it restores moshi's modules
+    exactly. Only `model.transformer`'s self-attentions with a `RingKVCache` are touched (not the depformer, not TTT
+    layers), and only per instance: their `_complete_kv` is shadowed by an instance attribute that slices moshi's
+    own result, so the rest of moshi's forward (RoPE, masks, SDPA, projections) runs unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = [m for m in model.transformer.modules() if _has_ring(m)]
+        self.frames: int | None = None  # slots kept during the current call; None = the whole ring
+        self._saved: list[tuple[StreamingMultiheadAttention, Any]] = []
+
+    @property
+    def capacity(self) -> int:
+        """The largest ring's slot count (0 without ring attention)."""
+        return max((m._streaming_state.kv_cache.capacity for m in self.modules), default=0)
+
+    def install(self) -> None:
+        if self._saved:
+            raise RuntimeError("RingAttention is already installed")
+        for module in self.modules:
+            # A pre-existing instance attribute (another wrapper) is kept and restored; usually there is none.
+            self._saved.append((module, module.__dict__.get("_complete_kv", _ABSENT)))
+            module._complete_kv = _Truncated(self, module, module._complete_kv)
+
+    def uninstall(self) -> None:
+        while self._saved:
+            module, previous = self._saved.pop()
+            if previous is _ABSENT:
+                del module.__dict__["_complete_kv"]
+            else:
+                module.__dict__["_complete_kv"] = previous
+
+    def __enter__(self) -> RingAttention:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    @contextlib.contextmanager
+    def attending(self, frames: int | None) -> Iterator[None]:
+        """Attend over the first `frames` slots inside the block (an upper bound of the slots written, counting the
+        block's own writes); None: the whole ring. Restored afterwards, so nothing outside a call depends on it."""
+        previous, self.frames = self.frames, frames
+        try:
+            yield
+        finally:
+            self.frames = previous
+
+
+class _Truncated:
+    """A ring attention's `_complete_kv`: moshi's result, cut to the first `frames` slots while the ring is not full.
+
+    A callable object, not a closure, so the graph-safety snapshot (which skips callables) does not walk into it:
+    the value a captured step depends on is `Stream.attend_frames`, which the snapshot does see.
+    """
+
+    def __init__(self, owner: RingAttention, module: StreamingMultiheadAttention, original: Any) -> None:
+        self.owner, self.module, self.original = owner, module, original
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> KVCacheResult:
+        result = self.original(k, v)  # writes the new keys into the ring (all slots), as moshi does
+        frames = self.owner.frames
+        state = self.module._streaming_state
+        if frames is None or state is None or state.kv_cache is None or frames >= state.kv_cache.capacity:
+            return result
+        # keys/values [B, H, capacity, D] and positions [B, capacity] -> the first `frames` slots (views: no copy).
+        keys, values, positions = result
+        return KVCacheResult(keys[:, :, :frames], values[:, :, :frames], positions[:, :frames])
+
+
+_ABSENT = object()
+
+
+def _has_ring(module: torch.nn.Module) -> bool:
+    state = getattr(module, "_streaming_state", None)
+    return (isinstance(module, StreamingMultiheadAttention) and not module.cross_attention
+            and state is not None and isinstance(state.kv_cache, RingKVCache))
+
+
+def fill_buckets(ring_capacity: int, stream_capacity: int, frames_per_call: int,
+                 max_buckets: int = MAX_BUCKETS) -> list[int | None]:
+    """The `attend_frames` of one stream's captured steps, ascending; None (the last, if present) is the whole ring.
+
+    Edges are multiples of a width that is itself a multiple of `frames_per_call` (the fill after each call), chosen
+    so that at most `max_buckets` edges reach the ring's capacity; only fills a batch of the stream reaches
+    (`stream_capacity` frames) get one. The last edge may exceed the ring: the call that wraps it keeps exact
+    per-step counts for its steps before the wrap (`Stream.step`); None serves the calls after it.
+    """
+    if ring_capacity <= 0:
+        return [None]
+    width = math.ceil(math.ceil(ring_capacity / max_buckets) / frames_per_call) * frames_per_call
+    top = min(ring_capacity, stream_capacity)  # the most keys a ring of this stream ever holds
+    edges: list[int | None] = list(range(width, top, width))
+    edges.append(math.ceil(top / width) * width)
+    if stream_capacity > edges[-1]:  # calls past the last edge: the ring has wrapped before they start
+        edges.append(None)
+    return edges
+
+
+class RingSteps:
+    """The driver's step for one `Stream`: sets `attend_frames` from the host call count around each call.
+
+    Interface of `graphs.CUDAGraphed` (`capture()`, `graphed`, `reason`, `capture_seconds`, a call is one step)
+    plus `eager`, the same calls without graphs (the reference of `graphs.verify_replay`, bit for bit). `pool` None:
+    eager calls attending over exactly the keys written. A pool: one `CUDAGraphed` of `stream.step` per fill bucket.
+    """
+
+    def __init__(self, stream: Any, pool: GraphPool | None, *, strict: bool = False,
+                 reason: str = "captured") -> None:
+        self.stream, self.pool, self.reason = stream, pool, reason
+        ring = stream.attention.capacity
+        self.ring_capacity = ring
+        if pool is None:
+            self.buckets: list[int | None] = []
+            self.graphs: list[CUDAGraphed] = []
+        else:
+            self.buckets = fill_buckets(ring, stream.capacity, stream.frames_per_call)
+            self.graphs = [CUDAGraphed(stream.step, stream.reset, pool, strict=strict, reason=reason, watch=stream)
+                           for _ in self.buckets]
+        self.capture_seconds = 0.0
+
+    @property
+    def graphed(self) -> bool:
+        return bool(self.graphs) and all(graph.graphed for graph in self.graphs)
+
+    def capture(self) -> None:
+        """Warm up and capture each bucket's step with its key count (each capture resets the stream)."""
+        start = time.perf_counter()
+        for frames, graph in zip(self.buckets, self.graphs, strict=True):
+            with self._attending(frames):
+                graph.capture()
+        self.capture_seconds = time.perf_counter() - start
+        if self.graphs:
+            failed = [graph.reason for graph in self.graphs if not graph.graphed]
+            self.reason = failed[0] if failed else self.graphs[0].reason
+
+    def __call__(self) -> None:
+        self._call(replay=True)
+
+    def eager(self) -> None:
+        """The same call as `__call__`, bucket included, run eagerly."""
+        self._call(replay=False)
+
+    def _call(self, replay: bool) -> None:
+        stream = self.stream
+        # Keys in each ring once this call has written (uncapped: `Stream.step` counts C fewer per earlier step, and
+        # the attention keeps the whole ring for counts >= its capacity).
+        fill = (stream.calls_done + 1) * stream.frames_per_call
+        if not self.graphs:
+            step, frames = stream.step, fill
+        else:
+            index = bisect_left(self.buckets, fill, key=lambda b: math.inf if b is None else b)
+            if index < len(self.buckets):
+                step, frames = (self.graphs[index] if replay else stream.step), self.buckets[index]
+            else:  # past every bucket (only a call past the stream's capacity): the whole ring, eagerly
+                step, frames = stream.step, None
+        with self._attending(frames):
+            step()
+        stream.calls_done += 1
+
+    @contextlib.contextmanager
+    def _attending(self, frames: int | None) -> Iterator[None]:
+        # Set around the call, never inside the captured function: a graph's key count is part of the graph.
+        self.stream.attend_frames = frames
+        try:
+            yield
+        finally:
+            self.stream.attend_frames = None
