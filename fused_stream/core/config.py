@@ -30,24 +30,23 @@ class ConfigError(ValueError):
     """A bad option value, from any source (keyword, config file, command line): the message names the option."""
 
 
-def parse_batch_size(text: str) -> int | str:
-    """The command line's and a config file's spelling of `batch_size`: an integer or "auto"."""
-    if str(text) == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {text!r}") from None
+def _int_or_auto(name: str) -> Callable[[str], int | str]:
+    """The command line's and a config file's spelling of option `name`: an integer or "auto"."""
+
+    def parse(text: str) -> int | str:
+        if str(text) == "auto":
+            return "auto"
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer >= 1 or 'auto', got {text!r}") from None
+
+    parse.__name__ = f"parse_{name}"
+    return parse
 
 
-def parse_chunk_size(text: str) -> int | str:
-    """The command line's and a config file's spelling of `chunk_size`: an integer or "auto"."""
-    if str(text) == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"chunk_size must be an integer >= 1 or 'auto', got {text!r}") from None
+parse_batch_size = _int_or_auto("batch_size")
+parse_chunk_size = _int_or_auto("chunk_size")
 
 
 def parse_weights(text: str) -> list[float]:
