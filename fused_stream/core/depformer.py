@@ -5,10 +5,11 @@ moshi's `LMModel.forward_depformer_training` runs the depformer over the dep_q c
 loops over the steps: dep_q small matmuls per projection), and `depformer_in`, the embeddings and the output
 `linears` are one module per codebook too. Per step of Moshi 7B that is ~1500 aten calls, ~530 of them kernels.
 
-`StackedDepformer` computes exactly the same function in the *step-major* layout x [dep_q, N, D] (N = B * T
-frames): each projection is one `torch.bmm` against weights stacked once, when the Stream opens, into
-[dep_q, out, in] tensors (nn.Linear's layout, multiplied through a transposed view like `F.linear`); the
-dep_q + 1 token embeddings are one lookup in a concatenated table; the attention mask over the dep_q positions
+`StackedDepformer` computes the same function (bit for bit in the cases measured; up to float rounding, e.g. one
+bf16 step with rms_norm) in the *step-major* layout x [dep_q, N, D] (N = B * T frames): each projection is one
+`torch.bmm` against weights stacked once, when the Stream opens, into [dep_q, out, in] tensors (nn.Linear's layout,
+multiplied through a transposed view like `F.linear`); the dep_q + 1 token embeddings are one lookup in a
+concatenated table; the attention mask over the dep_q positions
 is built once. Norms and layer scales are moshi's own modules, called on [dep_q, N, D] (they act on the last
 dim), so moshi's lazily compiled RMS norm runs as in moshi.
 

@@ -132,7 +132,7 @@ class StreamingEvaluator:
         start = time.perf_counter()
         try:
             # Before any Stream opens: a moshi module inside streaming() cannot run the reference's plain forward.
-            verification = (Verification(model, checked.sequences, queue[0], plan.frames_per_call, cfg.verify_frames)
+            verification = (Verification(model, checked.sequences, list(queue), plan.frames_per_call, cfg.verify_frames)
                             if cfg.verify else None)
             with inference_mode(model), monitor:
                 while queue:

@@ -64,10 +64,14 @@ class RingAttention:
     def install(self) -> None:
         if self._saved:
             raise RuntimeError("RingAttention is already installed")
-        for module in self.modules:
-            # A pre-existing instance attribute (another wrapper) is kept and restored; usually there is none.
-            self._saved.append((module, module.__dict__.get("_complete_kv", _ABSENT)))
-            module._complete_kv = _Truncated(self, module, module._complete_kv)
+        try:
+            for module in self.modules:
+                # A pre-existing instance attribute (another wrapper) is kept and restored; usually there is none.
+                self._saved.append((module, module.__dict__.get("_complete_kv", _ABSENT)))
+                module._complete_kv = _Truncated(self, module, module._complete_kv)
+        except BaseException:  # e.g. Ctrl-C half way: leave moshi's modules exactly as they were
+            self.uninstall()
+            raise
 
     def uninstall(self) -> None:
         while self._saved:
@@ -120,9 +124,11 @@ _ABSENT = object()
 
 
 def _has_ring(module: torch.nn.Module) -> bool:
+    """moshi's own causal self-attention over its own ring, nothing else: the exactness argument (empty slots hold
+    position -1, masked by the causal mask) holds for those only, not for a subclass with another slot layout."""
     state = getattr(module, "_streaming_state", None)
-    return (isinstance(module, StreamingMultiheadAttention) and not module.cross_attention
-            and state is not None and isinstance(state.kv_cache, RingKVCache))
+    return (type(module) is StreamingMultiheadAttention and module.causal and not module.cross_attention
+            and state is not None and type(state.kv_cache) is RingKVCache)
 
 
 def fill_buckets(ring_capacity: int, stream_capacity: int, frames_per_call: int,

@@ -6,8 +6,10 @@ wrong. So before anything is reported, the driver compares the run's *own* strea
 a short prefix of up to two sequences with `LMModel.forward` over that prefix (`core/reference.py:batch_losses`):
 
 1. `Verification(...)`, after preflight fixed the batches and before any `Stream` opens (moshi modules inside
-   `streaming()` cannot run a plain forward): pick the prefixes (`verification_prefix`) of the first up to two rows
-   of the first batch (the longest sequences) and compute their batch-path reference;
+   `streaming()` cannot run a plain forward): pick the prefixes (`verification_prefix`) of up to two sequences
+   (`candidates`: the first of the first batch, and the first of the second batch — streamed after a `reset()` of
+   the same stream, so a state that leaks from one batch into the next is caught — or, with one batch, its second
+   row) and compute their batch-path reference;
 2. `pause_after(rows)`: while the batch holding them streams, the driver pauses after the first k calls, exactly
    enough to have written every loss of the compared prefix;
 3. `check(...)`: one host copy of that prefix of the stream's loss buffer, compared (`parity.compare`); a mismatch
@@ -33,7 +35,7 @@ from .reference import batch_losses
 from .result import empty_result, fill_rows
 from .stream import Stream
 
-__all__ = ["Verification", "verification_prefix"]
+__all__ = ["Verification", "candidates", "verification_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ def verification_prefix(
     """Frames verified of each candidate sequence (`lengths`: the first up to 2 of the first batch); one entry per
     verified sequence, so a shorter list verifies fewer sequences.
 
-    Explicit `verify_frames`: exactly min(verify_frames, T_i) for each of up to 2 sequences, no budget.
+    Explicit `verify_frames`: exactly min(verify_frames, T_i) for each of up to 2 sequences, no budget (at least
+    lead + 1, so that a cropped prefix still compares a frame).
 
     Automatic (None): the cost is the batch forward over the prefixes, which on a CPU costs about as much per frame
     as chunk-mode streaming (measured, `small` preset, fp32: chunk C=64 streams 2000 frames in 1.25 s, 0.6 ms a
@@ -72,8 +75,8 @@ def verification_prefix(
     frames, 16 into the second call. The same run in frame mode -> 2 x 40.
     """
     candidates = lengths[:MAX_SEQUENCES]
-    if verify_frames is not None:
-        return [min(verify_frames, T) for T in candidates]
+    if verify_frames is not None:  # at least lead + 1 frames: a cropped prefix drops its last `lead`
+        return [min(max(verify_frames, lead + 1), T) for T in candidates]
     budget = max(run_frames // BUDGET_SHARE, MIN_BUDGET)
     crossing = frames_per_call + lead + CROSSING_MARGIN
     want = [min(T, max(FULL_PREFIX, crossing)) for T in candidates]
@@ -86,21 +89,40 @@ def verification_prefix(
     return [min(want[0], budget)]
 
 
+def candidates(batches: list[list[int]]) -> list[int]:
+    """The sequences verified (up to `MAX_SEQUENCES`): the first of the first batch, then the first of the second
+    batch (it streams after the stream's `reset()`: a state that leaks across batches shows there), else the first
+    batch's second row."""
+    first = batches[0][:1]
+    return first + (batches[1][:1] if len(batches) > 1 else batches[0][1:MAX_SEQUENCES])
+
+
 class Verification:
     """The run's check against the batch path: the prefixes, their reference, and the comparison mid-batch."""
 
     def __init__(
-        self, model: LMModel, sequences: list[torch.Tensor], first_batch: list[int], frames_per_call: int,
+        self, model: LMModel, sequences: list[torch.Tensor], batches: list[list[int]], frames_per_call: int,
         verify_frames: int | None = None,
     ) -> None:
         self.model = model
         lengths = [s.shape[1] for s in sequences]
-        chosen = first_batch[:MAX_SEQUENCES]
+        chosen = candidates(batches)
         frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call,
                                      max(scored_delays(model)), verify_frames)
         # sequence index -> prefix frames, until checked; `frames` may verify fewer sequences than `chosen`
         self.pending: dict[int, int] = dict(zip(chosen, frames, strict=False))
         self.order = list(self.pending)  # the reference's rows
+        # Whether the compared region reaches a second call (a cropped prefix drops its last `lead` frames): a layer
+        # wrong only across calls (chunks) is caught only then. With a chunk larger than a short run's budget it is
+        # not; the report says so, and so does the log.
+        lead = max(scored_delays(model))
+        self.crosses_calls = any(P - (0 if P >= lengths[i] else lead) > frames_per_call
+                                 for i, P in self.pending.items())
+        if not self.crosses_calls and any(lengths[i] > frames_per_call for i in self.pending):
+            log.warning("the verified prefix (%s frames) stays inside the first call of %d frames: a layer that "
+                        "streams wrong only across calls would not be seen; --verify-frames %d (verify_frames=) "
+                        "reaches the second call", "+".join(map(str, frames)), frames_per_call,
+                        frames_per_call + lead + CROSSING_MARGIN)
         start = time.perf_counter()
         prefixes = [sequences[i][:, :P] for i, P in self.pending.items()]
         same = len({p.shape[1] for p in prefixes}) == 1
@@ -157,6 +179,7 @@ class Verification:
             return {"skipped": "no verified sequence was streamed (see failed)"}
         seconds = self.reference_seconds + self.compare_seconds
         return merge(self.reports).as_dict() | {
+            "crosses_calls": self.crosses_calls,
             "reference_seconds": self.reference_seconds,
             "seconds": seconds,
             "fraction_of_run": seconds / run_seconds if run_seconds > 0 else float("nan"),

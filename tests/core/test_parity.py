@@ -102,6 +102,7 @@ def test_explicit_prefix_is_exact_and_has_no_budget():
     assert verification_prefix([5000, 5000], 10_000, 64, lead=1, verify_frames=512) == [512, 512]
     assert verification_prefix([300, 50, 40], 390, 1, lead=1, verify_frames=100) == [100, 50]
     assert verification_prefix([30], 30, 8, lead=1, verify_frames=1000) == [30]
+    assert verification_prefix([30, 1], 31, 8, lead=1, verify_frames=1) == [2, 1]  # lead + 1: one frame compared
 
 
 def test_likely_cause_per_branch():

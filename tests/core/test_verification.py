@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_layers import FirstFrameCarryTTT, ForwardOnlyTTT
+from toy_layers import FirstFrameCarryTTT, ForwardOnlyTTT, LeakyAcrossBatches
 
 from fused_stream.core.alignment import scored_delays
 from fused_stream.core.config import EvalConfig
@@ -56,7 +56,8 @@ def test_forward_only_state_raises_before_any_batch_is_reported(make_codes, chun
     assert error.batch == pytest.approx(float(values[channel, position]), abs=1e-6)  # the batch path's own value
     assert abs(error.streamed - error.batch) > error.tolerance == parity_tolerance(model)
     assert f"the first {chunk} frames agree" in error.cause
-    assert not error.report.passed and error.report.masks_identical and error.report.sequences == [0, 1]
+    # Sequence 0 (first of the first batch) fails; sequence 2 (first of the second batch) was still pending.
+    assert not error.report.passed and error.report.masks_identical and error.report.sequences == [0]
     message = str(error)
     assert "\n" not in message and f"sequence 0, {stream}, frame {position}" in message
 
@@ -119,10 +120,35 @@ def test_the_pending_check_follows_its_sequences_after_an_out_of_memory_retry(ti
     assert result.report["verification"]["sequences"] == [0, 1]  # both still checked, in the retried batches
 
 
-def test_with_batch_size_1_only_the_first_sequence_is_verified(make_codes):
+def test_a_state_that_leaks_into_the_next_batch_is_caught_there(make_codes):
+    """The first batch streams from a clean state and matches forward; the second starts from the first's leftover
+    sum. The second verified sequence is the second batch's first, so the run stops there, after one batch."""
+    model = with_layer(LeakyAcrossBatches, fresh_tiny().dim, index=0)
+    sequences = make_codes(model, [40, 30], seed=6)
+    reported = []
+    with pytest.raises(ParityError) as info:
+        run(model, sequences, on_batch=lambda rows, result: reported.append(rows), batch_size=1, cuda_graphs="off")
+    assert reported == [[0]] and info.value.sequence == 1 and info.value.report.sequences == [0, 1]
+    assert info.value.position == 0  # wrong from its first frame: the state it starts from is the leftover
+
+
+def test_with_batch_size_1_the_first_failure_stops_the_run(make_codes):
     model = with_layer(ForwardOnlyTTT)
     sequences = make_codes(model, [30, 30], seed=5)
     reported = []
     with pytest.raises(ParityError) as info:
         run(model, sequences, on_batch=lambda rows, result: reported.append(rows), batch_size=1, chunk_size=2)
     assert reported == [] and info.value.sequence == 0 and info.value.report.sequences == [0]
+
+
+def test_the_report_says_whether_the_prefix_reached_a_second_call(tiny_model, make_codes, caplog):
+    """A chunk larger than a short run's budget keeps the verified prefix inside the first call: said in the report
+    and the log, with the --verify-frames that reaches the second call; frame mode always crosses."""
+    sequences = make_codes(tiny_model, [300], seed=7)
+    with caplog.at_level("WARNING", logger="fused_stream.core.verification"):
+        inside = run(tiny_model, sequences, chunk_size=150).report["verification"]
+    assert inside["frames"] == [80] and inside["crosses_calls"] is False and inside["passed"]
+    assert "stays inside the first call of 150 frames" in caplog.text and "--verify-frames 159" in caplog.text
+    assert run(tiny_model, sequences, chunk_size=1).report["verification"]["crosses_calls"] is True
+    explicit = run(tiny_model, sequences, chunk_size=150, verify_frames=159).report["verification"]
+    assert explicit["frames"] == [159] and explicit["crosses_calls"] is True

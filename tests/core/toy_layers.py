@@ -110,3 +110,23 @@ class FirstFrameCarryTTT(StreamingModule[_SumState]):
         state.total.add_(y[:, 0].float())  # the mistake: the whole call's y[:, :].sum(1) and its length belong here
         state.seen.add_(1)
         return out
+
+
+class LeakyAcrossBatches(Wrapped):
+    """Right in `forward` and in its first stream, wrong after it: the running sum of its outputs lives in a buffer
+    updated in place that `reset_streaming` never clears, so the next batch of the same stream starts from the
+    previous batch's sum (whole-sequence forward: the causal running sum from zero)."""
+
+    def __init__(self, layer: nn.Module, dim: int, scale: float = 0.1) -> None:
+        super().__init__(layer)
+        self.scale = scale
+        self.register_buffer("total", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.layer(x, *args, **kwargs)
+        before = torch.cumsum(y, dim=1) - y
+        if self.layer._streaming_state is None:
+            return y + self.scale * before
+        out = y + self.scale * (before + self.total)
+        self.total += y.sum(1).mean(0)  # in place: graph-safe, and never reset
+        return out
