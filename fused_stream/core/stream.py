@@ -26,6 +26,7 @@ from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
 from .alignment import delayed_sequence, scored_delays
 from .depformer import prepare_depformer, stacked_bytes
 from .ring_attention import RingAttention
+from .shared_step import SharedStep
 
 
 class Stream:
@@ -72,7 +73,9 @@ class Stream:
             self._exit.enter_context(model.streaming(batch_size))
             if chunk > 1:
                 enlarge_kv_caches(model, context_extra=chunk - 1)
-            self.attention = self._exit.enter_context(RingAttention(model))  # left first on close()
+            self.attention = self._exit.enter_context(RingAttention(model))  # left (after SharedStep) first on close()
+            # The per-step RoPE angles, ring indices and mask built once for all its layers (core/shared_step.py).
+            self._exit.enter_context(SharedStep(self.attention))
         except BaseException:
             # The ring caches are the largest allocations: an out-of-memory error here must leave the model as it
             # was (out of streaming mode, no cache referenced) so the caller can free memory and retry smaller.
