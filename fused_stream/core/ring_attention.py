@@ -35,7 +35,7 @@ from moshi.modules.transformer import KVCacheResult, RingKVCache, StreamingMulti
 
 from .graphs import CUDAGraphed, GraphPool
 
-__all__ = ["MAX_BUCKETS", "RingAttention", "RingSteps", "fill_buckets"]
+__all__ = ["MAX_BUCKETS", "InstanceShadows", "RingAttention", "RingSteps", "fill_buckets"]
 
 # Fill buckets per stream at most (+ one full-ring step when its batches wrap the ring). Each is captured (a warm-up
 # and a capture) when the stream opens; the rounding costs at most capacity / MAX_BUCKETS extra keys a call.
@@ -54,7 +54,7 @@ class RingAttention:
     def __init__(self, model: torch.nn.Module) -> None:
         self.modules = [m for m in model.transformer.modules() if _has_ring(m)]
         self.frames: int | None = None  # slots kept during the current call; None = the whole ring
-        self._saved: list[tuple[StreamingMultiheadAttention, Any]] = []
+        self._shadows = InstanceShadows("_complete_kv")
 
     @property
     def capacity(self) -> int:
@@ -62,24 +62,12 @@ class RingAttention:
         return max((m._streaming_state.kv_cache.capacity for m in self.modules), default=0)
 
     def install(self) -> None:
-        if self._saved:
+        if self._shadows:
             raise RuntimeError("RingAttention is already installed")
-        try:
-            for module in self.modules:
-                # A pre-existing instance attribute (another wrapper) is kept and restored; usually there is none.
-                self._saved.append((module, module.__dict__.get("_complete_kv", _ABSENT)))
-                module._complete_kv = _Truncated(self, module, module._complete_kv)
-        except BaseException:  # e.g. Ctrl-C half way: leave moshi's modules exactly as they were
-            self.uninstall()
-            raise
+        self._shadows.install({module: _Truncated(self, module, module._complete_kv) for module in self.modules})
 
     def uninstall(self) -> None:
-        while self._saved:
-            module, previous = self._saved.pop()
-            if previous is _ABSENT:
-                del module.__dict__["_complete_kv"]
-            else:
-                module.__dict__["_complete_kv"] = previous
+        self._shadows.restore()
 
     def __enter__(self) -> RingAttention:
         self.install()
@@ -121,6 +109,35 @@ class _Truncated:
 
 
 _ABSENT = object()
+
+
+class InstanceShadows:
+    """Per-instance shadows of one attribute of some modules (never the class): installed all or none, and
+    restored exactly, a pre-existing instance attribute (another wrapper) included."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._saved: list[tuple[torch.nn.Module, Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._saved)
+
+    def install(self, values: dict[torch.nn.Module, Any]) -> None:
+        try:
+            for module, value in values.items():
+                self._saved.append((module, module.__dict__.get(self.name, _ABSENT)))
+                setattr(module, self.name, value)
+        except BaseException:  # e.g. Ctrl-C half way: leave the modules exactly as they were
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        while self._saved:
+            module, previous = self._saved.pop()
+            if previous is _ABSENT:
+                del module.__dict__[self.name]
+            else:
+                module.__dict__[self.name] = previous
 
 
 def _has_ring(module: torch.nn.Module) -> bool:

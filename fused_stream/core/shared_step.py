@@ -37,13 +37,13 @@ from einops import rearrange
 from moshi.modules.transformer import StreamingMultiheadAttention, apply_weights_per_step, expand_repeated_kv
 from torch.nn import functional as F
 
+from .ring_attention import InstanceShadows
+
 __all__ = ["ENABLED", "SharedStep"]
 
 # Off switch (tests compare the streams with and without sharing; nothing else turns it off).
 ENABLED = True
 MOSHI_VERSION = "0.2.13"  # the moshi whose StreamingMultiheadAttention.forward `_SharedForward` reproduces
-
-_ABSENT = object()
 
 
 class SharedStep:
@@ -55,7 +55,7 @@ class SharedStep:
 
     def __init__(self, attention: Any) -> None:
         self.attention = attention  # ring_attention.RingAttention: its modules and its current `frames`
-        self._saved: list[tuple[StreamingMultiheadAttention, Any]] = []
+        self._shadows = InstanceShadows("forward")
         # The tensors the leader built during the current step (Python attributes, rebound by every leader call).
         self.indexes: torch.Tensor | None = None  # [B, H, T, D] scatter index of this step's keys
         self.index_copy: torch.Tensor | None = None  # [T] index of `index_copy_` (respect_exec_mask False)
@@ -75,25 +75,15 @@ class SharedStep:
         return len(signature) == 1
 
     def install(self) -> None:
-        if self._saved:
+        if self._shadows:
             raise RuntimeError("SharedStep is already installed")
         if not self.shareable():
             return
-        try:
-            for i, module in enumerate(self.attention.modules):
-                self._saved.append((module, module.__dict__.get("forward", _ABSENT)))
-                module.forward = _SharedForward(self, module, leader=i == 0)
-        except BaseException:
-            self.uninstall()
-            raise
+        self._shadows.install({module: _SharedForward(self, module, leader=i == 0)
+                               for i, module in enumerate(self.attention.modules)})
 
     def uninstall(self) -> None:
-        while self._saved:
-            module, previous = self._saved.pop()
-            if previous is _ABSENT:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = previous
+        self._shadows.restore()
         self.indexes = self.index_copy = self.end_offset = self.offset = None
         self.rot = self.positions = self.attn_bias = self.key = None
 

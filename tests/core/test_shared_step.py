@@ -84,24 +84,6 @@ def test_moshi_7b_structure_is_bit_identical_with_and_without_sharing(moshi_7b_s
     _check(model, ragged, monkeypatch, chunk_size=chunk, cuda_graphs=graphs, verify_graph=2)
 
 
-def test_installed_on_every_temporal_attention_and_restored_on_close(make_codes):
-    model, fresh = (load_model("tiny", device="cpu", dtype=torch.float32, seed=0) for _ in range(2))
-    attentions = [m for m in model.transformer.modules() if isinstance(m, StreamingMultiheadAttention)]
-    codes = torch.stack(make_codes(model, [20, 20], seed=7))
-    with inference_mode(model):
-        stream = Stream(model, 2, 4, 20, "torch")
-        assert all(isinstance(m.__dict__.get("forward"), shared_step._SharedForward) for m in attentions)
-        assert not any("forward" in m.__dict__ for m in model.depformer.modules())
-        stream.load(codes, torch.tensor([20, 20]))
-        stream.step()
-        stream.close()
-    assert not any("forward" in m.__dict__ or "_complete_kv" in m.__dict__ for m in model.modules())
-    with torch.no_grad():
-        after, expected = model(codes), fresh(codes)
-    assert torch.equal(after.logits.nan_to_num(0.0), expected.logits.nan_to_num(0.0))
-    assert torch.equal(after.text_logits, expected.text_logits)
-
-
 def test_another_moshi_release_runs_its_own_forward(monkeypatch):
     """`_SharedForward` copies moshi 0.2.13's forward: under any other version nothing is installed."""
     import moshi
