@@ -35,7 +35,7 @@ from moshi.models.loaders import DEFAULT_REPO
 
 from ..core.config import ConfigError, EvalConfig
 from ..data.checkpoints import HubCheckpoint, is_hub_spec
-from ..data.models import MOSHI_FLAGS
+from ..data.models import MOSHI_FLAGS, model_source
 from ..version import __version__
 
 __all__ = [
@@ -353,8 +353,7 @@ def hub_flags_entry(flags: dict[str, Any], given_model: bool) -> str:
             f"{', '.join('--' + name.replace('_', '-') for name in flags)} describe one model, as python -m "
             "moshi.server takes it, and --model is given too: to compare several models give each as --model "
             "LABEL=hf:ORG/NAME[,moshi=PATH,lora=PATH,config=PATH,fuse_lora=false]")
-    flags = dict(flags)
     try:
-        return HubCheckpoint(repo=flags.pop("hf_repo", DEFAULT_REPO), **flags).spec()
+        return model_source(**{"hf_repo": DEFAULT_REPO} | flags).spec()  # moshi.server's default repository
     except ValueError as exc:
         raise ConfigError(f"--hf-repo: {exc}") from None

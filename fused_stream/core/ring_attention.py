@@ -34,8 +34,9 @@ import torch
 from moshi.modules.transformer import KVCacheResult, RingKVCache, StreamingMultiheadAttention
 
 from .graphs import CUDAGraphed, GraphPool
+from .runtime import InstanceShadows
 
-__all__ = ["MAX_BUCKETS", "InstanceShadows", "RingAttention", "RingSteps", "fill_buckets"]
+__all__ = ["MAX_BUCKETS", "RingAttention", "RingSteps", "fill_buckets"]
 
 # Fill buckets per stream at most (+ one full-ring step when its batches wrap the ring). Each is captured (a warm-up
 # and a capture) when the stream opens; the rounding costs at most capacity / MAX_BUCKETS extra keys a call.
@@ -107,37 +108,6 @@ class _Truncated:
         keys, values, positions = result
         return KVCacheResult(keys[:, :, :frames], values[:, :, :frames], positions[:, :frames])
 
-
-_ABSENT = object()
-
-
-class InstanceShadows:
-    """Per-instance shadows of one attribute of some modules (never the class): installed all or none, and
-    restored exactly, a pre-existing instance attribute (another wrapper) included."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._saved: list[tuple[torch.nn.Module, Any]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._saved)
-
-    def install(self, values: dict[torch.nn.Module, Any]) -> None:
-        try:
-            for module, value in values.items():
-                self._saved.append((module, module.__dict__.get(self.name, _ABSENT)))
-                setattr(module, self.name, value)
-        except BaseException:  # e.g. Ctrl-C half way: leave the modules exactly as they were
-            self.restore()
-            raise
-
-    def restore(self) -> None:
-        while self._saved:
-            module, previous = self._saved.pop()
-            if previous is _ABSENT:
-                del module.__dict__[self.name]
-            else:
-                module.__dict__[self.name] = previous
 
 
 def _has_ring(module: torch.nn.Module) -> bool:

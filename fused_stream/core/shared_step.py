@@ -37,7 +37,7 @@ from einops import rearrange
 from moshi.modules.transformer import StreamingMultiheadAttention, apply_weights_per_step, expand_repeated_kv
 from torch.nn import functional as F
 
-from .ring_attention import InstanceShadows
+from .runtime import InstanceShadows
 
 __all__ = ["ENABLED", "SharedStep"]
 

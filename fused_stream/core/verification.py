@@ -107,15 +107,14 @@ class Verification:
         self.model = model
         lengths = [s.shape[1] for s in sequences]
         chosen = candidates(batches)
-        frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call,
-                                     max(scored_delays(model)), verify_frames)
+        lead = max(scored_delays(model))
+        frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call, lead, verify_frames)
         # sequence index -> prefix frames, until checked; `frames` may verify fewer sequences than `chosen`
         self.pending: dict[int, int] = dict(zip(chosen, frames, strict=False))
         self.order = list(self.pending)  # the reference's rows
         # Whether the compared region reaches a second call (a cropped prefix drops its last `lead` frames): a layer
         # wrong only across calls (chunks) is caught only then. With a chunk larger than a short run's budget it is
         # not; the report says so, and so does the log.
-        lead = max(scored_delays(model))
         self.crosses_calls = any(P - (0 if P >= lengths[i] else lead) > frames_per_call
                                  for i, P in self.pending.items())
         if not self.crosses_calls and any(lengths[i] > frames_per_call for i in self.pending):

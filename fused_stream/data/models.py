@@ -21,11 +21,11 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from ..errors import one_line
-from .checkpoints import HubCheckpoint, ResolvedHub, is_hub_spec
+from .checkpoints import HUB_KEYS, HubCheckpoint, ResolvedHub, is_hub_spec
 from .mimi import hub_mimi, load_mimi
 
-# moshi's flags (`python -m moshi.server`), as `load_model` keywords.
-MOSHI_FLAGS = ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path", "lora_weight", "fuse_lora")
+# moshi's flags (`python -m moshi.server`), as `load_model` keywords: the repository and HubCheckpoint's overrides.
+MOSHI_FLAGS = ("hf_repo", *HUB_KEYS.values())
 
 # Moshi's stream layout: text, 8 Moshi audio codebooks, 8 user audio codebooks; acoustic codebooks delayed by 1.
 MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
@@ -201,15 +201,10 @@ def _shape_mismatch(weights: Path, lm_kwargs: dict[str, Any] | None) -> str | No
     model its config builds (on the meta device: no memory), and the names only one side has; None when that
     cannot be told (not safetensors, unreadable, a config moshi cannot build) or nothing differs."""
     lm_kwargs = None if lm_kwargs is None else {k: v for k, v in lm_kwargs.items() if not k.startswith("lora")}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        built = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.float32)
-        expected = {name: tuple(t.shape) for name, t in built.state_dict().items()}
-    except Exception:  # the diagnosis is best effort: the loader's own message stands
+    shapes = _stored_and_expected(weights, lm_kwargs)
+    if shapes is None:
         return None
+    stored, expected = shapes
     config = "moshi's default 7B configuration" if lm_kwargs is None else "its config.json"
     parts = []
     differ = [name for name in expected if name in stored and stored[name] != expected[name]]
@@ -226,19 +221,32 @@ def _shape_mismatch(weights: Path, lm_kwargs: dict[str, Any] | None) -> str | No
     return "; ".join(parts) or None
 
 
+def _stored_and_expected(
+    file: Path, lm_kwargs: dict[str, Any] | None
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] | None:
+    """(name -> shape) of a safetensors file's header and of the model `lm_kwargs` builds on the meta device (no
+    memory); None when either cannot be read: the diagnoses built on it are best effort, the loader's message
+    stands."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        built = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.float32)
+    except Exception:
+        return None
+    return stored, {name: tuple(t.shape) for name, t in built.state_dict().items()}
+
+
 def _missing_adapters(lora: Path, lm_kwargs: dict[str, Any] | None) -> str | None:
     """One line naming the LoRA adapters the model needs and the file lacks (moshi loads adapters with
     strict=False, so a missing one surfaces as "Cannot copy out of meta tensor") and the file's tensors the model
     has no place for; None when the names agree."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(lora), "pt") as f:
-            stored = set(f.keys())
-        built = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.float32)
-        needed = [name for name in built.state_dict() if "lora_" in name]
-    except Exception:  # best effort, as _shape_mismatch
+    shapes = _stored_and_expected(lora, lm_kwargs)
+    if shapes is None:
         return None
+    stored = set(shapes[0])
+    needed = [name for name in shapes[1] if "lora_" in name]
     missing = [name for name in needed if name not in stored]
     unexpected = sorted(stored - set(needed))
     parts = []
