@@ -92,7 +92,8 @@ class EvalConfig:
                                  "run goes on; a mismatch stops the run (--no-verify skips it)")
     # None: automatic, a prefix costing < 5% of the run (core.verification.verification_prefix).
     verify_frames: int | None = _option(None, "frames of each verified sequence (default: automatic, a few percent "
-                                              "of the run; N: exactly min(N, the sequence's length))", parse=int)
+                                              "of the run; N: min(N, the sequence's length), at least one "
+                                              "compared frame)", parse=int)
     monitor_interval: float = _option(0.1, "seconds between memory samples", cli=False)
     progress: Any = _option(False, "a tqdm bar (True) or a callback (calls done, total calls)", cli=False)
     device: str | None = _option(None, "move the model there first (None: where it is)", cli=False)

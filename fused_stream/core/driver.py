@@ -1,16 +1,16 @@
 """The exact teacher-forced streaming driver: one frame (or an exact chunk of C frames) per step.
 
-`evaluate()` checks the codes, sizes the batches against free memory (`preflight`), computes the batch-path
-reference of a short prefix of the first batch (`core/verification.py`, on by default), then for each batch: copies
-it into a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and
-reset in place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU
-(`CUDAGraphed`), eager calls elsewhere (`cuda_graphs="rehearse"`: eager calls through the same capture/replay
-control flow, checked as a replay would need) — and copies the losses to the host once, after the batch's last call.
-The batch holding the verified prefix pauses once, after the calls that cover it, to compare it: a mismatch raises
-`ParityError`. An out-of-memory error frees the stream and its graphs, halves the batch size and retries. A
-background `Monitor` samples memory and the host-side frame count meanwhile; its verdict (constant memory) and
-throughput land in `result.report`. Nothing in the step loop reads a device value on the host, but that one
-verification copy per run.
+`evaluate()` checks the codes, sizes the batches against free memory (`preflight`), computes the batch-path reference
+of short prefixes of up to two sequences (`core/verification.py`, on by default), then for each batch: copies it into
+a `Stream` (static device buffers and the model's streaming state, allocated once per (B, capacity) and reset in
+place; reused while batches keep that shape), runs its calls — replays of a CUDA graph on GPU (`RingSteps`: one
+`CUDAGraphed` per fill bucket of the ring), eager calls elsewhere (`cuda_graphs="rehearse"`: eager calls through the
+same capture/replay control flow, checked as a replay would need) — and copies the losses to the host once, after the
+batch's last call. Each batch holding a verified sequence (at most two per run) pauses once, after the calls that
+cover its prefix, to compare it: a mismatch raises `ParityError`. An out-of-memory error frees the stream and its
+graphs, halves the batch size and retries. A background `Monitor` samples memory and the host-side frame count
+meanwhile; its verdict (constant memory) and throughput land in `result.report`. Nothing in the step loop reads a
+device value on the host, but those (at most two) verification copies per run.
 
 What the driver does not know about: TTT layers, or anything else that wants to watch each batch, come in as
 `hooks` (`begin_batch()` after a batch is loaded, `end_batch()` after its last call, `report()` at the end, put
