@@ -5,7 +5,7 @@ The public names are below; the README's "Layout" section maps the package and a
 
 from . import cli  # noqa: F401 - first: under `python -m fused_stream.eval` a Ctrl-C while importing exits quietly
 from .api import evaluate_long_context_loss
-from .compat import PaperMetricsLibriLight
+from .compat import PaperMetricsEvaluator, PaperMetricsLibriLight
 from .core.config import EvalConfig
 from .core.driver import ConstantMemoryError, StreamingEvaluator
 from .core.graphs import GraphCaptureError, GraphMismatchError
@@ -25,6 +25,7 @@ __all__ = [
     "EvalResult",
     "GraphCaptureError",
     "GraphMismatchError",
+    "PaperMetricsEvaluator",
     "PaperMetricsLibriLight",
     "ParityError",
     "PreflightError",

@@ -8,13 +8,19 @@ a config, with EvalConfig's defaults: the call and the CLI cannot drift apart. L
 prefix of the data against the batch path (`LMModel.forward`) and raises `core.parity.ParityError` on a mismatch
 (`verify=False` skips that).
 
-The model is handed back as it came: every module's train/eval flag, every parameter's `requires_grad`, and out
-of streaming mode, whatever happened inside (`preserved_model_state`).
+The model is handed back as it came: every module's train/eval flag, every parameter's `requires_grad`, out of
+streaming mode, and every parameter, buffer and tensor attribute of the layers that are not moshi's (a TTT layer
+writing its trainable weights while streaming) restored bit for bit from host copies (`core.restore`), whatever
+happened inside (`preserved_model_state`). A model wrapped in DistributedDataParallel (or `torch.compile`) is
+unwrapped; an FSDP model is refused with the way to evaluate it. With a process group initialised, every rank
+evaluates its share of the sequences and the sums are added (`fused_stream.distributed`), as the CLI does under
+torchrun: every rank must call, and every rank gets the metrics of the whole data.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -28,17 +34,24 @@ from moshi.modules.streaming import StreamingModule
 from .core.config import ConfigError, EvalConfig
 from .core.driver import StreamingEvaluator
 from .core.inputs import crop_frames, layout_codes
-from .metrics import PositionSums, compute_metrics, position_means
+from .core.restore import ModelRestorer
+from .data.dataset import assign_shards
+from .distributed import World, all_reduce_sums, current_world
+from .metrics import TEXT, PositionSums, metrics_of
 from .ttt.tracker import ttt_hooks
 
-__all__ = ["evaluate_long_context_loss", "curves_as_lists", "is_streaming", "preserved_model_state"]
+__all__ = ["check_config", "curves_as_lists", "evaluate_long_context_loss", "evaluate_share", "is_streaming",
+           "prepare_codes", "preserved_model_state", "unwrap_model", "warn_memory_growth"]
+
+log = logging.getLogger(__name__)
 
 # Keys of the returned dict that are not flat metric keys (the flat keys all start with "librilight_").
 PER_POSITION, METRICS, REPORT = "per_position", "metrics", "report"
 
 
 def evaluate_long_context_loss(
-    model: LMModel, codes_list: Sequence[torch.Tensor], config: EvalConfig | None = None, **options: Any
+    model: LMModel | torch.nn.Module, codes_list: Sequence[torch.Tensor], config: EvalConfig | None = None, *,
+    distributed: bool | None = None, **options: Any
 ) -> dict[str, Any]:
     """Teacher-forced long-context metrics of `model` on `codes_list`, as `python -m fused_stream.eval` computes them.
 
@@ -57,9 +70,14 @@ def evaluate_long_context_loss(
     cause) before any metric is computed; the model is handed back as it came either way. `verify=False`
     skips the check (`report["verification"]` then says so).
 
+    `distributed`: None (default) shares the sequences between the ranks of an initialised process group (every
+    rank must call; each gets the whole data's metrics); False evaluates all of them here (a call from one rank).
+
     Returns a dict with:
-    - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_slope*`,
-      `librilight_samples`) at the top level; a key whose frames the data does not reach is absent;
+    - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_loss_overall`,
+      `librilight_slope*`, `librilight_samples`, `librilight_metrics_version`) at the top level, of the weighted
+      loss when `codebook_weights` or `first_codebook_weight` is set; a key whose frames the data does not reach
+      is absent, `librilight_loss_overall` is always there;
     - `"per_position"`: `position_means(...)` as plain Python lists of length T (JSON-ready): per stream
       (`codebook_{k}`, `text`), `combined`, `weighted` (with `codebook_weights`) as floats with None where no
       sequence is valid (never NaN), and `count` as ints;
@@ -67,23 +85,102 @@ def evaluate_long_context_loss(
     - `"report"`: the driver's `result.report` (timings, memory verdict, preflight, CUDA graphs, and
       `"verification"`: what was compared with the batch path, the largest difference and what it cost).
     """
-    config = _config(model, config, options)
-    sequences = _prepare(model, codes_list, config)
-    with preserved_model_state(model):
-        result = StreamingEvaluator(model, config, hooks=ttt_hooks(model)).evaluate(sequences)
-    sums = PositionSums.from_result(result)
-    metrics = compute_metrics(sums, context=model.context, window=config.window,
-                              codebook_weights=config.codebook_weights)
-    curves = position_means(sums, config.codebook_weights)
+    model = unwrap_model(model)
+    config = check_config(model, config, options)
+    sequences = prepare_codes(model, codes_list, config)
+    world = current_world() if distributed is not False else World()
+    mine = assign_shards([s.shape[1] for s in sequences], [str(i) for i in range(len(sequences))],
+                         world.size)[world.rank]
+    return evaluate_share(model, [sequences[i] for i in mine], config, world)
+
+
+def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalConfig, world: World) -> dict[str, Any]:
+    """`evaluate_long_context_loss` of this rank's share `sequences` (laid out, maybe none), the sums added over
+    `world`'s ranks: what `compat` calls after each rank encoded only its own books."""
+    error: Exception | None = None
+    try:
+        with preserved_model_state(model):
+            if sequences:
+                result = StreamingEvaluator(model, config, hooks=ttt_hooks(model)).evaluate(sequences)
+                sums, report = PositionSums.from_result(result), result.report
+            else:  # more ranks than sequences
+                sums, report = PositionSums.empty(_stream_names(model)), {"skipped": "no sequence for this rank"}
+    except Exception as exc:  # every rank must learn that one failed, or the others wait in all_reduce forever
+        if world.size == 1:
+            raise
+        error = exc
+    if world.size > 1:
+        _agree_on_failure(error, world)
+    sums = all_reduce_sums(sums, world)
+    metrics, curves = metrics_of(sums, context=model.context, window=config.window,
+                                 weights=config.weights_for(model.dep_q))
     return {
         **metrics["flat"],
         PER_POSITION: curves_as_lists(curves),
         METRICS: metrics,
-        REPORT: result.report,
+        REPORT: report if world.size == 1 else {**report, "rank": world.rank, "world_size": world.size},
     }
 
 
-def _config(model: LMModel, config: EvalConfig | None, options: dict[str, Any]) -> EvalConfig:
+def warn_memory_growth(report: dict[str, Any], label: str, memory_check: bool) -> None:
+    """A paper-metrics config's `memory_check`: a warning (its meaning there), never a failure, when memory grew."""
+    if memory_check and report.get("constant_memory") is False:
+        memory = report.get("memory", {})
+        log.warning("model %s: memory grew with the frames streamed (by %.1f MiB, %s): memory_check", label,
+                    (memory.get("implied_growth_bytes") or 0) / 2**20, memory.get("memory_source"))
+
+
+def unwrap_model(model: torch.nn.Module) -> LMModel:
+    """The moshi LMModel inside DistributedDataParallel / DataParallel / `torch.compile` wrappers; an FSDP model is
+    refused (its parameters are sharded across ranks, and streaming needs each whole) with the way to call."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if _is_fsdp(model):
+            raise TypeError(
+                "the model is wrapped in FSDP: its parameters are sharded across ranks and streaming needs them "
+                "whole. Gather them into an unwrapped model and evaluate that on every rank: full = "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True, broadcast_from_rank0=False)); lm = <an LMModel built like the training one, "
+                "e.g. moshi's get_moshi_lm>; lm.load_state_dict(full); evaluate(lm, ...)")
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            break
+    if not isinstance(model, LMModel):
+        raise TypeError(f"expected a moshi LMModel (or one wrapped in DistributedDataParallel), got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch without distributed support
+        return False
+    return isinstance(model, (FullyShardedDataParallel, FSDPModule))
+
+
+def _agree_on_failure(error: Exception | None, world: World) -> None:
+    """Raise on every rank if any rank's evaluation failed: its own error where it failed."""
+    import torch.distributed as dist
+
+    device = f"cuda:{world.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"the evaluation failed on {int(failed)} other rank(s): see their error")
+
+
+def _stream_names(model: LMModel) -> list[str]:
+    return [f"codebook_{k}" for k in range(model.dep_q)] + [TEXT]
+
+
+def check_config(model: LMModel, config: EvalConfig | None, options: dict[str, Any]) -> EvalConfig:
     """`config` with `options` applied, checked before the run, not after minutes of streaming."""
     names = [f.name for f in fields(EvalConfig)]
     for name in options:
@@ -96,12 +193,12 @@ def _config(model: LMModel, config: EvalConfig | None, options: dict[str, Any]) 
         if getattr(config, name) is not None:
             raise ConfigError(f"{name} must be None here: the model runs where and as it is (move or cast it first)")
     weights = config.codebook_weights
-    if weights is not None and len(weights) != model.dep_q:
+    if weights is not None and len(weights) != model.dep_q:  # first_codebook_weight fits any model
         raise ConfigError(f"codebook_weights needs one weight per audio codebook ({model.dep_q}), got {len(weights)}")
     return config
 
 
-def _prepare(model: LMModel, codes_list: Sequence[torch.Tensor], config: EvalConfig) -> list[torch.Tensor]:
+def prepare_codes(model: LMModel, codes_list: Sequence[torch.Tensor], config: EvalConfig) -> list[torch.Tensor]:
     """Every item as [K, T] int64 on the CPU in the model's layout, cropped: what the CLI hands the driver."""
     if isinstance(codes_list, torch.Tensor) and codes_list.dim() != 3:
         # A [B, n, T] tensor iterates as B items; anything else is not a list of sequences.
@@ -136,7 +233,8 @@ def curves_as_lists(curves: dict[str, np.ndarray]) -> dict[str, list]:
 
 
 class preserved_model_state:  # noqa: N801 - used as a context manager, named like one
-    """Snapshot every module's `training` flag and every parameter's `requires_grad`; restore them on exit.
+    """Snapshot every module's `training` flag, every parameter's `requires_grad` and (`core.restore`) the tensors
+    of every layer that is not moshi's; restore them on exit, whether the body returns or raises.
 
     Why the flags, when the driver's `runtime.inference_mode` restores every module's flag too: it restores them
     as its loop found them, so a flag changed earlier in the call (by code around `evaluate`) stays changed; this
@@ -156,11 +254,15 @@ class preserved_model_state:  # noqa: N801 - used as a context manager, named li
                              "leave it before evaluating")
         self.training = [(m, m.training) for m in self.model.modules()]
         self.requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.restorer = ModelRestorer(self.model)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, *exc: object) -> None:
         if is_streaming(self.model) and isinstance(self.model, StreamingModule):
             self.model._stop_streaming()
+        self.restorer.restore()
+        if kind is None:  # a moshi weight written in place cannot be put back: say so (not over another error)
+            self.restorer.check_untouched()
         for module, training in self.training:
             module.training = training  # the flag only: module.train() would recurse and overwrite children
         for param, flag in self.requires_grad:

@@ -32,15 +32,21 @@ mean is finite; units: loss per unit of ln(position). Fewer than 2 such windows 
 - `first_frames`: {str(L): mean of the `combined` curve over [0, L)} for L = 512, 1024, 2048, ... while L <= T,
   and L = T; string keys so that the dict equals its own JSON round trip;
 - `slopes`: `all` windows, `before_context` (windows with end <= context), `after_context` (start >= context);
-- `flat`: the keys fine-tuning code logs, drop-in names, computed from window means (never single positions):
-  - `librilight_loss_{n}k` (n >= 1): mean of the `combined` curve over the centered window
+- `flat`: the keys fine-tuning code logs, drop-in names, computed from window means (never single positions), of
+  the `weighted` curve when codebook weights are given (the loss the model trains on), else of `combined`;
+  `FLAT_DEFINITIONS` holds each key's definition beside the legacy one, and `flat_definitions` in the returned dict
+  says which curve the keys follow:
+  - `librilight_loss_{n}k` (n >= 1): mean of that curve over the centered window
     [n*1000 - w//2, n*1000 - w//2 + w); present only if that window lies inside [0, T) and has a value;
+  - `librilight_loss_overall`: pooled over every valid (sequence, position) (`overall`'s value), whatever T;
   - `librilight_slope`: slope over the tiled windows whose centers lie in [8000, T] (legacy "8k to the end");
   - `librilight_slope_early` / `_middle` / `_late`: tiled windows with centers in [4000, 8000] / [8000, 16000] /
     [16000, 24000];
   - each slope is present only if >= 2 such windows have a finite mean; legacy code returned 0.0 or a
     single-position value there, we omit the key instead;
-  - `librilight_samples`: n_sequences, always present.
+  - `librilight_samples`: n_sequences, always present;
+  - `librilight_metrics_version`: `FLAT_VERSION`, always present: which definitions the keys follow (legacy code's
+    single-position keys were version 1), so logs before and after a switch are told apart.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ import torch
 
 from .core.result import EvalResult
 
-__all__ = ["PositionSums", "TEXT", "position_means", "compute_metrics", "window_means", "log_slope"]
+__all__ = ["FLAT_DEFINITIONS", "FLAT_VERSION", "PositionSums", "TEXT", "compute_metrics", "log_slope", "metrics_of",
+           "position_means", "window_means"]
 
 TEXT = "text"  # the stream name of text losses; every other stream name is an audio codebook
 
@@ -67,6 +74,46 @@ _FLAT_SLOPE_RANGES: dict[str, tuple[float, float | None]] = {
     "librilight_slope_late": (16000, 24000),
 }
 _FLAT_STEP = 1000  # librilight_loss_{n}k is centered on n * 1000 frames
+
+# The flat keys' definitions: version 2 (this module); version 1 is what legacy paper-metrics code logged under the
+# same names (a single position of a loss weighting codebook 0 by 100, a straight-line slope, 0.0 placeholders).
+FLAT_VERSION = 2
+FLAT_DEFINITIONS: dict[str, dict[str, str]] = {
+    "librilight_loss_{n}k": {
+        "definition": "mean of the per-position loss curve (weighted when codebook weights are set, else the "
+                      "unweighted mean over audio codebooks) over the window of `window` frames centered on n*1000; "
+                      "absent when the data does not cover that window",
+        "legacy": "the averaged loss at the single position n*1000 (clamped to the shortest file), codebook 0 "
+                  "weighted by 100; 0.0 when unavailable"},
+    "librilight_loss_overall": {
+        "definition": "the loss pooled over every valid (sequence, position), weighted like the curve; always "
+                      "present",
+        "legacy": "none"},
+    "librilight_slope": {
+        "definition": "least-squares slope of window means against ln(window center), windows centered in "
+                      "[8000, T]; absent with fewer than 2 windows",
+        "legacy": "(loss[end] - loss[8000]) / (end - 8000): a straight-line slope per frame between two single "
+                  "positions; 0.0 when unavailable"},
+    "librilight_slope_early": {
+        "definition": "as librilight_slope, windows centered in [4000, 8000]",
+        "legacy": "a straight-line slope over the same range; 0.0 when unavailable"},
+    "librilight_slope_middle": {
+        "definition": "as librilight_slope, windows centered in [8000, 16000]",
+        "legacy": "a straight-line slope over the same range; 0.0 when unavailable"},
+    "librilight_slope_late": {
+        "definition": "as librilight_slope, windows centered in [16000, 24000]",
+        "legacy": "a straight-line slope over the same range; 0.0 when unavailable"},
+    "librilight_samples": {
+        "definition": "sequences evaluated", "legacy": "sequences evaluated (0 on failure)"},
+    "librilight_metrics_version": {
+        "definition": f"{FLAT_VERSION}: these definitions", "legacy": "absent (version 1)"},
+    "librilight_loss_{position}": {
+        "definition": "not produced: single positions are noise; use librilight_loss_{n}k",
+        "legacy": "the averaged loss at the single position `position` (1000, 2000, ...)"},
+    "librilight_slope_overall / librilight_context_length / librilight_positions_measured": {
+        "definition": "not produced: use librilight_slope, and results.json's frames and windows",
+        "legacy": "a straight-line slope over all positions; the shortest file's length; positions measured"},
+}
 
 
 @dataclass
@@ -240,8 +287,8 @@ def _pooled(sums: PositionSums, rows: list[int], w: np.ndarray | None = None) ->
     return float((w * s).sum() / den) if den > 0 else math.nan
 
 
-def _windows_slope(windows: list[dict[str, Any]], keep) -> float | None:
-    chosen = [(win["center"], win["combined"]) for win in windows if keep(win) and win["combined"] is not None]
+def _windows_slope(windows: list[dict[str, Any]], keep, key: str = "combined") -> float | None:
+    chosen = [(win["center"], win[key]) for win in windows if keep(win) and win[key] is not None]
     if len(chosen) < 2:
         return None
     return log_slope([c for c, _ in chosen], [v for _, v in chosen])
@@ -294,6 +341,10 @@ def compute_metrics(
         "after_context": _windows_slope(windows, lambda win: win["start"] >= context),
     }
 
+    curve = "weighted" if w is not None else "combined"  # the flat keys follow the loss the model trains on
+    flat = _flat_keys(curves[curve], windows, window, sums.n_sequences, curve)
+    if overall.get(curve) is not None:
+        flat["librilight_loss_overall"] = overall[curve]
     return {
         "n_sequences": int(sums.n_sequences),
         "frames": T,
@@ -303,25 +354,37 @@ def compute_metrics(
         "windows": windows,
         "first_frames": first_frames,
         "slopes": slopes,
-        "flat": _flat_keys(curves["combined"], windows, window, sums.n_sequences),
+        "flat": flat,
+        "flat_definitions": {"version": FLAT_VERSION, "curve": curve,
+                             "codebook_weights": None if w is None else w.tolist(), "keys": FLAT_DEFINITIONS},
     }
 
 
-def _flat_keys(combined: np.ndarray, windows: list[dict[str, Any]], window: int, n_sequences: int) -> dict[str, Any]:
-    T = len(combined)
+def metrics_of(sums: PositionSums, *, context: int, window: int, weights: Sequence[float] | None
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A run's metrics and per-position curves: what the CLI writes and the drop-in returns, computed once here."""
+    return (compute_metrics(sums, context=context, window=window, codebook_weights=weights),
+            position_means(sums, weights))
+
+
+def _flat_keys(curve: np.ndarray, windows: list[dict[str, Any]], window: int, n_sequences: int,
+               key: str) -> dict[str, Any]:
+    """The flat keys of `curve` (`key`: its name in each window: "combined" or "weighted")."""
+    T = len(curve)
     flat: dict[str, Any] = {}
     n = 1
     while n * _FLAT_STEP - window // 2 + window <= T:
         start = n * _FLAT_STEP - window // 2
         if start >= 0:  # a window wider than 2000 frames cannot be centered on 1k
-            v = _segment_mean(combined, start, start + window)
+            v = _segment_mean(curve, start, start + window)
             if not math.isnan(v):
                 flat[f"librilight_loss_{n}k"] = v
         n += 1
-    for key, (lo, hi) in _FLAT_SLOPE_RANGES.items():
+    for name, (lo, hi) in _FLAT_SLOPE_RANGES.items():
         top = T if hi is None else hi
-        slope = _windows_slope(windows, lambda win, lo=lo, top=top: lo <= win["center"] <= top)
+        slope = _windows_slope(windows, lambda win, lo=lo, top=top: lo <= win["center"] <= top, key)
         if slope is not None:
-            flat[key] = slope
+            flat[name] = slope
     flat["librilight_samples"] = int(n_sequences)
+    flat["librilight_metrics_version"] = FLAT_VERSION
     return flat

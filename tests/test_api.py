@@ -121,8 +121,12 @@ def test_frame_mode_defaults_match_the_driver_and_metrics(tiny_model):
     assert set(result["per_position"]) == set(curves) and "weighted" not in curves
     assert result["per_position"]["count"][:24] == [2] * 24 and result["per_position"]["count"][24:] == [1] * 6
     assert result["per_position"]["text"] == [None] * 30  # text_fill="zero": the text stream is never scored
-    # 30 frames: no window of 1000 fits, so only the sample count is flat; never a placeholder value
-    assert {k for k in result if k.startswith("librilight_")} == {"librilight_samples"}
+    # 30 frames: no window of 1000 fits, so no window key; the overall loss is there whatever the length, and the
+    # version of the definitions; never a placeholder value
+    assert {k for k in result if k.startswith("librilight_")} == {
+        "librilight_samples", "librilight_loss_overall", "librilight_metrics_version"}
+    assert result["librilight_loss_overall"] == result["metrics"]["overall"]["combined"]
+    assert result["librilight_metrics_version"] == 2
     assert result["report"]["chunk_size"] == 1
 
 
@@ -277,7 +281,7 @@ def test_a_model_that_streams_wrong_raises_parity_error_and_is_handed_back():
 
 def _largest_gap_to_batch(model, codes, result) -> float:
     """Largest |API curve - batch path| of audio codebook 1's per-position mean over sequences."""
-    batch = batch_losses(model, api._prepare(model, codes, EvalConfig()))
+    batch = batch_losses(model, api.prepare_codes(model, codes, EvalConfig()))
     expected = batch.losses[:, 1].nanmean(dim=0).tolist()
     return max(abs(a - b) for a, b in zip(result["per_position"]["codebook_1"], expected, strict=True)
                if a is not None)

@@ -28,6 +28,7 @@ from moshi.models import loaders
 from ..core.config import ConfigError, make_plan
 from ..data.checkpoints import HubCheckpoint, ResolvedHub, is_hub_spec
 from ..data.codes import CODES_SUFFIXES, codes_files
+from ..data.librilight import audio_files
 from ..data.mimi import MimiCheckpoint, hub_mimi, mimi_checkpoint
 from ..data.models import PRESETS, count_parameters, default_device, default_dtype, preset_config, resolve_checkpoint
 from ..errors import DataError, one_line
@@ -247,6 +248,10 @@ def _check_data_paths(s: Settings) -> None:
             codes_files(root)  # its DataError: missing, or a folder without codes files (else loading tells)
     if s.audio is not None and not Path(s.audio).exists():
         raise DataError(f"audio path {s.audio} does not exist")
+    selection = s.selection()
+    if selection is not None:  # the book a config names is there (a listing, nothing decoded)
+        root = Path(s.audio)
+        selection.groups(audio_files(root), root if root.is_dir() else root.parent)
     if s.mimi is not None and s.audio is not None and not Path(s.mimi).exists():
         raise DataError(f"Mimi checkpoint {s.mimi} not found")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..api import warn_memory_growth
 from ..core.config import ConfigError
 from ..core.driver import StreamingEvaluator
 from ..core.parity import ParityError
@@ -22,7 +23,7 @@ from ..data.codes import EvalSequence
 from ..data.dataset import Dataset, load_dataset
 from ..data.models import count_parameters, open_model
 from ..errors import DataError
-from ..metrics import TEXT, PositionSums, compute_metrics, position_means
+from ..metrics import TEXT, PositionSums, compute_metrics, metrics_of
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
@@ -65,6 +66,7 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
                  model.context, model.device)
         sums, report, model_failed = _evaluate_model(s, world, model, label, checks.fingerprint(label),
                                                      dataset.sequences)
+        warn_memory_growth(report, label, s.memory_check)
         source = checks.models[label].source
         if isinstance(source, ResolvedHub):
             report["checkpoint"] = source.describe()
@@ -72,9 +74,8 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
         sums = all_reduce_sums(sums, world)
         reports = gather(report, world)
         if world.is_main:
-            metrics = compute_metrics(sums, context=model.context, window=s.eval.window,
-                                      codebook_weights=s.eval.codebook_weights)
-            curves = position_means(sums, s.eval.codebook_weights)
+            metrics, curves = metrics_of(sums, context=model.context, window=s.eval.window,
+                                         weights=s.eval.weights_for(model.dep_q))
             runs.append(ModelRun(label=label, spec=spec, parameters=count_parameters(model), context=model.context,
                                  metrics=metrics, curves=curves,
                                  driver_report=reports[0] if world.size == 1 else {"ranks": reports, **reports[0]}))
@@ -139,6 +140,7 @@ def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:
         max_frames=s.eval.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters,
         text_fill=s.eval.text_fill, other_fill=s.eval.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
         progress=s.progress and s.verbosity >= 0, on_error="collect", min_frames=s.min_frames, shard=world.shard,
+        selection=s.selection(),
     )
     good = sum(gather(len(dataset.sequences), world))
     if good == 0:  # nothing at all to evaluate: that is bad input, not a partial failure

@@ -4,21 +4,9 @@
 the options of the command-line tool itself: models, data source, output, resume. Values from any source go through
 `check_option`, so a config file and the command line accept the same values and fail with the same `ConfigError`.
 
-`read_finetune_config` is the one reader of a finetune config's LibriLight block, used by `--config` and by
-`compat.PaperMetricsLibriLight`. Keys are read at three levels, the more specific winning: the top level, the
-`paper_metrics` block, and `librilight_streaming` (at the top level or, winning, inside `paper_metrics`):
-
-- `enabled` (false: nothing is evaluated), `memory_check` -> assert_constant_memory, `max_sequence_length` ->
-  max_frames, `librilight_audio_dir` -> audio, `librilight_max_files` -> max_files, `librilight_concat_chapters`
-  -> concat_chapters, `librilight_chunk_size` -> chunk_size, `librilight_batch_size` -> batch_size,
-  `librilight_window` -> window, `ttt_verification` (recorded in the CLI's report);
-- `cache_clear_interval`: accepted and ignored (streaming memory is constant by construction: nothing to clear);
-- any option of the command line by name (`chunk_size` or `chunk-size`), at the top level of a `--config` file and
-  inside a `librilight_streaming` block.
-
-A `librilight_streaming` block is addressed to this evaluation alone, so an unknown key there is an error (a typo
-never silently does nothing), and so is one at the top level of a `--config` file. A finetune config's top level
-and its `paper_metrics` block hold many keys of other tools: there only the keys above are read, the rest ignored.
+A config file is a fused_stream config (options by name) or a moshi-finetune training config, of which only the
+`paper_metrics` block is read: `cli/finetune_config.py` tells them apart and holds every key of that block with its
+meaning. `read_finetune_config` is the one reader, used by `--config` and by `compat`.
 """
 
 from __future__ import annotations
@@ -36,7 +24,10 @@ from moshi.models.loaders import DEFAULT_REPO
 from ..core.config import ConfigError, EvalConfig
 from ..data.checkpoints import HubCheckpoint, is_hub_spec
 from ..data.models import MOSHI_FLAGS, model_source
+from ..data.selection import CLIENT_DEFAULTS, MODES, BookSelection
+from ..errors import DataError
 from ..version import __version__
+from .finetune_config import read_config_values
 
 __all__ = [
     "DEMO_SEQUENCES", "EVAL_OPTIONS", "ConfigError", "Settings", "SettingsError", "check_option", "make_settings",
@@ -73,6 +64,13 @@ class Settings:
     keep_going: bool = False
     ttt_verification: bool = False
     enabled: bool = True
+    memory_check: bool = False  # warn (not fail) when memory grows with frames: paper-metrics configs' memory_check
+    # paper-metrics book selection (data.selection): librilight_evaluation_mode and its keys
+    book_mode: str | None = None
+    speaker: str | None = None
+    book: str | None = None
+    max_chapters: int | None = None
+    num_books: int | None = None
     progress: bool = True
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose, 2 debug
     threads: int | None = None  # torch's CPU threads; None: the CPUs this process may use (affinity, cgroup quota)
@@ -81,6 +79,18 @@ class Settings:
     @property
     def synthetic(self) -> bool:
         return self.codes is None and self.audio is None
+
+    def selection(self) -> BookSelection | None:
+        """The books a paper-metrics config names (None: every file, or every book with concat_chapters)."""
+        if self.book_mode is None:
+            return None
+        given = {"speaker": self.speaker, "book": self.book, "max_chapters": self.max_chapters,
+                 "num_books": self.num_books}
+        options = {k: CLIENT_DEFAULTS[k] if v is None else v for k, v in given.items()}
+        try:
+            return BookSelection(self.book_mode, **options, seed=self.seed)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
 
     def as_dict(self) -> dict[str, Any]:
         """One flat mapping of every option the command line can set, as results.json records it."""
@@ -93,7 +103,7 @@ class Settings:
         and the resolved dtype, device type and loss backend (`cli.checks`)."""
         label = model_label(model)
         own = ("codes", "audio", "mimi", "generate", "frames", "max_files", "min_frames", "concat_chapters", "dtype",
-               "seed")
+               "seed", "book_mode", "speaker", "book", "max_chapters", "num_books")
         evaluation = ("max_frames", "text_fill", "other_fill", "chunk_size", "invalid_tokens", "loss_backend")
         ttt = [options for entry_label, options in map(parse_ttt, self.ttt) if entry_label == label]
         return ({"model": model_spec(model), "ttt": ttt, "fused_stream": __version__}
@@ -101,26 +111,9 @@ class Settings:
 
 
 _OWN = {f.name: f for f in fields(Settings) if f.name != "eval"}
-_COUNTS = ("generate", "frames", "max_files", "min_frames", "threads")
+_COUNTS = ("generate", "frames", "max_files", "min_frames", "threads", "max_chapters", "num_books")
 # Options a config file may set by name: all but how the tool itself runs this time.
 _FILE_OPTIONS = (set(_OWN) | set(EVAL_OPTIONS)) - {"config", "verbosity", "progress"}
-
-# A finetune config's spelling of an option -> the option.
-FINETUNE_KEYS = {
-    "enabled": "enabled",
-    "memory_check": "assert_constant_memory",
-    "max_sequence_length": "max_frames",
-    "librilight_audio_dir": "audio",
-    "librilight_max_files": "max_files",
-    "librilight_concat_chapters": "concat_chapters",
-    "librilight_chunk_size": "chunk_size",
-    "librilight_batch_size": "batch_size",
-    "librilight_window": "window",
-    "ttt_verification": "ttt_verification",
-}
-IGNORED_KEYS = {"cache_clear_interval"}  # legacy knob with nothing left to do
-_BLOCK, _STREAMING = "paper_metrics", "librilight_streaming"
-
 
 def check_option(name: str, value: Any) -> Any:
     """`value` as the run holds option `name` (a string from a file parsed like the command line's); ConfigError
@@ -155,9 +148,15 @@ def check_option(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             raise ConfigError(f"{name} must be an integer{' >= 1' if low else ''}, got {value!r}")
     elif kind.startswith("str"):
+        if name in ("speaker", "book") and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML reads a speaker id of digits as a number
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         value = os.fspath(value)
+        if name == "book_mode" and value not in MODES:
+            raise ConfigError(f"librilight_evaluation_mode {value!r} is not one of {', '.join(MODES)}; legacy code "
+                              "drew a new random book at every other value, so its logged numbers came from "
+                              "different books at every evaluation")
     return value
 
 
@@ -205,66 +204,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def read_finetune_config(config: Mapping[str, Any] | Any, *, strict: bool, source: str) -> dict[str, Any]:
-    """Checked option values from a finetune config (a mapping, or an object with attributes); see the module
-    docstring. `strict`: `config` is a `--config` file, whose top-level keys must all be known."""
-    top, block = _Level(config, "", strict=strict, source=source), None
-    levels = [top]
-    if top.get(_BLOCK) is not None:
-        block = _Level(top.get(_BLOCK), f"{_BLOCK}.", strict=False, source=source)
-        levels.append(block)
-    for parent in (top, block):  # the streaming block inside paper_metrics last: it wins
-        if parent is not None and parent.get(_STREAMING) is not None:
-            levels.append(_Level(parent.get(_STREAMING), f"{parent.prefix}{_STREAMING}.", strict=True, source=source))
-    values: dict[str, Any] = {}
-    for level in levels:
-        values.update(level.options())
-    return values
-
-
-class _Level:
-    """One level of a finetune config: its keys, and the option values they set."""
-
-    def __init__(self, obj: Any, prefix: str, *, strict: bool, source: str) -> None:
-        if obj is not None and not isinstance(obj, Mapping) and isinstance(obj, (str, bytes, int, float, list)):
-            raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping, got {obj!r}")
-        self.obj, self.prefix, self.strict, self.source = obj, prefix, strict, source
-        self.in_streaming = prefix.endswith(f"{_STREAMING}.")
-
-    def get(self, key: str) -> Any:
-        """The value under `key`; None when absent (a key set to None counts as absent)."""
-        if isinstance(self.obj, Mapping):
-            return self.obj.get(key)
-        return getattr(self.obj, key, None)
-
-    def keys(self) -> list[str]:
-        if isinstance(self.obj, Mapping):
-            return [str(k) for k in self.obj]
-        if hasattr(self.obj, "__dict__"):
-            return list(vars(self.obj))
-        return [k for k in FINETUNE_KEYS if hasattr(self.obj, k)]  # an object that cannot list its attributes
-
-    def options(self) -> dict[str, Any]:
-        """Option values set at this level. Options by their own name only where keys are checked (`strict`): in a
-        finetune config's other levels a plain `batch_size` is some other tool's."""
-        out: dict[str, Any] = {}
-        for key in self.keys():
-            name = FINETUNE_KEYS.get(key) or key.replace("-", "_")
-            if key in IGNORED_KEYS or (key in (_BLOCK, _STREAMING) and not self.in_streaming):
-                continue  # nothing to do, or a block of its own, read as a level
-            if key not in FINETUNE_KEYS and (not self.strict or name not in _FILE_OPTIONS):
-                if self.strict:
-                    raise ConfigError(f"{self.source}: unknown key {self.prefix + key!r}")
-                continue  # another tool's key
-            value = self.get(key)
-            if value is None:
-                continue
-            if name in out:
-                raise ConfigError(f"{self.source}: {self.prefix}{key} sets {name} a second time")
-            try:
-                out[name] = check_option(name, value)
-            except ConfigError as exc:
-                raise ConfigError(f"{self.source}: {self.prefix}{key}: {exc}") from None
-        return out
+    """Checked option values from a config (a mapping, or an object with attributes); `cli.finetune_config` says
+    how. `strict`: `config` is a `--config` file (a fused_stream config unless it is a training config)."""
+    return read_config_values(config, fused_stream_file=strict, source=source, check=check_option,
+                              options=_FILE_OPTIONS)
 
 
 def validate(s: Settings) -> None:
@@ -277,6 +220,11 @@ def validate(s: Settings) -> None:
     if s.enabled and s.audio is not None and s.mimi is None and not is_hub_spec(model_spec(s.model[0])):
         raise ConfigError(f"--audio {s.audio} needs a Mimi to tokenize the audio: --mimi PATH, or a first model from "
                           "a Hugging Face checkpoint (--model hf:ORG/NAME, --hf-repo), whose Mimi is used")
+    if s.book_mode is not None:
+        if s.audio is None:
+            raise ConfigError(f"librilight_evaluation_mode {s.book_mode} selects LibriLight books: it needs the audio "
+                              "(librilight_audio_dir, or --audio)")
+        s.selection()
     try:
         labels = [model_label(spec) for spec in s.model]
     except ValueError as exc:  # an hf: spec that does not parse

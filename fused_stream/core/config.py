@@ -111,6 +111,9 @@ class EvalConfig:
     codebook_weights: list[float] | None = _option(
         None, "also report a weighted combined loss, e.g. 100,1,1,1,1,1,1,1 (moshi-finetune's weighting)",
         parse=parse_weights)
+    first_codebook_weight: float | None = _option(
+        None, "weight of audio codebook 0, the others 1: moshi-finetune's first_codebook_weight_multiplier (e.g. "
+              "100); the same as codebook_weights W,1,...,1", parse=float)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,7 +144,20 @@ class EvalConfig:
                   and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
                   and any(w > 0 for w in weights))
             _require(ok, "codebook_weights", "finite numbers >= 0 with at least one > 0", weights)
+        first = self.first_codebook_weight
+        _require(first is None or (isinstance(first, (int, float)) and not isinstance(first, bool)
+                                   and math.isfinite(first) and first > 0),
+                 "first_codebook_weight", "a finite number > 0", first)
+        _require(first is None or weights is None, "first_codebook_weight",
+                 "unset when codebook_weights is given (both set the weighting)", first)
         self.torch_dtype()
+
+    def weights_for(self, n_audio: int) -> list[float] | None:
+        """The codebook weights of a model with `n_audio` audio codebooks (None: unweighted): `codebook_weights`, or
+        `first_codebook_weight` for codebook 0 and 1 for the others."""
+        if self.first_codebook_weight is not None:
+            return [float(self.first_codebook_weight)] + [1.0] * (n_audio - 1)
+        return None if self.codebook_weights is None else list(self.codebook_weights)
 
     def torch_dtype(self) -> torch.dtype | None:
         """`dtype` as a torch.dtype (None = keep the model's)."""

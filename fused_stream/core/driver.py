@@ -38,7 +38,8 @@ from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes,
 from ..measure.progress import Progress, mib
 from ..measure.throughput import throughput_report
 from .alignment import valid_masks
-from .config import EvalConfig, Plan, make_plan
+from .config import ConfigError, EvalConfig, Plan, make_plan
+from .foreign import chunk_refusal
 from .graphs import GraphCaptureError, GraphPool, verify_replay
 from .graphsafe import check_stream
 from .inputs import batches_by_length, check_codes, pad_batch
@@ -93,6 +94,10 @@ class StreamingEvaluator:
         self.model = model
         self.hooks = dict(hooks or {})
         self.plan: Plan = make_plan(self.config, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
+        # Chunks are exact for moshi's layers; a layer the package does not know may update its state per frame.
+        self.chunk_refusal = chunk_refusal(model)
+        if self.chunk_refusal and self.config.chunk_size not in (1, "auto"):
+            raise ConfigError(f"chunk_size={self.config.chunk_size} is refused: {self.chunk_refusal}")
 
     @property
     def device(self) -> torch.device:
@@ -225,8 +230,12 @@ class StreamingEvaluator:
         available, source = available_bytes(self.device)
         if cfg.memory_limit is not None:
             available, source = min(available, cfg.memory_limit), f"memory_limit ({source})"
-        chunk, why = resolve_chunk_size(cfg.chunk_size, model, max(lengths), len(lengths), cfg.batch_size, available,
-                                        source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs)
+        if cfg.chunk_size == "auto" and self.chunk_refusal:
+            chunk, why = 1, f"frame mode (chunk_size=auto would be inexact): {self.chunk_refusal}"
+            log.warning("chunk_size=auto: %s", why)
+        else:
+            chunk, why = resolve_chunk_size(cfg.chunk_size, model, max(lengths), len(lengths), cfg.batch_size,
+                                            available, source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs)
         self.plan = plan = dataclasses.replace(self.plan, chunk_size=chunk)
         frames = math.ceil(max(lengths) / plan.frames_per_call) * plan.frames_per_call
         if cfg.batch_size == "auto":

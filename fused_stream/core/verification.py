@@ -30,8 +30,10 @@ import torch
 from moshi.models.lm import LMModel
 
 from .alignment import scored_delays, valid_masks
+from .foreign import ForeignLayer, foreign_layers
 from .parity import ParityReport, compare, nan_max, select_rows
 from .reference import batch_losses
+from .restore import ModelRestorer
 from .result import empty_result, fill_rows
 from .stream import Stream
 
@@ -44,10 +46,29 @@ FULL_PREFIX = 256  # frames per sequence when the budget allows
 BUDGET_SHARE = 25  # the batch forward may cost 1/25 of the run's frames...
 MIN_BUDGET = 80  # ...but never less than this many frames
 CROSSING_MARGIN = 8  # compared frames past the first call: a state not carried across calls is caught
+UPDATES_REACHED = 2  # a foreign layer's state updates the prefix must pass (the first, and one more period)
+FOREIGN_MIN_FRAMES = 512  # frames verified of a foreign stateful layer that does not say when it updates
+FOREIGN_MIN_CALLS = 3  # calls such a prefix crosses at least
+
+
+def required_reach(layers: list[ForeignLayer], frames_per_call: int, lead: int) -> int:
+    """Frames a verified prefix must hold so that it passes the state updates of every foreign stateful layer
+    (`core.foreign`): `UPDATES_REACHED` update periods of the slowest layer that says its period; for a layer that
+    does not (this package's own aside), at least `FOREIGN_MIN_FRAMES` frames and `FOREIGN_MIN_CALLS` calls; plus
+    the lead the prefix crops and a margin. 0 without foreign stateful layers (moshi's state is all in its streaming
+    state)."""
+    if not layers:
+        return 0
+    periods = [layer.period for layer in layers if layer.period is not None]
+    reach = UPDATES_REACHED * max(periods) if periods else 0
+    if any(layer.period is None and not layer.ours for layer in layers):
+        reach = max(reach, FOREIGN_MIN_FRAMES, FOREIGN_MIN_CALLS * frames_per_call)
+    return reach + lead + CROSSING_MARGIN
 
 
 def verification_prefix(
-    lengths: list[int], run_frames: int, frames_per_call: int, lead: int, verify_frames: int | None = None
+    lengths: list[int], run_frames: int, frames_per_call: int, lead: int, verify_frames: int | None = None,
+    reach: int = 0,
 ) -> list[int]:
     """Frames verified of each candidate sequence (`lengths`: the first up to 2 of the first batch); one entry per
     verified sequence, so a shorter list verifies fewer sequences.
@@ -58,7 +79,9 @@ def verification_prefix(
     Automatic (None): the cost is the batch forward over the prefixes, which on a CPU costs about as much per frame
     as chunk-mode streaming (measured, `small` preset, fp32: chunk C=64 streams 2000 frames in 1.25 s, 0.6 ms a
     frame; `batch_losses` on [2, K, 256] 0.234 s, [2, K, 64] 0.048 s, [2, K, 32] 0.030 s: 0.4-0.5 ms a frame;
-    frame mode streams only ~100 frames/s, so it is far cheaper there). To keep it under 5% of a run of >= 2000
+    frame mode streams only ~100 frames/s, so it is far cheaper there). `reach` > 0 (a foreign stateful layer,
+    `required_reach`) is not budgeted: each sequence gets min(T_i, max(reach, the automatic prefix)), since a prefix
+    that ends before the layer's first state update proves nothing about it. To keep it under 5% of a run of >= 2000
     frames, the prefixes get a budget of max(run_frames // 25, 80) frames in total (4% of the run's frames, and
     80 frames even for short runs: a 2000-frame C=64 run spends ~0.04 s of its 1.25 s):
 
@@ -77,6 +100,8 @@ def verification_prefix(
     candidates = lengths[:MAX_SEQUENCES]
     if verify_frames is not None:  # at least lead + 1 frames: a cropped prefix drops its last `lead`
         return [min(max(verify_frames, lead + 1), T) for T in candidates]
+    if reach > 0:
+        return [min(T, max(reach, FULL_PREFIX, frames_per_call + lead + CROSSING_MARGIN)) for T in candidates]
     budget = max(run_frames // BUDGET_SHARE, MIN_BUDGET)
     crossing = frames_per_call + lead + CROSSING_MARGIN
     want = [min(T, max(FULL_PREFIX, crossing)) for T in candidates]
@@ -108,7 +133,10 @@ class Verification:
         lengths = [s.shape[1] for s in sequences]
         chosen = candidates(batches)
         lead = max(scored_delays(model))
-        frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call, lead, verify_frames)
+        self.foreign = foreign_layers(model)
+        self.reach = required_reach(self.foreign, frames_per_call, lead)
+        frames = verification_prefix([lengths[i] for i in chosen], sum(lengths), frames_per_call, lead, verify_frames,
+                                     self.reach)
         # sequence index -> prefix frames, until checked; `frames` may verify fewer sequences than `chosen`
         self.pending: dict[int, int] = dict(zip(chosen, frames, strict=False))
         self.order = list(self.pending)  # the reference's rows
@@ -122,11 +150,23 @@ class Verification:
                         "streams wrong only across calls would not be seen; --verify-frames %d (verify_frames=) "
                         "reaches the second call", "+".join(map(str, frames)), frames_per_call,
                         frames_per_call + lead + CROSSING_MARGIN)
+        self.reaches_updates = all(P >= min(self.reach, lengths[i]) for i, P in self.pending.items())
+        if not self.reaches_updates:
+            log.warning("the verified prefix (%s frames) ends before the state updates of %s (%d frames needed): "
+                        "a layer that goes wrong after its first update would not be seen", "+".join(map(str, frames)),
+                        ", ".join(layer.name for layer in self.foreign), self.reach)
         start = time.perf_counter()
         prefixes = [sequences[i][:, :P] for i, P in self.pending.items()]
-        same = len({p.shape[1] for p in prefixes}) == 1
-        # Equal prefixes: one [n, K, P] forward; otherwise one forward per sequence (no padding to reason about).
-        self.reference = batch_losses(model, torch.stack(prefixes) if same else prefixes)
+        # Equal prefixes: one [n, K, P] forward, unless the run streams one sequence at a time (a layer may support
+        # nothing else); otherwise one forward per sequence (no padding to reason about).
+        stacked = len({p.shape[1] for p in prefixes}) == 1 and len(prefixes) <= max(len(rows) for rows in batches)
+        # The reference starts from the state the model came in with, and so does the run after it: a foreign layer
+        # that adapts in its forward would otherwise hand its adapted weights to the streamed run.
+        restorer = ModelRestorer(model)
+        try:
+            self.reference = batch_losses(model, torch.stack(prefixes) if stacked else prefixes)
+        finally:
+            restorer.restore()
         self.reference_seconds = time.perf_counter() - start
         self.compare_seconds = 0.0
         self.reports: list[ParityReport] = []
@@ -179,6 +219,11 @@ class Verification:
         seconds = self.reference_seconds + self.compare_seconds
         return merge(self.reports).as_dict() | {
             "crosses_calls": self.crosses_calls,
+            # foreign stateful layers (core.foreign), the frames the prefix had to reach, and whether it did
+            "foreign_layers": [{"name": layer.name, "type": type(layer.module).__name__, "update_period": layer.period}
+                               for layer in self.foreign],
+            "required_frames": self.reach,
+            "reaches_updates": self.reaches_updates,
             "reference_seconds": self.reference_seconds,
             "seconds": seconds,
             "fraction_of_run": seconds / run_seconds if run_seconds > 0 else float("nan"),

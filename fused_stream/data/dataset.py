@@ -28,6 +28,7 @@ from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
 from .librilight import audio_files, group_chapters, natural_key, relative_name
 from .mimi import MimiCheckpoint, load_mimi, mimi_checkpoint
+from .selection import BookSelection
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,13 @@ def load_dataset(
     other_fill: str = _LAYOUT.other_fill, invalid_tokens: str = _LAYOUT.invalid_tokens,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
     max_files: int | None = None, on_error: str = "raise", min_frames: int = 1, shard: tuple[int, int] | None = None,
+    selection: BookSelection | None = None,
 ) -> Dataset:
     """The sequences to evaluate, in the model's layout, from exactly one of `codes`, `audio` (+ `mimi`), `generate`.
 
     `max_frames` crops every sequence; with `concat_chapters` each LibriLight book (speaker/book) is one sequence
-    of its chapters in natural order, else each file is one. `max_files` keeps the first N of the full list. A
+    of its chapters in natural order, else each file is one; `selection` (audio only) picks the books a paper-metrics
+    config names instead (`data.selection`). `max_files` keeps the first N of the full list. A
     sequence shorter than `min_frames` (before the crop), or with a bad file, raises `DataError` (`on_error=
     "raise"`) or is recorded in `failed` ("collect"). A token outside the model's vocabularies is such a bad file
     with `invalid_tokens="raise"` (the error names the file, stream and frame; checked here, as `check_codes` does
@@ -134,7 +137,7 @@ def load_dataset(
         if mimi is None:
             raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
         items, load = _audio_items(model, Path(audio), mimi, max_frames, min_frames, max_files, concat_chapters,
-                                   cache_dir, device, fill)
+                                   cache_dir, device, fill, selection)
     owned = items
     if shard is not None:  # balance what evaluation will cost: the lengths after the max_frames crop
         lengths = [min(it.estimate, max_frames or it.estimate) for it in items]
@@ -171,11 +174,18 @@ def load_dataset(
 def _audio_items(
     model: LMModel, root: Path, mimi_path: str | Path | MimiCheckpoint, max_frames: int | None, min_frames: int,
     max_files: int | None, concat_chapters: bool, cache_dir: str | Path | None, device: str | torch.device,
-    fill: dict[str, str],
+    fill: dict[str, str], selection: BookSelection | None = None,
 ) -> tuple[list[_Item], _Loader]:
     """The audio sequences to be, with lengths from file headers (nothing encoded yet), and how to encode one."""
     files = audio_files(root)
     base = root if root.is_dir() else root.parent
+    if selection is not None:  # the books a paper-metrics config names (before any Mimi work)
+        groups = selection.groups(files, base)
+    elif concat_chapters and root.is_dir():  # a LibriLight root, a speaker's or a book's folder: books by chapters
+        groups = group_chapters(files, base)
+    else:
+        groups = [(relative_name(f, base), [f]) for f in files]
+    groups = groups[:max_files]
     checkpoint = mimi_checkpoint(mimi_path)
     n_q, card = checkpoint.config["quantizer"].get("n_q"), checkpoint.config["quantizer"].get("bins")
     if card != model.card or not isinstance(n_q, int) or n_q < model.dep_q:
@@ -184,11 +194,6 @@ def _audio_items(
     mimi, mimi_hash = load_mimi(checkpoint, model.dep_q, device)
     if mimi.channels != 1:  # else every file would fail alike in "collect" mode
         raise DataError(f"Mimi with {mimi.channels} channels is not supported: audio is mixed down to mono")
-    if concat_chapters and root.is_dir():  # a LibriLight root, a speaker's or a book's folder: books by chapters
-        groups = group_chapters(files, base)
-    else:
-        groups = [(relative_name(f, base), [f]) for f in files]
-    groups = groups[:max_files]
     import sphn
 
     paths = [f for _, chapters in groups for f in chapters]

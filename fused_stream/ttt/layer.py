@@ -58,6 +58,8 @@ class _TTTState(State):
 class TTTLinear(StreamingModule[_TTTState]):
     """x [B, T, D] -> x + tanh(alpha) · o_proj(post_norm(TTT-Linear(norm(x)))); streaming or over a whole sequence."""
 
+    chunk_exact = True  # any chunk size streams it exactly (module docstring); read by core.foreign
+
     def __init__(
         self, dim: int, num_heads: int, mini_batch: int = 16, base_lr: float = 1.0, alpha: float = 0.1,
         device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -204,6 +206,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
     """A moshi transformer layer with `self.ttt` between self-attention and the feed-forward (set by attach_ttt)."""
 
     ttt: TTTLinear
+    chunk_exact = True  # moshi's layer around an exact TTTLinear
 
     def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.ttt(super()._sa_block(x))

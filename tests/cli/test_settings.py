@@ -40,7 +40,9 @@ def test_legacy_paper_metrics_block(tmp_path):
         "    cache_clear_interval: 3000\n    max_sequence_length: 24000\n    ttt_verification: true\n"
     )
     s = settings_for(["--config", str(config)])
-    assert s.eval.max_frames == 24000 and s.eval.assert_constant_memory and s.ttt_verification and s.enabled
+    # memory_check keeps the legacy meaning, a warning when memory grows: never the failing assert_constant_memory
+    assert s.eval.max_frames == 24000 and s.memory_check and not s.eval.assert_constant_memory
+    assert s.ttt_verification and s.enabled
     disabled = tmp_path / "off.yaml"
     disabled.write_text("paper_metrics:\n  librilight_streaming:\n    enabled: false\n")
     assert not settings_for(["--config", str(disabled)]).enabled
@@ -155,7 +157,7 @@ def test_the_finetune_block_means_the_same_to_config_and_compat(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({"paper_metrics": FINETUNE_BLOCK}))
     s = settings_for(["--config", str(path), "--mimi", "m.safetensors"])
-    expected = EvalConfig(chunk_size=8, window=100, assert_constant_memory=True, max_frames=500, text_fill="pad")
+    expected = EvalConfig(chunk_size=8, window=100, max_frames=500, text_fill="pad")
     assert s.eval == expected
     assert (s.audio, s.max_files, s.concat_chapters, s.ttt_verification) == ("/data/librilight", 3, True, True)
     for config in ({"paper_metrics": FINETUNE_BLOCK, "lr": 1e-4, "batch_size": 16},
@@ -172,7 +174,7 @@ def test_the_finetune_block_means_the_same_to_config_and_compat(tmp_path):
         ({"librilight_streaming": {"max_sequence_length": 0}}, "librilight_streaming.max_sequence_length: max_frames"),
         ({"librilight_chunk_size": -2}, "paper_metrics.librilight_chunk_size: chunk_size"),
         ({"librilight_batch_size": "lots"}, "librilight_batch_size: batch_size"),
-        ({"librilight_streaming": {"memory_check": "yes"}}, "memory_check: assert_constant_memory"),
+        ({"librilight_streaming": {"memory_check": "yes"}}, "memory_check: memory_check must be true or false"),
         ({"librilight_streaming": {"cuda_graphs": "sometimes"}}, "cuda_graphs: cuda_graphs must be one of"),
         ({"librilight_streaming": {"enabled": "no"}}, "enabled: enabled must be true or false"),
         ({"librilight_streaming": {"max_sequence_lenght": 10}}, "unknown key 'paper_metrics.librilight_streaming."),
