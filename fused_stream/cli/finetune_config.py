@@ -3,7 +3,7 @@
 Two kinds of file reach `--config` and `PaperMetricsEvaluator(config=...)`:
 
 - a **moshi-finetune training config**: it has a `paper_metrics` block, or any of moshi-finetune's own top-level
-  keys (`TRAINING_KEYS`: `data`, `run_dir`, `lora`, `batch_size`, ...). Only its `paper_metrics` block is read
+  keys (`TRAINING_KEYS`: `data`, `run_dir`, `lora`, `optim`, ...). Only its `paper_metrics` block is read
   (and the `librilight_streaming` block inside it); its top-level keys are the training's, and a training key never
   becomes an evaluation setting (its `batch_size: 16` is the training's batch). The log says which keys were read.
   A mapping without such keys handed to `PaperMetricsEvaluator` is taken as the block itself, the way a training
@@ -72,12 +72,12 @@ NOTED_KEYS = {
 }
 OTHER_BENCHMARKS = ("sblimp_", "swuggy_", "sstory_", "tstory_")
 
-# moshi-finetune's top-level training keys: any of them makes a file a training config.
+# moshi-finetune's top-level training keys: any of them makes a file a training config. Not `batch_size`, `seed`
+# or `ttt`, which a fused_stream config may also hold (a training config always has some of these besides).
 TRAINING_KEYS = frozenset({
     "data", "run_dir", "moshi_paths", "lora", "full_finetuning", "optim", "max_steps", "duration_sec",
-    "batch_size", "num_microbatches", "seq_len", "gradient_checkpointing", "first_codebook_weight_multiplier",
-    "text_padding_weight", "wandb", "save_adapters", "do_ckpt", "ckpt_freq", "do_eval", "eval_freq", "log_freq",
-    "param_dtype", "overwrite_run_dir", "ttt",
+    "num_microbatches", "seq_len", "gradient_checkpointing", "text_padding_weight", "wandb", "save_adapters",
+    "do_ckpt", "ckpt_freq", "do_eval", "eval_freq", "log_freq", "param_dtype", "overwrite_run_dir",
 })
 
 CheckFn = Callable[[str, Any], Any]
@@ -118,7 +118,7 @@ def read_config_values(config: Any, *, fused_stream_file: bool, source: str, che
             if name in level:
                 raise ConfigError(f"{source}: {prefix}{key} sets {name} a second time")
             try:
-                level[name] = check(name, value)
+                level[name] = check("audio" if name == "concatenated_dir" else name, value)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {prefix}{key}: {exc}") from None
             read.append(prefix + key)
