@@ -2,14 +2,15 @@
 
 Two kinds of file reach `--config` and `PaperMetricsEvaluator(config=...)`:
 
-- a **moshi-finetune training config**: it has a `paper_metrics` block, or any of moshi-finetune's own top-level
-  keys (`TRAINING_KEYS`: `data`, `run_dir`, `lora`, `optim`, ...). Only its `paper_metrics` block is read
+- a **moshi-finetune training config**: it has any of moshi-finetune's own top-level keys (`TRAINING_KEYS`:
+  `data`, `run_dir`, `lora`, `optim`, ...). Only its `paper_metrics` block is read
   (and the `librilight_streaming` block inside it); its top-level keys are the training's, and a training key never
   becomes an evaluation setting (its `batch_size: 16` is the training's batch). The log says which keys were read.
   A mapping without such keys handed to `PaperMetricsEvaluator` is taken as the block itself, the way a training
   loop passes `args.paper_metrics`;
 - a **fused_stream config**: options by name (`chunk_size` or `chunk-size`) at the top level, the keys of the
-  block below, and a `librilight_streaming` block; an unknown key is an error.
+  block below, a `librilight_streaming` block, and a `paper_metrics` block read like a training config's; an
+  unknown top-level key is an error.
 
 In the block, every key moshi-finetune's paper-metrics code reads has a stated meaning here:
 - `CLIENT_KEYS`: honoured, with the option each sets (the client's meaning; `data.selection` for the book modes);
@@ -84,8 +85,8 @@ CheckFn = Callable[[str, Any], Any]
 
 
 def is_training_config(config: Any) -> bool:
-    keys = set(_keys(config))
-    return BLOCK in keys or bool(keys & TRAINING_KEYS)
+    """moshi-finetune's top-level keys are there (a `paper_metrics` block alone may sit in a fused_stream config)."""
+    return bool(set(_keys(config)) & TRAINING_KEYS)
 
 
 def read_config_values(config: Any, *, fused_stream_file: bool, source: str, check: CheckFn,
@@ -102,10 +103,10 @@ def read_config_values(config: Any, *, fused_stream_file: bool, source: str, che
             raise ConfigError(f"{source}: a moshi-finetune training config without a {BLOCK} block: nothing to "
                               "evaluate (a fused_stream config gives options by name and no training keys)")
         levels = [(block, f"{BLOCK}.", "block")]
-    elif fused_stream_file:
-        levels = [(config, "", "strict")]
-    else:
-        levels = [(config, "", "block")]
+    else:  # a fused_stream config (strict), or the block itself handed to the drop-in; either may hold a block
+        levels = [(config, "", "strict" if fused_stream_file else "block")]
+        if _get(config, BLOCK) is not None:
+            levels.append((_get(config, BLOCK), f"{BLOCK}.", "block"))
     for parent, prefix, _ in list(levels):
         sub = _get(parent, STREAMING)
         if sub is not None:

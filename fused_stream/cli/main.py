@@ -160,11 +160,12 @@ def _argument(f: Field) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # -q / -v come from the command line only: logging is set before the config file is read, which logs its keys
+    _setup_logging(0 if args.verbosity is None else args.verbosity)
     try:
         settings = resolve(args)
     except ConfigError as exc:
         return _fail(exc)
-    _setup_logging(settings.verbosity)
     if not settings.enabled:
         print("long-context evaluation disabled by the config (enabled: false)")
         return 0
