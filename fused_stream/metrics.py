@@ -55,7 +55,10 @@ import torch
 
 from .core.result import EvalResult
 
-__all__ = ["PositionSums", "TEXT", "position_means", "compute_metrics", "window_means", "log_slope"]
+__all__ = [
+    "PositionSums", "TEXT", "position_means", "compute_metrics", "window_means", "log_slope", "window_bounds",
+    "flat_loss_windows", "slope_windows",
+]
 
 TEXT = "text"  # the stream name of text losses; every other stream name is an audio codebook
 
@@ -194,7 +197,8 @@ def _segment_mean(curve: np.ndarray, start: int, end: int) -> float:
     return float(seg[ok].sum() / n) if n else math.nan
 
 
-def _window_bounds(T: int, window: int) -> list[tuple[int, int]]:
+def window_bounds(T: int, window: int) -> list[tuple[int, int]]:
+    """(start, end) of the tiled windows over [0, T) (a trailing partial window kept if it holds half a window)."""
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an int >= 1 (frames), got {window!r}")
     bounds = [(i * window, (i + 1) * window) for i in range(T // window)]
@@ -207,7 +211,7 @@ def _window_bounds(T: int, window: int) -> list[tuple[int, int]]:
 def window_means(curve: np.ndarray, window: int) -> list[tuple[int, int, float]]:
     """(start, end, mean) of each tiled window of `curve`; the mean is over positions with a value (NaN if none)."""
     curve = np.asarray(curve, dtype=np.float64)
-    return [(a, b, _segment_mean(curve, a, b)) for a, b in _window_bounds(len(curve), window)]
+    return [(a, b, _segment_mean(curve, a, b)) for a, b in window_bounds(len(curve), window)]
 
 
 def log_slope(centers: Sequence[float], values: Sequence[float]) -> float | None:
@@ -240,8 +244,8 @@ def _pooled(sums: PositionSums, rows: list[int], w: np.ndarray | None = None) ->
     return float((w * s).sum() / den) if den > 0 else math.nan
 
 
-def _windows_slope(windows: list[dict[str, Any]], keep) -> float | None:
-    chosen = [(win["center"], win["combined"]) for win in windows if keep(win) and win["combined"] is not None]
+def _windows_slope(windows: list[dict[str, Any]]) -> float | None:
+    chosen = [(win["center"], win["combined"]) for win in windows if win["combined"] is not None]
     if len(chosen) < 2:
         return None
     return log_slope([c for c, _ in chosen], [v for _, v in chosen])
@@ -258,7 +262,7 @@ def compute_metrics(
     if not (isinstance(context, int) and context >= 0):
         raise ValueError(f"context must be an int >= 0 (frames of attention context), got {context!r}")
     T = sums.frames
-    bounds = _window_bounds(T, window)
+    bounds = window_bounds(T, window)
     audio = _audio_indices(sums)
     w = _check_weights(codebook_weights, len(audio))
     curves = position_means(sums, codebook_weights)
@@ -288,11 +292,8 @@ def compute_metrics(
     if T > 0:
         first_frames[str(T)] = _json(_segment_mean(curves["combined"], 0, T))
 
-    slopes = {
-        "all": _windows_slope(windows, lambda win: True),
-        "before_context": _windows_slope(windows, lambda win: win["end"] <= context),
-        "after_context": _windows_slope(windows, lambda win: win["start"] >= context),
-    }
+    chosen = slope_windows(bounds, context, T)
+    slopes = {key: _windows_slope([windows[i] for i in chosen[key]]) for key in _CONTEXT_SLOPES}
 
     return {
         "n_sequences": int(sums.n_sequences),
@@ -303,24 +304,49 @@ def compute_metrics(
         "windows": windows,
         "first_frames": first_frames,
         "slopes": slopes,
-        "flat": _flat_keys(curves["combined"], windows, window, sums.n_sequences),
+        "flat": _flat_keys(curves["combined"], windows, chosen, window, sums.n_sequences),
     }
 
 
-def _flat_keys(combined: np.ndarray, windows: list[dict[str, Any]], window: int, n_sequences: int) -> dict[str, Any]:
-    T = len(combined)
-    flat: dict[str, Any] = {}
+_CONTEXT_SLOPES = ("all", "before_context", "after_context")  # the keys of compute_metrics' `slopes`
+
+
+def flat_loss_windows(T: int, window: int) -> dict[str, tuple[int, int]]:
+    """`librilight_loss_{n}k` -> (start, end) of its centered window, for every n whose window lies inside [0, T)."""
+    out: dict[str, tuple[int, int]] = {}
     n = 1
     while n * _FLAT_STEP - window // 2 + window <= T:
         start = n * _FLAT_STEP - window // 2
         if start >= 0:  # a window wider than 2000 frames cannot be centered on 1k
-            v = _segment_mean(combined, start, start + window)
-            if not math.isnan(v):
-                flat[f"librilight_loss_{n}k"] = v
+            out[f"librilight_loss_{n}k"] = (start, start + window)
         n += 1
+    return out
+
+
+def slope_windows(bounds: list[tuple[int, int]], context: int, T: int) -> dict[str, list[int]]:
+    """Indices into the tiled windows `bounds` that each slope fits over: `all`, `before_context`, `after_context`
+    (compute_metrics' `slopes`) and the flat slope keys (`librilight_slope`, `_early`, ...)."""
+    centers = [(a + b) / 2 for a, b in bounds]
+    chosen = {
+        "all": list(range(len(bounds))),
+        "before_context": [i for i, (_, b) in enumerate(bounds) if b <= context],
+        "after_context": [i for i, (a, _) in enumerate(bounds) if a >= context],
+    }
     for key, (lo, hi) in _FLAT_SLOPE_RANGES.items():
         top = T if hi is None else hi
-        slope = _windows_slope(windows, lambda win, lo=lo, top=top: lo <= win["center"] <= top)
+        chosen[key] = [i for i, c in enumerate(centers) if lo <= c <= top]
+    return chosen
+
+
+def _flat_keys(combined: np.ndarray, windows: list[dict[str, Any]], chosen: dict[str, list[int]], window: int,
+               n_sequences: int) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, (start, end) in flat_loss_windows(len(combined), window).items():
+        v = _segment_mean(combined, start, end)
+        if not math.isnan(v):
+            flat[key] = v
+    for key in _FLAT_SLOPE_RANGES:
+        slope = _windows_slope([windows[i] for i in chosen[key]])
         if slope is not None:
             flat[key] = slope
     flat["librilight_samples"] = int(n_sequences)
