@@ -57,7 +57,7 @@ from .core.result import EvalResult
 
 __all__ = [
     "PositionSums", "TEXT", "position_means", "compute_metrics", "window_means", "log_slope", "window_bounds",
-    "flat_loss_windows", "slope_windows",
+    "flat_loss_windows", "slope_windows", "FLAT_SLOPE_KEYS",
 ]
 
 TEXT = "text"  # the stream name of text losses; every other stream name is an audio codebook
@@ -69,6 +69,7 @@ _FLAT_SLOPE_RANGES: dict[str, tuple[float, float | None]] = {
     "librilight_slope_middle": (8000, 16000),
     "librilight_slope_late": (16000, 24000),
 }
+FLAT_SLOPE_KEYS = tuple(_FLAT_SLOPE_RANGES)
 _FLAT_STEP = 1000  # librilight_loss_{n}k is centered on n * 1000 frames
 
 
