@@ -77,6 +77,10 @@ class Settings:
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose, 2 debug
     threads: int | None = None  # torch's CPU threads; None: the CPUs this process may use (affinity, cgroup quota)
     config: str | None = None
+    cluster: str | None = None  # the bootstrap's unit: file, book, speaker (None: book where the data names books)
+    bootstrap: int = 1000  # resamples of the cluster bootstrap (0: no error bars, no comparisons)
+    bootstrap_seed: int = 12345  # seed of the resample matrix (sacrebleu's default), recorded in the signature
+    baseline: str | None = None  # the model the others are compared with (None: the first)
 
     @property
     def synthetic(self) -> bool:
@@ -283,6 +287,12 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--model: {exc}") from None
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
+    if s.cluster is not None and s.cluster not in ("file", "book", "speaker"):
+        raise ConfigError(f"--cluster must be file, book or speaker, got {s.cluster!r}")
+    if s.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0 (0: no error bars), got {s.bootstrap}")
+    if s.baseline is not None and s.baseline not in labels:
+        raise ConfigError(f"--baseline {s.baseline!r} is not a --model label (labels: {', '.join(labels)})")
     for entry in s.ttt:
         label = parse_ttt(entry)[0]
         if label not in labels:
