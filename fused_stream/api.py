@@ -29,6 +29,7 @@ from .core.config import ConfigError, EvalConfig
 from .core.driver import StreamingEvaluator
 from .core.inputs import crop_frames, layout_codes
 from .metrics import PositionSums, compute_metrics, position_means
+from .stats.analysis import flat_stderr
 from .ttt.tracker import ttt_hooks
 
 __all__ = ["evaluate_long_context_loss", "curves_as_lists", "is_streaming", "preserved_model_state"]
@@ -59,7 +60,8 @@ def evaluate_long_context_loss(
 
     Returns a dict with:
     - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_slope*`,
-      `librilight_samples`) at the top level; a key whose frames the data does not reach is absent;
+      `librilight_samples`) at the top level; a key whose frames the data does not reach is absent; with two or
+      more sequences each loss and slope key has a `{key}_stderr` companion (a bootstrap over the sequences);
     - `"per_position"`: `position_means(...)` as plain Python lists of length T (JSON-ready): per stream
       (`codebook_{k}`, `text`), `combined`, `weighted` (with `codebook_weights`) as floats with None where no
       sequence is valid (never NaN), and `count` as ints;
@@ -74,6 +76,9 @@ def evaluate_long_context_loss(
     sums = PositionSums.from_result(result)
     metrics = compute_metrics(sums, context=model.context, window=config.window,
                               codebook_weights=config.codebook_weights)
+    rows = [i for i in range(len(sequences)) if i not in result.failed]  # each sequence is a unit of the bootstrap
+    flat_stderr([PositionSums.from_result(result.row(i)) for i in rows], [str(i) for i in rows], metrics,
+                codebook_weights=config.codebook_weights)  # adds `{key}_stderr` to metrics["flat"]
     curves = position_means(sums, config.codebook_weights)
     return {
         **metrics["flat"],

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import PositionSums, compute_metrics
+from ..metrics import PositionSums
 from ..version import __version__
 from .bootstrap import Plan, point_values, resample_matrix, statistics, summarize, unit_values, window_key
 from .paired import paired_test
@@ -104,10 +104,15 @@ def _json(value: float) -> float | None:
 
 def annotate(metrics: dict[str, Any], uncertainty: dict[str, dict[str, Any]], n_units: int, sig: str) -> None:
     """Add to a `compute_metrics` dict (no existing key changes): `uncertainty` (key -> value, stderr, ci95,
-    n_units), `bootstrap` (the signature), and in each window `combined_stderr`, `combined_ci95` and `units` (how
-    many units have a value there); `warnings` when a reported slope uses windows fewer than half the units cover."""
+    n_units), `bootstrap` (the signature), `{key}_stderr` in `flat` beside each flat key, in each window
+    `combined_stderr`, `combined_ci95` and `units` (how many units have a value there), and `warnings` when a
+    reported slope uses windows fewer than half the units cover."""
     metrics["uncertainty"] = uncertainty
     metrics["bootstrap"] = sig
+    for key in list(metrics["flat"]):  # the drop-in's companions: fine-tuning logs draw error bars from them
+        stderr = (uncertainty.get(key) or {}).get("stderr")
+        if stderr is not None and not key.endswith("_stderr"):
+            metrics["flat"][f"{key}_stderr"] = stderr
     for win in metrics["windows"]:
         entry = uncertainty.get(window_key(win["start"], win["end"])) or {}
         win["combined_stderr"], win["combined_ci95"] = entry.get("stderr"), entry.get("ci95")
@@ -127,33 +132,26 @@ def annotate(metrics: dict[str, Any], uncertainty: dict[str, dict[str, Any]], n_
     metrics["warnings"] = warnings
 
 
-def flat_stderr(sequences: Sequence[PositionSums], unit_ids: Sequence[str], flat: dict[str, Any], *, context: int,
-                window: int, codebook_weights: Sequence[float] | None = None, B: int = DEFAULT_B,
+def flat_stderr(sequences: Sequence[PositionSums], unit_ids: Sequence[str], metrics: dict[str, Any], *,
+                codebook_weights: Sequence[float] | None = None, B: int = DEFAULT_B,
                 seed: int = DEFAULT_SEED) -> dict[str, float]:
-    """`{key}_stderr` for every flat `librilight_*` loss or slope key in `flat`, from a cluster bootstrap over the
-    units `unit_ids` (one per sequence); {} with fewer than 2 units."""
+    """`{key}_stderr` for every `librilight_*` loss and slope key of `metrics["flat"]` ({} with fewer than 2 units),
+    from a cluster bootstrap over the units `unit_ids` (one per sequence); `metrics` (compute_metrics of the
+    sequences pooled) is annotated as a run annotates it (`annotate`)."""
     if len(sequences) != len(unit_ids):
         raise ValueError(f"flat_stderr: {len(sequences)} sequences but {len(unit_ids)} unit ids")
     order = list(dict.fromkeys(unit_ids))
-    if len(order) < 2:
+    if len(order) < 2 or B < 1:
         return {}
-    members = {u: [i for i, v in enumerate(unit_ids) if v == u] for u in order}
+    members = {u: [s for s, v in zip(sequences, unit_ids, strict=True) if v == u] for u in order}
 
     def load(u: int) -> PositionSums:
-        total = PositionSums.empty(list(sequences[0].names))
-        for i in members[order[u]]:
-            total = total.add(sequences[i])
+        parts = members[order[u]]
+        total = parts[0]
+        for sums in parts[1:]:
+            total = total.add(sums)
         return total
 
-    pooled = PositionSums.empty(list(sequences[0].names))
-    for sums in sequences:
-        pooled = pooled.add(sums)
-    metrics = compute_metrics(pooled, context=context, window=window, codebook_weights=codebook_weights)
     found = analyse([ModelSample("model", load, metrics, codebook_weights)], len(order), B=B, seed=seed)
-    out = {}
-    for key, value in flat.items():
-        entry = found.uncertainty["model"].get(key)
-        if entry is not None and entry["stderr"] is not None and key.startswith("librilight_") and \
-                not isinstance(value, bool):
-            out[f"{key}_stderr"] = entry["stderr"]
-    return out
+    annotate(metrics, found.uncertainty["model"], len(order), found.signature)
+    return {key: value for key, value in metrics["flat"].items() if key.endswith("_stderr")}
