@@ -147,6 +147,9 @@ def bootstrap_models(models: list[ModelSequences], data: list[dict[str, Any]], s
     if same:
         for model in models:
             annotate(model.metrics, found.uncertainty[model.label], n_units, found.signature)
+    for model in models:
+        for warning in model.metrics.get("warnings") or []:
+            log.warning("model %s: %s", model.label, warning)
     info.update(signature=found.signature, n_units=n_units, method="paired cluster bootstrap",
                 ci="percentile 95 %", comparisons=found.comparisons)
     return info

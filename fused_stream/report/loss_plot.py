@@ -97,7 +97,6 @@ def _window_deltas(comparisons: list[dict[str, Any]]) -> dict[str, list[tuple[fl
 def _delta_panel(ax: Any, runs: list[ModelRun], deltas: dict[str, list], colors: dict[str, str]) -> None:
     """Each model's window-mean difference from the baseline with its paired 95 % band, and (right axis) how many
     units cover each window: where the curves separate, and where the data thin out."""
-    baseline = None
     for model, points in deltas.items():
         x, d, lo, hi = (np.asarray(v) for v in zip(*points, strict=True))
         color = colors.get(model, "C0")
@@ -106,10 +105,8 @@ def _delta_panel(ax: Any, runs: list[ModelRun], deltas: dict[str, list], colors:
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     ax.set_ylabel("Δ window mean (nats), 95 % paired band")
     ax.grid(True, which="both", alpha=0.25)
-    for run in runs:
-        if run.label not in deltas:
-            baseline = baseline or run
-    covered = [(w["center"], w["units"]) for w in ((baseline or runs[0]).metrics.get("windows") or [])
+    baseline = next((run for run in runs if run.label not in deltas), runs[0])
+    covered = [(w["center"], w["units"]) for w in (baseline.metrics.get("windows") or [])
                if w.get("units") is not None and w.get("center", 0) > 0]
     if covered:
         twin = ax.twinx()
