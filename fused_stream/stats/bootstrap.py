@@ -150,7 +150,12 @@ def statistics(units: UnitArrays, W: np.ndarray, plan: Plan, *, chunk_bytes: int
 def unit_values(units: UnitArrays, plan: Plan) -> dict[str, np.ndarray]:
     """Each unit's own value of every statistic, {key: [N]}: the statistic on that unit alone, and for slopes the
     unit's own slope as `compute_metrics` gives it on the unit alone (its own windows)."""
-    values = statistics(units, np.eye(units.n_units), plan)
+    N, parts = units.n_units, []
+    for start in range(0, N, 256):  # rows of the identity in blocks: an [N, N] matrix of 10,000 files is 800 MB
+        rows = np.zeros((min(256, N - start), N))
+        rows[np.arange(len(rows)), start + np.arange(len(rows))] = 1.0
+        parts.append(statistics(units, rows, plan))
+    values = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     for key, slopes in units.unit_slopes.items():
         values[key] = slopes
         values[f"per_unit_{key}"] = slopes

@@ -105,6 +105,7 @@ def test_the_cluster_interval_is_wider_than_a_per_frame_one_when_frames_correlat
     by_file = _analyse(files, B=400)["loss_combined"]
     by_frame = _analyse(frames, B=400)["loss_combined"]
     assert by_file["value"] == pytest.approx(by_frame["value"], rel=1e-12)
+    assert (by_file["n_units"], by_frame["n_units"]) == (12, 480)  # each unit's own value, in blocks of 256
     assert by_file["stderr"] > 2.5 * by_frame["stderr"]
     width = [e["ci95"][1] - e["ci95"][0] for e in (by_file, by_frame)]
     assert width[0] > 2.5 * width[1]
