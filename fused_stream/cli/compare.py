@@ -23,9 +23,10 @@ from ..report.environment import environment_info
 from ..report.model_run import ModelRun
 from ..report.results import RESULTS_JSON, write_reports
 from ..report.summary import summary_table
+from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
+from ..stats.units import CLUSTERS
 from .partials import partial_dir, read_saved
 from .uncertainty import (
-    CLUSTERS,
     BootstrapSettings,
     ModelSequences,
     bootstrap_models,
@@ -48,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="LABEL", help="the model the others are compared with (default: the first)")
     p.add_argument("--cluster", choices=CLUSTERS, help="the unit resampled (default: book where the data names "
                    "books, else file)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="resamples (default 1000)")
-    p.add_argument("--bootstrap-seed", type=int, default=12345, metavar="N", help="seed (default 12345)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_B, metavar="B", help=f"resamples (default {DEFAULT_B})")
+    p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, metavar="N",
+                   help=f"seed (default {DEFAULT_SEED})")
     return p
 
 

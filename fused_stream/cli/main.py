@@ -44,6 +44,8 @@ from ..measure.preflight import PreflightError
 from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
 from ..report.summary import summary_table
+from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
+from ..stats.units import CLUSTERS
 from .checks import check_run
 from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock
@@ -127,16 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "may use, from its affinity and cgroup quota, at most OMP_NUM_THREADS when set; a warning says "
                      "when other processes keep some busy); recorded in results.json")
     stats = p.add_argument_group("error bars and comparisons (a cluster bootstrap over units)")
-    stats.add_argument("--cluster", choices=("file", "book", "speaker"), help="the unit of evidence that is "
+    stats.add_argument("--cluster", choices=CLUSTERS, help="the unit of evidence that is "
                        "resampled: frames within one file are correlated, so files, books or speakers are, never "
                        "frames (default: book where the data names books, LibriLight's speaker/book layout or the "
                        ".json beside the audio, else file)")
     stats.add_argument("--bootstrap", type=int, metavar="B", help="resamples for the standard errors, 95%% intervals "
-                       "and paired comparisons (default 1000; 0: none)")
-    stats.add_argument("--bootstrap-seed", type=int, metavar="N", help="seed of the resample matrix (default 12345), "
-                       "recorded in the signature")
+                       f"and paired comparisons (default {DEFAULT_B}; 0: none)")
+    stats.add_argument("--bootstrap-seed", type=int, metavar="N",
+                       help=f"seed of the resample matrix (default {DEFAULT_SEED}), recorded in the signature")
     stats.add_argument("--baseline", metavar="LABEL", help="the model every other model is compared with (default: "
-                           "the first --model)")
+                       "the first --model)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
     out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win): options by "

@@ -36,6 +36,8 @@ from moshi.models.loaders import DEFAULT_REPO
 from ..core.config import ConfigError, EvalConfig
 from ..data.checkpoints import HubCheckpoint, is_hub_spec
 from ..data.models import MOSHI_FLAGS, model_source
+from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
+from ..stats.units import CLUSTERS
 from ..version import __version__
 
 __all__ = [
@@ -78,8 +80,8 @@ class Settings:
     threads: int | None = None  # torch's CPU threads; None: the CPUs this process may use (affinity, cgroup quota)
     config: str | None = None
     cluster: str | None = None  # the bootstrap's unit: file, book, speaker (None: book where the data names books)
-    bootstrap: int = 1000  # resamples of the cluster bootstrap (0: no error bars, no comparisons)
-    bootstrap_seed: int = 12345  # seed of the resample matrix (sacrebleu's default), recorded in the signature
+    bootstrap: int = DEFAULT_B  # resamples of the cluster bootstrap (0: no error bars, no comparisons)
+    bootstrap_seed: int = DEFAULT_SEED  # seed of the resample matrix, recorded in the signature
     baseline: str | None = None  # the model the others are compared with (None: the first)
 
     @property
@@ -287,8 +289,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--model: {exc}") from None
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
-    if s.cluster is not None and s.cluster not in ("file", "book", "speaker"):
-        raise ConfigError(f"--cluster must be file, book or speaker, got {s.cluster!r}")
+    if s.cluster is not None and s.cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster must be one of {', '.join(CLUSTERS)}, got {s.cluster!r}")
     if s.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0 (0: no error bars), got {s.bootstrap}")
     if s.baseline is not None and s.baseline not in labels:

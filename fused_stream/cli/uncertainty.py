@@ -19,11 +19,10 @@ from typing import Any
 
 from ..metrics import PositionSums, compute_metrics
 from ..stats.analysis import DEFAULT_B, DEFAULT_SEED, ModelSample, analyse, annotate
+from ..stats.units import CLUSTERS
 from .partials import entry_path, read_saved
 
 log = logging.getLogger(__name__)
-
-CLUSTERS = ("file", "book", "speaker")
 
 
 @dataclass

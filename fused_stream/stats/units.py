@@ -31,7 +31,9 @@ import numpy as np
 
 from ..metrics import FLAT_SLOPE_KEYS, TEXT, PositionSums, log_slope, position_means, slope_windows, window_means
 
-__all__ = ["UnitArrays", "build_units", "own_slopes", "unit_slope_keys"]
+__all__ = ["CLUSTERS", "UnitArrays", "build_units", "own_slopes", "unit_slope_keys"]
+
+CLUSTERS = ("file", "book", "speaker")  # what a unit can be (`--cluster`)
 
 
 @dataclass
