@@ -123,3 +123,14 @@ def test_units_default_to_books_where_the_data_names_them():
     assert unit_ids(data, "file")[0] == ["103/1240/ch_1", "103/1240/ch_2", "7/99/ch_1", "loose"]
     assert unit_ids([{"name": "generated_0"}, {"name": "generated_1"}], None) == (["generated_0", "generated_1"],
                                                                                   "file")
+
+
+def test_bootstrap_0_turns_error_bars_and_comparisons_off(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [a for a in COMMON if a not in ("150", "-q")]
+    args.remove("--bootstrap")
+    assert main(BASE + TTT + args + ["--bootstrap", "0", "--out", str(out)]) == 0
+    assert "no error bars: --bootstrap 0" in capsys.readouterr().out
+    results = _json(out)
+    assert results["bootstrap"]["skipped"] == "--bootstrap 0" and results["comparisons"] == []
+    assert "uncertainty" not in results["models"][0]["metrics"] and (out / "per_sequence.csv").exists()
