@@ -36,8 +36,9 @@ from .core.driver import StreamingEvaluator
 from .core.inputs import crop_frames, layout_codes
 from .core.restore import ModelRestorer
 from .data.dataset import assign_shards
-from .distributed import World, all_reduce_sums, current_world
+from .distributed import World, all_reduce_sums, current_world, gather
 from .metrics import TEXT, PositionSums, metrics_of
+from .stats.analysis import flat_stderr
 from .ttt.tracker import ttt_hooks
 
 __all__ = ["check_config", "curves_as_lists", "evaluate_long_context_loss", "evaluate_share", "is_streaming",
@@ -77,7 +78,8 @@ def evaluate_long_context_loss(
     - the flat keys of `compute_metrics(...)["flat"]` (`librilight_loss_{n}k`, `librilight_loss_overall`,
       `librilight_slope*`, `librilight_samples`, `librilight_metrics_version`) at the top level, of the weighted
       loss when `codebook_weights` or `first_codebook_weight` is set; a key whose frames the data does not reach
-      is absent, `librilight_loss_overall` is always there;
+      is absent, `librilight_loss_overall` is always there; with two or more sequences each loss and slope key has
+      a `{key}_stderr` companion (a bootstrap over the sequences);
     - `"per_position"`: `position_means(...)` as plain Python lists of length T (JSON-ready): per stream
       (`codebook_{k}`, `text`), `combined`, `weighted` (with `codebook_weights`) as floats with None where no
       sequence is valid (never NaN), and `count` as ints;
@@ -98,11 +100,14 @@ def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalCo
     """`evaluate_long_context_loss` of this rank's share `sequences` (laid out, maybe none), the sums added over
     `world`'s ranks: what `compat` calls after each rank encoded only its own books."""
     error: Exception | None = None
+    rows: list[PositionSums] = []  # each sequence's own sums: the units of the `_stderr` bootstrap
     try:
         with preserved_model_state(model):
             if sequences:
                 result = StreamingEvaluator(model, config, hooks=ttt_hooks(model)).evaluate(sequences)
                 sums, report = PositionSums.from_result(result), result.report
+                rows = [PositionSums.from_result(result.row(i)) for i in range(len(sequences))
+                        if i not in result.failed]
             else:  # more ranks than sequences
                 sums, report = PositionSums.empty(_stream_names(model)), {"skipped": "no sequence for this rank"}
     except Exception as exc:  # every rank must learn that one failed, or the others wait in all_reduce forever
@@ -111,9 +116,11 @@ def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalCo
         error = exc
     if world.size > 1:
         _agree_on_failure(error, world)
+        rows = [row for part in gather(rows, world) for row in part]
     sums = all_reduce_sums(sums, world)
-    metrics, curves = metrics_of(sums, context=model.context, window=config.window,
-                                 weights=config.weights_for(model.dep_q))
+    weights = config.weights_for(model.dep_q)
+    metrics, curves = metrics_of(sums, context=model.context, window=config.window, weights=weights)
+    flat_stderr(rows, [str(i) for i in range(len(rows))], metrics, codebook_weights=weights)  # adds `{key}_stderr`
     return {
         **metrics["flat"],
         PER_POSITION: curves_as_lists(curves),

@@ -61,8 +61,10 @@ import torch
 
 from .core.result import EvalResult
 
-__all__ = ["FLAT_DEFINITIONS", "FLAT_VERSION", "PositionSums", "TEXT", "compute_metrics", "log_slope", "metrics_of",
-           "position_means", "window_means"]
+__all__ = [
+    "FLAT_DEFINITIONS", "FLAT_SLOPE_KEYS", "FLAT_VERSION", "PositionSums", "TEXT", "compute_metrics",
+    "flat_loss_windows", "log_slope", "metrics_of", "position_means", "slope_windows", "window_bounds", "window_means",
+]
 
 TEXT = "text"  # the stream name of text losses; every other stream name is an audio codebook
 
@@ -73,6 +75,7 @@ _FLAT_SLOPE_RANGES: dict[str, tuple[float, float | None]] = {
     "librilight_slope_middle": (8000, 16000),
     "librilight_slope_late": (16000, 24000),
 }
+FLAT_SLOPE_KEYS = tuple(_FLAT_SLOPE_RANGES)
 _FLAT_STEP = 1000  # librilight_loss_{n}k is centered on n * 1000 frames
 
 # The flat keys' definitions: version 2 (this module); version 1 is what legacy paper-metrics code logged under the
@@ -241,7 +244,8 @@ def _segment_mean(curve: np.ndarray, start: int, end: int) -> float:
     return float(seg[ok].sum() / n) if n else math.nan
 
 
-def _window_bounds(T: int, window: int) -> list[tuple[int, int]]:
+def window_bounds(T: int, window: int) -> list[tuple[int, int]]:
+    """(start, end) of the tiled windows over [0, T) (a trailing partial window kept if it holds half a window)."""
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an int >= 1 (frames), got {window!r}")
     bounds = [(i * window, (i + 1) * window) for i in range(T // window)]
@@ -254,7 +258,7 @@ def _window_bounds(T: int, window: int) -> list[tuple[int, int]]:
 def window_means(curve: np.ndarray, window: int) -> list[tuple[int, int, float]]:
     """(start, end, mean) of each tiled window of `curve`; the mean is over positions with a value (NaN if none)."""
     curve = np.asarray(curve, dtype=np.float64)
-    return [(a, b, _segment_mean(curve, a, b)) for a, b in _window_bounds(len(curve), window)]
+    return [(a, b, _segment_mean(curve, a, b)) for a, b in window_bounds(len(curve), window)]
 
 
 def log_slope(centers: Sequence[float], values: Sequence[float]) -> float | None:
@@ -287,8 +291,8 @@ def _pooled(sums: PositionSums, rows: list[int], w: np.ndarray | None = None) ->
     return float((w * s).sum() / den) if den > 0 else math.nan
 
 
-def _windows_slope(windows: list[dict[str, Any]], keep, key: str = "combined") -> float | None:
-    chosen = [(win["center"], win[key]) for win in windows if keep(win) and win[key] is not None]
+def _windows_slope(windows: list[dict[str, Any]], key: str = "combined") -> float | None:
+    chosen = [(win["center"], win[key]) for win in windows if win[key] is not None]
     if len(chosen) < 2:
         return None
     return log_slope([c for c, _ in chosen], [v for _, v in chosen])
@@ -305,7 +309,7 @@ def compute_metrics(
     if not (isinstance(context, int) and context >= 0):
         raise ValueError(f"context must be an int >= 0 (frames of attention context), got {context!r}")
     T = sums.frames
-    bounds = _window_bounds(T, window)
+    bounds = window_bounds(T, window)
     audio = _audio_indices(sums)
     w = _check_weights(codebook_weights, len(audio))
     curves = position_means(sums, codebook_weights)
@@ -335,14 +339,11 @@ def compute_metrics(
     if T > 0:
         first_frames[str(T)] = _json(_segment_mean(curves["combined"], 0, T))
 
-    slopes = {
-        "all": _windows_slope(windows, lambda win: True),
-        "before_context": _windows_slope(windows, lambda win: win["end"] <= context),
-        "after_context": _windows_slope(windows, lambda win: win["start"] >= context),
-    }
+    chosen = slope_windows(bounds, context, T)
+    slopes = {key: _windows_slope([windows[i] for i in chosen[key]]) for key in _CONTEXT_SLOPES}
 
-    curve = "weighted" if w is not None else "combined"  # the flat keys follow the loss the model trains on
-    flat = _flat_keys(curves[curve], windows, window, sums.n_sequences, curve)
+    curve = flat_curve(w is not None)  # the flat keys follow the loss the model trains on
+    flat = _flat_keys(curves[curve], windows, chosen, window, sums.n_sequences, curve)
     if overall.get(curve) is not None:
         flat["librilight_loss_overall"] = overall[curve]
     return {
@@ -360,6 +361,11 @@ def compute_metrics(
     }
 
 
+def flat_curve(weighted: bool) -> str:
+    """The curve the flat keys are read from: "weighted" when codebook weights are set, else "combined"."""
+    return "weighted" if weighted else "combined"
+
+
 def metrics_of(sums: PositionSums, *, context: int, window: int, weights: Sequence[float] | None
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A run's metrics and per-position curves: what the CLI writes and the drop-in returns, computed once here."""
@@ -367,22 +373,46 @@ def metrics_of(sums: PositionSums, *, context: int, window: int, weights: Sequen
             position_means(sums, weights))
 
 
-def _flat_keys(curve: np.ndarray, windows: list[dict[str, Any]], window: int, n_sequences: int,
-               key: str) -> dict[str, Any]:
-    """The flat keys of `curve` (`key`: its name in each window: "combined" or "weighted")."""
-    T = len(curve)
-    flat: dict[str, Any] = {}
+_CONTEXT_SLOPES = ("all", "before_context", "after_context")  # the keys of compute_metrics' `slopes`
+
+
+def flat_loss_windows(T: int, window: int) -> dict[str, tuple[int, int]]:
+    """`librilight_loss_{n}k` -> (start, end) of its centered window, for every n whose window lies inside [0, T)."""
+    out: dict[str, tuple[int, int]] = {}
     n = 1
     while n * _FLAT_STEP - window // 2 + window <= T:
         start = n * _FLAT_STEP - window // 2
         if start >= 0:  # a window wider than 2000 frames cannot be centered on 1k
-            v = _segment_mean(curve, start, start + window)
-            if not math.isnan(v):
-                flat[f"librilight_loss_{n}k"] = v
+            out[f"librilight_loss_{n}k"] = (start, start + window)
         n += 1
-    for name, (lo, hi) in _FLAT_SLOPE_RANGES.items():
+    return out
+
+
+def slope_windows(bounds: list[tuple[int, int]], context: int, T: int) -> dict[str, list[int]]:
+    """Indices into the tiled windows `bounds` that each slope fits over: `all`, `before_context`, `after_context`
+    (compute_metrics' `slopes`) and the flat slope keys (`librilight_slope`, `_early`, ...)."""
+    centers = [(a + b) / 2 for a, b in bounds]
+    chosen = {
+        "all": list(range(len(bounds))),
+        "before_context": [i for i, (_, b) in enumerate(bounds) if b <= context],
+        "after_context": [i for i, (a, _) in enumerate(bounds) if a >= context],
+    }
+    for key, (lo, hi) in _FLAT_SLOPE_RANGES.items():
         top = T if hi is None else hi
-        slope = _windows_slope(windows, lambda win, lo=lo, top=top: lo <= win["center"] <= top, key)
+        chosen[key] = [i for i, c in enumerate(centers) if lo <= c <= top]
+    return chosen
+
+
+def _flat_keys(curve: np.ndarray, windows: list[dict[str, Any]], chosen: dict[str, list[int]], window: int,
+               n_sequences: int, key: str) -> dict[str, Any]:
+    """The flat keys of `curve` (`key`: its name in each window, "combined" or "weighted")."""
+    flat: dict[str, Any] = {}
+    for name, (start, end) in flat_loss_windows(len(curve), window).items():
+        v = _segment_mean(curve, start, end)
+        if not math.isnan(v):
+            flat[name] = v
+    for name in _FLAT_SLOPE_RANGES:
+        slope = _windows_slope([windows[i] for i in chosen[name]], key)
         if slope is not None:
             flat[name] = slope
     flat["librilight_samples"] = int(n_sequences)

@@ -113,7 +113,11 @@ def test_frame_mode_defaults_match_the_driver_and_metrics(tiny_model):
     laid[1, 1 : 1 + DEP_Q, :24] = b[0, :DEP_Q]
     direct = StreamingEvaluator(tiny_model, EvalConfig()).evaluate([laid[0], laid[1, :, :24]])
     sums = PositionSums.from_result(direct)
-    assert_close(result["metrics"], compute_metrics(sums, context=tiny_model.context, window=1000))
+    # issue 21: the metrics also carry the bootstrap's additions (uncertainty, its signature, warnings)
+    added = {"uncertainty", "bootstrap", "warnings"}
+    assert added <= set(result["metrics"]) and result["metrics"]["uncertainty"]["loss_combined"]["stderr"] > 0
+    assert_close({k: v for k, v in result["metrics"].items() if k not in added},
+                 compute_metrics(sums, context=tiny_model.context, window=1000))
     curves = position_means(sums)
     for name, curve in curves.items():
         expected = [int(v) if name == "count" else (None if math.isnan(v) else float(v)) for v in curve.tolist()]
@@ -293,3 +297,19 @@ def test_a_correct_model_passes_verification_by_default(tiny_model):
     report = result["report"]["verification"]
     assert report["passed"] and report["sequences"] == [0] and report["positions"] > 0
     assert _largest_gap_to_batch(tiny_model, codes, result) < 1e-4
+
+
+def test_flat_keys_get_stderr_companions_from_two_sequences_on(tiny_model):
+    """Issue 21: each flat loss and slope key gets `{key}_stderr` (a bootstrap over the sequences), for logging
+    error bars over training; one sequence gives none (nothing to resample)."""
+    g = torch.Generator().manual_seed(5)
+    codes = [torch.randint(0, CARD, (DEP_Q, T), generator=g) for T in (1100, 1060, 1120)]
+    result = evaluate_long_context_loss(tiny_model, codes, chunk_size=16, window=100, verify=False)
+    assert result["librilight_loss_1k_stderr"] > 0
+    assert "librilight_samples_stderr" not in result
+    assert {k.removesuffix("_stderr") for k in result if k.endswith("_stderr")} == {
+        k for k in result if k.startswith("librilight_") and not k.endswith("_stderr")} - {"librilight_samples"}
+    entry = result["metrics"]["uncertainty"]["librilight_loss_1k"]
+    assert entry["stderr"] == result["librilight_loss_1k_stderr"] and entry["n_units"] == 3
+    alone = evaluate_long_context_loss(tiny_model, codes[:1], chunk_size=16, window=100, verify=False)
+    assert not any(k.endswith("_stderr") for k in alone)

@@ -44,6 +44,8 @@ from ..measure.preflight import PreflightError
 from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
 from ..report.summary import summary_table
+from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
+from ..stats.units import CLUSTERS
 from .checks import check_run
 from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock
@@ -126,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: the CPUs this process "
                      "may use, from its affinity and cgroup quota, at most OMP_NUM_THREADS when set; a warning says "
                      "when other processes keep some busy); recorded in results.json")
+    stats = p.add_argument_group("error bars and comparisons (a cluster bootstrap over units)")
+    stats.add_argument("--cluster", choices=CLUSTERS, help="the unit of evidence that is "
+                       "resampled: frames within one file are correlated, so files, books or speakers are, never "
+                       "frames (default: book where the data names books, LibriLight's speaker/book layout or the "
+                       ".json beside the audio, else file)")
+    stats.add_argument("--bootstrap", type=int, metavar="B", help="resamples for the standard errors, 95%% intervals "
+                       f"and paired comparisons (default {DEFAULT_B}; 0: none)")
+    stats.add_argument("--bootstrap-seed", type=int, metavar="N",
+                       help=f"seed of the resample matrix (default {DEFAULT_SEED}), recorded in the signature")
+    stats.add_argument("--baseline", metavar="LABEL", help="the model every other model is compared with (default: "
+                       "the first --model)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="output directory (default ./fused_stream_out)")
     out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win): options by "
@@ -184,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             if world.is_main:  # under the lock
                 paths = write_reports(settings.out, outcome.runs, config=settings.as_dict(), data=outcome.data,
                                       seed=settings.seed, failed=outcome.failed,
-                                      environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")))
+                                      environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")),
+                                      bootstrap=outcome.bootstrap, sequences=outcome.sequences)
     except Interrupted as stop:
         if not started:
             print(f"interrupted ({stop}) before the run started: nothing was evaluated or written", file=sys.stderr)
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not world.is_main:
         return outcome.exit_code(settings)
     if settings.verbosity >= 0:
-        print(summary_table(outcome.runs))
+        print(summary_table(outcome.runs, outcome.bootstrap))
     for failure in outcome.failed:
         print(f"failed: {failure['name']}: {failure['reason']}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

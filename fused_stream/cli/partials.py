@@ -99,6 +99,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def entry_path(directory: Path, name: str) -> Path:
+    """The file of sequence `name`'s saved result in a partial folder."""
+    return directory / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
+
+
+def read_saved(directory: Path, name: str) -> dict[str, Any] | None:
+    """Sequence `name`'s saved entry as it is on disk (its name, frames, `codes_sha256`, sums, metrics), or None
+    when there is none: for reading a finished run's results, not for resuming (which checks codes and sources)."""
+    path = entry_path(directory, name)
+    if not path.exists():
+        return None
+    entry = torch.load(path, map_location="cpu", weights_only=True)
+    return entry if isinstance(entry, dict) and entry.get("name") == name else None
+
+
 class PartialStore:
     """The per-sequence results of one model's run under `out/partial/<store name of label>/`."""
 
@@ -113,7 +128,7 @@ class PartialStore:
         atomic_write(self.dir / RUN_FILE, (json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n").encode())
 
     def _path(self, name: str) -> Path:
-        return self.dir / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
+        return entry_path(self.dir, name)
 
     def load(self, name: str, codes: torch.Tensor, sources: list[str] | None = None) -> dict[str, Any] | None:
         """The saved entry of sequence `name` if it exists, was computed on exactly these codes and (given

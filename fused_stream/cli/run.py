@@ -21,6 +21,7 @@ from ..core.parity import ParityError
 from ..data.checkpoints import ResolvedHub
 from ..data.codes import EvalSequence
 from ..data.dataset import Dataset, load_dataset
+from ..data.librilight import sequence_meta
 from ..data.models import count_parameters, open_model
 from ..errors import DataError
 from ..metrics import TEXT, PositionSums, compute_metrics, metrics_of
@@ -28,8 +29,9 @@ from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
 from .distributed import World, all_reduce_sums, gather
-from .partials import PartialStore
+from .partials import PartialStore, partial_dir
 from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
+from .uncertainty import BootstrapSettings, ModelSequences, bootstrap_models, sequence_tables, unit_ids
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class RunOutcome:
     runs: list[ModelRun]
     data: list[dict[str, Any]]
     failed: list[dict[str, Any]]
+    bootstrap: dict[str, Any] | None = None  # results.json's `bootstrap` block, with the `comparisons`
+    sequences: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None  # per_sequence / per_window rows
 
     def exit_code(self, settings: Settings) -> int:
         return 1 if self.failed and not settings.keep_going else 0
@@ -83,7 +87,14 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
         gc.collect()
     data = sorted((d for part in gather(_data_list(dataset), world) for d in part), key=lambda d: d["index"])
     failed = sorted((f for part in gather(failed, world) for f in part), key=lambda f: f.get("index", -1))
-    return RunOutcome(runs, data, failed)
+    outcome = RunOutcome(runs, data, failed)
+    if world.is_main:  # from the saved partials of every rank, as `python -m fused_stream.compare` reads them
+        models = [ModelSequences(run.label, partial_dir(s.out, run.label), run.metrics,
+                                 run.metrics["flat_definitions"]["codebook_weights"]) for run in runs]
+        outcome.bootstrap = bootstrap_models(models, data, BootstrapSettings(s.cluster, s.bootstrap,
+                                                                              s.bootstrap_seed, s.baseline))
+        outcome.sequences = sequence_tables(models, data, unit_ids(data, outcome.bootstrap["unit"])[0])
+    return outcome
 
 
 def _evaluate_model(
@@ -151,7 +162,8 @@ def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:
 
 
 def _data_list(dataset: Dataset) -> list[dict[str, Any]]:
-    return [{"index": q.index, "name": q.name, "frames": q.frames, "sources": q.sources} for q in dataset.sequences]
+    return [{"index": q.index, "name": q.name, "frames": q.frames, "sources": q.sources,
+             **sequence_meta(q.name, q.sources)} for q in dataset.sequences]
 
 
 def _check_same_layout(model: Any, dataset: Dataset, label: str) -> None:

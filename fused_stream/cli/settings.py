@@ -26,6 +26,8 @@ from ..data.checkpoints import HubCheckpoint, is_hub_spec
 from ..data.models import MOSHI_FLAGS, model_source
 from ..data.selection import CLIENT_DEFAULTS, MODES, BookSelection
 from ..errors import DataError
+from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
+from ..stats.units import CLUSTERS
 from ..version import __version__
 from .finetune_config import read_config_values
 
@@ -75,6 +77,10 @@ class Settings:
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose, 2 debug
     threads: int | None = None  # torch's CPU threads; None: the CPUs this process may use (affinity, cgroup quota)
     config: str | None = None
+    cluster: str | None = None  # the bootstrap's unit: file, book, speaker (None: book where the data names books)
+    bootstrap: int = DEFAULT_B  # resamples of the cluster bootstrap (0: no error bars, no comparisons)
+    bootstrap_seed: int = DEFAULT_SEED  # seed of the resample matrix, recorded in the signature
+    baseline: str | None = None  # the model the others are compared with (None: the first)
 
     @property
     def synthetic(self) -> bool:
@@ -231,6 +237,12 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"--model: {exc}") from None
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two --model entries share a label ({', '.join(labels)}): name them LABEL=SPEC")
+    if s.cluster is not None and s.cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster must be one of {', '.join(CLUSTERS)}, got {s.cluster!r}")
+    if s.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0 (0: no error bars), got {s.bootstrap}")
+    if s.baseline is not None and s.baseline not in labels:
+        raise ConfigError(f"--baseline {s.baseline!r} is not a --model label (labels: {', '.join(labels)})")
     for entry in s.ttt:
         label = parse_ttt(entry)[0]
         if label not in labels:

@@ -9,6 +9,7 @@ on every machine and every rank. Nothing here decodes audio (that is `audio`); a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -138,3 +139,31 @@ def _relative(file: Path, root: Path) -> Path:
 
 def _stem_name(rel: Path) -> str:
     return rel.with_suffix("").as_posix()
+
+
+def sequence_meta(name: str, sources: list[str]) -> dict[str, str | None]:
+    """The speaker and book of a sequence, where its data names them (else None):
+
+    - LibriLight's per-file `.json` beside the first source audio file: `speaker` and `book_meta.id`;
+    - else LibriLight's layout, `speaker/book/chapter.flac`, when the sequence's name has a folder part (the file
+      lay below a book folder, or the sequence is a `--concat-chapters` book): the first source's folder is the
+      book, the folder above it the speaker. Audio files directly in the given folder, codes files and generated
+      sequences name no book.
+    """
+    meta: dict[str, str | None] = {"speaker": None, "book": None}
+    if not sources or Path(sources[0]).suffix.lower() not in AUDIO_SUFFIXES:
+        return meta
+    first = Path(sources[0])
+    try:
+        info = json.loads(first.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict):
+        book = info.get("book_meta")
+        book_id = book.get("id") if isinstance(book, dict) else None
+        meta["speaker"] = None if info.get("speaker") is None else str(info["speaker"])
+        meta["book"] = None if book_id is None else str(book_id)
+    if "/" in name and (meta["book"] is None or meta["speaker"] is None):
+        meta["book"] = meta["book"] or first.parent.name
+        meta["speaker"] = meta["speaker"] or (first.parent.parent.name or None)
+    return meta

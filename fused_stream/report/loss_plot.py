@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def plot_loss_curves(runs: list[ModelRun]) -> Figure:
+def plot_loss_curves(runs: list[ModelRun], comparisons: list[dict[str, Any]] | None = None) -> Figure:
     """Combined loss vs position for every run on one log-x axis: raw per-position line, window means, context.
 
     The figure is built without pyplot and drawn by an explicit Agg canvas: that is headless by construction and,
@@ -29,9 +30,13 @@ def plot_loss_curves(runs: list[ModelRun]) -> Figure:
     from matplotlib.figure import Figure
 
     check_runs(runs)
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    deltas = _window_deltas(comparisons or [])
+    fig = Figure(figsize=(10, 8.5 if deltas else 5.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if deltas:
+        ax, dax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        ax, dax = fig.add_subplot(), None
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for run, color in zip(runs, colors, strict=True):
         y = np.asarray(run.curves["combined"], dtype=np.float64)
@@ -42,6 +47,10 @@ def plot_loss_curves(runs: list[ModelRun]) -> Figure:
         if centers:
             ax.plot(centers, means, color=color, linewidth=2.0, marker="o", markersize=4,
                     label=f"{run.label} (window means)")
+        band = _window_band(run)
+        if band[0]:
+            ax.fill_between(band[0], band[1], band[2], color=color, alpha=0.2, linewidth=0,
+                            label=f"{run.label}: 95 % interval (bootstrap over units)")
     contexts = [run.context for run in runs]
     if len(set(contexts)) == 1:
         ax.axvline(contexts[0], color="0.3", linestyle="--", linewidth=1.0,
@@ -52,7 +61,9 @@ def plot_loss_curves(runs: list[ModelRun]) -> Figure:
                        label=f"{run.label}: attention context ({run.context} frames)")
     ax.set_xscale("log")
     ax.set_xlim(1, max(2, max(run.length() for run in runs), max(contexts) * 1.1))
-    ax.set_xlabel("frame position (12.5 frames/s, log scale)")
+    if dax is not None:
+        _delta_panel(dax, runs, deltas, dict(zip([r.label for r in runs], colors, strict=True)))
+    (dax or ax).set_xlabel("frame position (12.5 frames/s, log scale)")
     ax.set_ylabel("combined teacher-forced cross-entropy (nats)")
     ax.set_title(f"Loss vs position ({_sequences_text(runs)})")
     ax.grid(True, which="both", alpha=0.25)
@@ -60,11 +71,61 @@ def plot_loss_curves(runs: list[ModelRun]) -> Figure:
     return fig
 
 
-def loss_curve_png(runs: list[ModelRun]) -> bytes:
-    """The content of loss_curve.png: `plot_loss_curves(runs)` rendered at 120 dpi."""
+def loss_curve_png(runs: list[ModelRun], comparisons: list[dict[str, Any]] | None = None) -> bytes:
+    """The content of loss_curve.png: `plot_loss_curves(runs, comparisons)` rendered at 120 dpi."""
     buf = io.BytesIO()
-    plot_loss_curves(runs).savefig(buf, format="png", dpi=120)
+    figure = plot_loss_curves(runs) if comparisons is None else plot_loss_curves(runs, comparisons)
+    figure.savefig(buf, format="png", dpi=120)
     return buf.getvalue()
+
+
+_WINDOW = re.compile(r"window_(\d+)_(\d+)")
+
+
+def _window_deltas(comparisons: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, float, float]]]:
+    """model -> [(center, delta, low, high)] of its window comparisons with the baseline that have an interval."""
+    out: dict[str, list[tuple[float, float, float, float]]] = {}
+    for c in comparisons:
+        match = _WINDOW.fullmatch(str(c.get("metric")))
+        if match and c.get("delta") is not None and c.get("ci95"):
+            center = (int(match[1]) + int(match[2])) / 2
+            if center > 0:
+                out.setdefault(c["model"], []).append((center, c["delta"], c["ci95"][0], c["ci95"][1]))
+    return {model: sorted(points) for model, points in out.items()}
+
+
+def _delta_panel(ax: Any, runs: list[ModelRun], deltas: dict[str, list], colors: dict[str, str]) -> None:
+    """Each model's window-mean difference from the baseline with its paired 95 % band, and (right axis) how many
+    units cover each window: where the curves separate, and where the data thin out."""
+    for model, points in deltas.items():
+        x, d, lo, hi = (np.asarray(v) for v in zip(*points, strict=True))
+        color = colors.get(model, "C0")
+        ax.plot(x, d, color=color, marker="o", markersize=3, linewidth=1.5, label=f"{model} - baseline")
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_ylabel("Δ window mean (nats), 95 % paired band")
+    ax.grid(True, which="both", alpha=0.25)
+    baseline = next((run for run in runs if run.label not in deltas), runs[0])
+    covered = [(w["center"], w["units"]) for w in (baseline.metrics.get("windows") or [])
+               if w.get("units") is not None and w.get("center", 0) > 0]
+    if covered:
+        twin = ax.twinx()
+        twin.step([c for c, _ in covered], [u for _, u in covered], where="mid", color="0.5", linewidth=1.0,
+                  linestyle=":", label="units covering the window")
+        twin.set_ylabel("units covering the window", color="0.4")
+        twin.set_ylim(0, max(u for _, u in covered) * 1.1 + 1)
+        twin.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper right", fontsize="small")
+
+
+def _window_band(run: ModelRun) -> tuple[list[float], list[float], list[float]]:
+    """(center, low, high) of the run's windows that have a 95 % interval (from the bootstrap)."""
+    points = []
+    for window in run.metrics.get("windows") or []:
+        center, ci = window.get("center"), window.get("combined_ci95")
+        if center is not None and center > 0 and ci and all(v is not None and math.isfinite(v) for v in ci):
+            points.append((float(center), float(ci[0]), float(ci[1])))
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
 def _window_points(run: ModelRun) -> tuple[list[float], list[float]]:

@@ -24,24 +24,31 @@ from .model_run import ModelRun
 _DASH = "—"  # the table's "not available" cell
 
 
-def summary_table(runs: list[ModelRun]) -> str:
-    """A fixed-width text table, one column per model, for stdout. Absent or non-finite values show as "—"."""
+def summary_table(runs: list[ModelRun], bootstrap: dict[str, Any] | None = None) -> str:
+    """A fixed-width text table, one column per model, for stdout. Absent or non-finite values show as "—".
+
+    With the bootstrap, headline numbers read `value ± stderr`, the signature follows the table, and with two or
+    more models a comparison table (Δ, 95 % interval, p, wins k/N) follows it."""
     has_text = any("text" in (run.metrics.get("overall") or {}) for run in runs)
     rows: list[tuple[str, Callable[[ModelRun], str]]] = [
         ("frames (total)", lambda r: _fmt(total_frames(r), "{:,}")),
         ("sequences", lambda r: _fmt(r.metrics.get("n_sequences"), "{:,}")),
-        ("loss combined", lambda r: _fmt((r.metrics.get("overall") or {}).get("combined"), "{:.4f}")),
+        ("loss combined", lambda r: _pm(r, "loss_combined", (r.metrics.get("overall") or {}).get("combined"), 4)),
     ]
     if has_text:
-        rows.append(("loss text", lambda r: _fmt((r.metrics.get("overall") or {}).get("text"), "{:.4f}")))
+        rows.append(("loss text", lambda r: _pm(r, "loss_text", (r.metrics.get("overall") or {}).get("text"), 4)))
     for key in ("librilight_loss_8k", "librilight_loss_16k", "librilight_loss_24k"):
         def flat(r: ModelRun, key: str = key) -> str:
-            return _fmt((r.metrics.get("flat") or {}).get(key), "{:.4f}")
+            return _pm(r, key, (r.metrics.get("flat") or {}).get(key), 4)
 
         if any(flat(run) != _DASH for run in runs):  # a row no run reaches says nothing
             rows.append((key, flat))
+    rows.append(("librilight_slope",
+                 lambda r: _pm(r, "librilight_slope", (r.metrics.get("flat") or {}).get("librilight_slope"), 5, "+")))
+    if any(_uncertain(run, "per_unit_librilight_slope").get("value") is not None for run in runs):
+        rows.append(("  per-unit slope", lambda r: _pm(r, "per_unit_librilight_slope", _uncertain(
+            r, "per_unit_librilight_slope").get("value"), 5, "+")))
     rows += [
-        ("librilight_slope", lambda r: _fmt((r.metrics.get("flat") or {}).get("librilight_slope"), "{:+.5f}")),
         ("frames/s (steady)", lambda r: _fmt(steady_frames_per_second(r), "{:,.1f}")),
         ("frames/s (overall)", lambda r: _fmt(overall_frames_per_second(r), "{:,.1f}")),
         ("peak memory", lambda r: _bytes((r.driver_report.get("memory") or {}).get("peak_bytes"))),
@@ -56,7 +63,55 @@ def summary_table(runs: list[ModelRun]) -> str:
         return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule] + [line(row) for row in body])
+    text = "\n".join([line(header), rule] + [line(row) for row in body])
+    if bootstrap and bootstrap.get("signature"):
+        text += f"\n± = bootstrap standard error; {bootstrap['signature']}"
+    elif bootstrap and bootstrap.get("skipped"):
+        text += f"\nno error bars: {bootstrap['skipped']}"
+    if bootstrap and bootstrap.get("comparisons"):
+        text += "\n\n" + comparison_table(bootstrap["comparisons"])
+    return text
+
+
+# The comparisons the summary shows (results.json has every window and stream too).
+_HEADLINE = ("loss_combined", "loss_text", "librilight_loss_8k", "librilight_loss_16k", "librilight_loss_24k",
+             "librilight_slope", "per_unit_librilight_slope", "slope_after_context")
+
+
+def comparison_table(comparisons: list[dict[str, Any]]) -> str:
+    """Δ = model - baseline, its paired 95 % interval, p and wins k/N for the headline metrics."""
+    shown = [c for key in _HEADLINE for c in comparisons if c["metric"] == key and c.get("delta") is not None]
+    if not shown:
+        return ""
+    header = ["metric", "model", "Δ vs " + shown[0]["baseline"], "95 % interval", "p", "lower k/N"]
+    body = []
+    for c in shown:
+        digits = 5 if "slope" in c["metric"] else 4
+        ci = c.get("ci95")
+        interval = f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else _DASH
+        p = _DASH if c.get("p_value") is None else f"{c['p_value']:.3f}"
+        body.append([c["metric"], c["model"], f"{c['delta']:+.{digits}f}", interval, p,
+                     f"{c['wins']}/{c['n_units']}"])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
+                                                                                                   strict=True)))
+             for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + ["p: paired bootstrap, two-sided; p < 0.05 means the models differ on these units, "
+                               "not that one is better. lower k/N: units where the model's own value is lower."])
+
+
+def _uncertain(run: ModelRun, key: str) -> dict[str, Any]:
+    return (run.metrics.get("uncertainty") or {}).get(key) or {}
+
+
+def _pm(run: ModelRun, key: str, value: Any, digits: int, sign: str = "") -> str:
+    """`value ± stderr` when the run has a standard error for `key`, else the value."""
+    cell = _fmt(value, f"{{:{sign}.{digits}f}}")
+    stderr = _uncertain(run, key).get("stderr")
+    if cell == _DASH or stderr is None or not math.isfinite(stderr):
+        return cell
+    return f"{cell} ± {stderr:.{digits}f}"
 
 
 def total_frames(run: ModelRun) -> int | None:

@@ -73,3 +73,19 @@ def test_group_chapters_from_a_speaker_or_a_book_folder():
     assert group_chapters(chapters + [root / "7/notes.wav"], root / "7") == [*expected, ("notes", [root /
                                                                                                    "7/notes.wav"])]
     assert group_chapters(chapters[:2] + chapters[3:], root / "7/b") == expected[1:]  # a book folder
+
+
+def test_sequence_meta_reads_the_json_beside_the_audio_else_the_layout(tmp_path):
+    from fused_stream.data.librilight import sequence_meta
+
+    chapter = tmp_path / "103" / "1240" / "ch_1.flac"
+    chapter.parent.mkdir(parents=True)
+    chapter.write_bytes(b"")
+    assert sequence_meta("103/1240/ch_1", [str(chapter)]) == {"speaker": "103", "book": "1240"}
+    assert sequence_meta("103/1240", [str(chapter)]) == {"speaker": "103", "book": "1240"}  # a concatenated book
+    chapter.with_suffix(".json").write_text('{"speaker": "7", "book_meta": {"id": "555"}, "snr": 9.1}')
+    assert sequence_meta("103/1240/ch_1", [str(chapter)]) == {"speaker": "7", "book": "555"}
+    flat = tmp_path / "a.flac"
+    assert sequence_meta("a", [str(flat)]) == {"speaker": None, "book": None}  # no folder names a book
+    assert sequence_meta("x/y", [str(tmp_path / "x" / "y.pt")]) == {"speaker": None, "book": None}  # codes
+    assert sequence_meta("generated_0", []) == {"speaker": None, "book": None}

@@ -37,3 +37,27 @@ def test_different_contexts_get_one_line_each():
     fig = plot_loss_curves([make_run("a", 20, context=8), make_run("b", 20, context=12)])
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "a: attention context (8 frames)" in legend and "b: attention context (12 frames)" in legend
+
+
+def test_bands_and_a_delta_panel_with_the_units_covering_each_window():
+    runs = [make_run("base", 40), make_run("ttt", 40, seed=1)]
+    for run in runs:
+        run.metrics["windows"][0].update(combined_ci95=[2.9, 3.1], units=5)
+        run.metrics["windows"][1].update(combined_ci95=None, units=2)
+    runs[1].metrics["windows"].append({"start": 30, "end": 40, "center": 35.0, "combined": 2.5,
+                                       "combined_ci95": [2.4, 2.6], "units": 2})
+    comparisons = [{"model": "ttt", "baseline": "base", "metric": "window_0_20", "delta": -0.1, "ci95": [-0.2, 0.0]},
+                   {"model": "ttt", "baseline": "base", "metric": "window_20_40", "delta": -0.3,
+                    "ci95": [-0.5, -0.1]},
+                   {"model": "ttt", "baseline": "base", "metric": "loss_combined", "delta": -0.2, "ci95": [-1, 1]}]
+    fig = plot_loss_curves(runs, comparisons)
+    top, delta, units = fig.axes  # the curves, the Δ panel, its right axis of covering units
+    bands = [c for c in top.collections if "95 %" in c.get_label()]
+    assert len(bands) == 2  # one band per model, over the windows that have an interval
+    lines = {line.get_label(): line for line in delta.get_lines()}
+    assert list(lines["ttt - baseline"].get_xdata()) == [10.0, 30.0]
+    assert list(lines["ttt - baseline"].get_ydata()) == [-0.1, -0.3]
+    assert len(delta.collections) == 1  # the paired band
+    (coverage,) = units.get_lines()
+    assert list(coverage.get_ydata()) == [5, 2]  # the baseline's windows
+    assert len(plot_loss_curves(runs).axes) == 1  # without comparisons: one panel, as before

@@ -63,3 +63,22 @@ def test_speed_rows_sum_the_ranks_and_a_rank_without_a_rate_is_unknown():
     run.driver_report["ranks"][1]["throughput"] = {"steady_frames_per_second": None}  # too few samples on a rank
     rows = {line[:20].strip(): line[20:].split() for line in summary_table([run]).splitlines()[2:]}
     assert rows["frames/s (steady)"] == ["—"] and rows["frames/s (overall)"] == ["30.0"]
+
+
+def test_values_carry_their_stderr_and_the_comparison_table_follows():
+    from fused_stream.report.summary import summary_table
+
+    base, new = make_run("base", 40), make_run("new", 40, seed=1)
+    new.metrics["uncertainty"] = {"loss_combined": {"value": 3.14159265, "stderr": 0.0123, "ci95": [3.1, 3.2]}}
+    comparisons = [{"model": "new", "baseline": "base", "metric": "loss_combined", "delta": -0.0421,
+                    "ci95": [-0.06, -0.02], "p_value": 0.001, "wins": 17, "n_units": 20},
+                   {"model": "new", "baseline": "base", "metric": "window_0_10", "delta": -0.1,
+                    "ci95": [-0.2, 0.0], "p_value": 0.2, "wins": 1, "n_units": 2}]
+    text = summary_table([base, new], {"signature": "method:x|B:1000|seed:1", "comparisons": comparisons})
+    loss_row = next(line for line in text.splitlines() if line.startswith("loss combined"))
+    assert "3.1416 ± 0.0123" in loss_row and loss_row.split()[2] == "3.1416"  # base: no stderr, the value alone
+    assert "method:x|B:1000|seed:1" in text
+    row = next(line for line in text.splitlines() if line.startswith("loss_combined"))
+    assert row.split() == ["loss_combined", "new", "-0.0421", "[-0.0600,", "-0.0200]", "0.001", "17/20"]
+    assert "window_0_10" not in text  # the JSON has every window; the table the headline numbers
+    assert "not that one is better" in text
