@@ -29,7 +29,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import Field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from ..report.summary import summary_table
 from .checks import check_run
 from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock
+from .partials import describe_saved
 from .run import evaluate_run
 from .settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_METAVARS = {"max_frames": "N", "verify_frames": "N", "codebook_weights": "W0,W1,..."}
+_METAVARS = {"max_frames": "N", "verify_frames": "N", "codebook_weights": "W0,W1,...", "checkpoint_every": "SECONDS"}
 
 
 def _argument(f: Field) -> dict[str, Any]:
@@ -184,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                 paths = write_reports(settings.out, outcome.runs, config=settings.as_dict(), data=outcome.data,
                                       seed=settings.seed, failed=outcome.failed,
                                       environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")))
-    except Interrupted as stop:
+    except (Interrupted, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a SIGINT before our handler, or re-raised
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
         if not started:
-            print(f"interrupted ({stop}) before the run started: nothing was evaluated or written", file=sys.stderr)
+            print(f"interrupted ({name}) before the run started: nothing was evaluated or written", file=sys.stderr)
         else:
-            print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'};"
-                  " run the same command again with --resume to continue", file=sys.stderr)
-        return 128 + stop.signum
+            print(f"interrupted ({name}): {describe_saved(settings.out)}", file=sys.stderr)
+        return 128 + signum
     except ParityError as exc:  # the model streams unlike its forward: no number of it is reported
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -211,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     return outcome.exit_code(settings)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM inside `main`. A BaseException, like KeyboardInterrupt: the `except Exception` that turns a
+    bad file into a recorded failure (data loading, Mimi, caches, partial results) must never catch the user's stop."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
