@@ -13,12 +13,11 @@ fingerprints they had; otherwise it is recomputed.
 Final metrics are always computed from these per-sequence files, added in data order, whether the run was
 interrupted or not: an interrupted-and-resumed run therefore gives bit-identical sums to an uninterrupted one.
 
-Beside them: `stream.pt` (+ `stream.json`, what it holds, for the interrupt message), the batch in progress saved
-mid-stream by the driver (`core.checkpoint`), removed when that batch is saved whole; and `sessions/<n>.json`, the
-report of each run that streamed here (throughput, verification, memory, ...), so that a resumed run's report still
-holds what the earlier runs measured. Each sequence's entry keeps its own part of the report (its TTT statistics,
-the session that computed it).
-"""
+Beside them: `batch_in_progress.torch` (+ `.json`: what it holds, for the interrupt message), the batch in progress
+saved mid-stream by the driver (`core.checkpoint`), removed when that batch is saved whole; and `sessions/<n>.json`,
+the report of each run that streamed here (throughput, verification, memory, ...), so that a resumed run's report
+still holds what the earlier runs measured. Each sequence's entry keeps its own part of the report (its TTT
+statistics, the session that computed it). """
 
 from __future__ import annotations
 
@@ -44,8 +43,8 @@ from .fingerprints import sources_fingerprint
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-STREAM_FILE = "stream.pt"  # the batch in progress, saved mid-stream
-STREAM_NOTE = "stream.json"  # what STREAM_FILE holds, readable without loading it
+STREAM_FILE = "batch_in_progress.torch"  # saved mid-stream; not *.pt, the finished sequences' suffix
+STREAM_NOTE = "batch_in_progress.json"  # what STREAM_FILE holds, readable without loading it
 SESSIONS = "sessions"
 
 
@@ -240,7 +239,7 @@ def describe_saved(out: str | Path) -> str:
     root = Path(out) / "partial"
     parts = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        done = sum(1 for p in folder.glob("*.pt") if p.name != STREAM_FILE)
+        done = len(list(folder.glob("*.pt")))
         text = f"{folder.name}: {done} sequence{'s' if done != 1 else ''} finished"
         try:
             note = json.loads((folder / STREAM_NOTE).read_text()) if (folder / STREAM_FILE).exists() else None

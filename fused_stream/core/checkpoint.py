@@ -2,13 +2,13 @@
 
 Why: a batch's losses reach the caller only after its last call, and one LibriLight book is up to 45k frames, so
 saving at batch ends alone can lose hours. Every `checkpoint_every` seconds of streaming (host clock, checked
-between two calls: never inside a step or a captured graph) the driver copies to the host everything that moves
-from one call to the next — every module's streaming state (`state_snapshot.streaming_state_slots`: the KV ring
-caches with their offsets and masks, TTT fast weights, moshi's Python counters), the stream's device counter `pos`,
-its loss buffer so far and its loss counters, and the host call count that picks the ring's key count — and hands
-it to a `StreamCheckpoints` store (the CLI's `OUT/partial/<model>/stream.pt`). A later run that streams the same
-sequences in the same batch order opens the stream, resets it as for any batch, copies this state back *into* the
-same tensors (in place: a captured graph's addresses stay valid) and goes on from that call. The next calls then
+between two calls: never inside a step or a captured graph) the driver copies to the host everything that moves from
+one call to the next — every module's streaming state (`state_snapshot.streaming_state_slots`: the KV ring caches
+with their offsets and masks, TTT fast weights, moshi's Python counters), the stream's device counter `pos`, its
+loss buffer so far and its loss counters, and the host call count that picks the ring's key count — and hands it to
+a `StreamCheckpoints` store (the CLI's `OUT/partial/<model>/batch_in_progress.torch`). A later run that streams the
+same sequences in the same batch order opens the stream, resets it as for any batch, copies this state back *into*
+the same tensors (in place: a captured graph's addresses stay valid) and goes on from that call. The next calls then
 see exactly the tensors and counts they would have seen: the resumed batch's losses are bit-identical to an
 uninterrupted run's on a deterministic device (tested on the CPU).
 
