@@ -114,3 +114,54 @@ def test_nothing_saved_yet_is_said_plainly(audio_run, tmp_path, monkeypatch, cap
         assert main([*argv, "--out", str(out)]) == 143
     err = capsys.readouterr().err
     assert "nothing was saved yet" in err and "with --resume to continue" not in err
+
+
+def test_a_crash_mid_batch_loses_only_what_streamed_since_the_last_save(tmp_path):
+    """SIGKILL (no handler runs) in the middle of the run's one batch: --resume continues from the saved state."""
+    import subprocess
+    import sys
+    import time
+
+    argv = ["--generate", "2", "--frames", "400", "--threads", "1", "--checkpoint-every", "0", "-q"]
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "fused_stream.eval", *argv, "--out", str(whole)], check=True, env=env,
+                   timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "fused_stream.eval", *argv, "--out", str(out)], env=env)
+    note = out / "partial" / "tiny" / "batch_in_progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(note.read_text())["frames_done"] >= 100:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not list((out / "partial" / "tiny").glob("*.pt")), "the kill should land inside the one batch"
+    subprocess.run([sys.executable, "-m", "fused_stream.eval", *argv, "--out", str(out), "--resume"], check=True,
+                   env=env, timeout=600)
+    resumed, expected = (json.loads((d / "results.json").read_text())["models"][0] for d in (out, whole))
+    assert resumed["metrics"] == expected["metrics"]  # bit-identical float64 sums
+    assert resumed["report"]["resumed_calls"] >= 100  # at most the calls since the last save were redone
+
+
+def test_every_handler_that_catches_an_interrupt_raises_it_again():
+    """`except BaseException` (or a bare except) would catch Ctrl-C / SIGTERM: each must end by re-raising. Broad
+    `except Exception` handlers cannot catch them (KeyboardInterrupt and the CLI's Interrupted are BaseExceptions)."""
+    import ast
+    from pathlib import Path
+
+    import fused_stream
+
+    offenders = []
+    for path in Path(fused_stream.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ExceptHandler):
+                continue
+            broad = node.type is None or isinstance(node.type, ast.Name) and node.type.id == "BaseException"
+            if broad and not isinstance(node.body[-1], ast.Raise):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+    assert issubclass(cli_main.Interrupted, BaseException) and not issubclass(cli_main.Interrupted, Exception)
