@@ -113,8 +113,11 @@ def _short(value: Any) -> str:
 class PartialStore:
     """The per-sequence results of one model's run under `out/partial/<store name of label>/`."""
 
-    def __init__(self, out: str | Path, label: str, fingerprint: dict[str, Any], *, resume: bool) -> None:
+    def __init__(self, out: str | Path, label: str, fingerprint: dict[str, Any], *, resume: bool,
+                 rank: int = 0) -> None:
         self.dir = partial_dir(out, label)
+        # Files of one rank under torchrun (the batch in progress, the sessions): ranks share the folder.
+        self.rank_suffix = f".rank{rank}" if rank else ""
         self.fingerprint = to_jsonable(fingerprint)
         if resume:
             check_resume(self.dir, self.fingerprint)
@@ -128,7 +131,7 @@ class PartialStore:
 
     # --- the batch in progress (core.checkpoint.StreamCheckpoints)
     def load_stream(self) -> dict[str, Any] | None:
-        path = self.dir / STREAM_FILE
+        path = self._own(STREAM_FILE)
         if not path.exists():
             return None
         try:
@@ -139,31 +142,36 @@ class PartialStore:
         return state if isinstance(state, dict) else None
 
     def save_stream(self, state: dict[str, Any]) -> None:
-        _atomic_torch_save(state, self.dir / STREAM_FILE)
+        _atomic_torch_save(state, self._own(STREAM_FILE))
         note = {k: state.get(k) for k in ("frames_done", "frames_total")} | {"sequences": len(state["digests"]),
                                                                              "saved_at": time.time()}
-        atomic_write(self.dir / STREAM_NOTE, (json.dumps(note) + "\n").encode())
+        atomic_write(self._own(STREAM_NOTE), (json.dumps(note) + "\n").encode())
 
     def clear_stream(self) -> None:
         for name in (STREAM_NOTE, STREAM_FILE):  # the note first: it never describes a state that is gone
-            (self.dir / name).unlink(missing_ok=True)
+            self._own(name).unlink(missing_ok=True)
+
+    def _own(self, name: str) -> Path:
+        """This rank's file `name` (rank 0: `name` itself)."""
+        stem, dot, suffix = name.partition(".")
+        return self.dir / f"{stem}{self.rank_suffix}{dot}{suffix}"
 
     # --- the reports of the runs that streamed here
     def new_session(self) -> int:
         """The number of this run among those that streamed into this folder (1, 2, ...)."""
-        folder = self.dir / SESSIONS
+        folder = self._own(SESSIONS)
         folder.mkdir(exist_ok=True)
         numbers = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()]
         return max(numbers, default=0) + 1
 
     def save_session(self, session: int, report: dict[str, Any]) -> None:
-        path = self.dir / SESSIONS / f"{session}.json"
+        path = self._own(SESSIONS) / f"{session}.json"
         atomic_write(path, (json.dumps(to_jsonable(report), indent=1, sort_keys=True) + "\n").encode())
 
     def sessions(self) -> dict[int, dict[str, Any]]:
         """{session: its report} of every run that streamed here and saved its report, oldest first."""
         out = {}
-        for path in sorted((self.dir / SESSIONS).glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
+        for path in sorted(self._own(SESSIONS).glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
             try:
                 out[int(path.stem)] = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
@@ -241,14 +249,18 @@ def describe_saved(out: str | Path) -> str:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         done = len(list(folder.glob("*.pt")))
         text = f"{folder.name}: {done} sequence{'s' if done != 1 else ''} finished"
-        try:
-            note = json.loads((folder / STREAM_NOTE).read_text()) if (folder / STREAM_FILE).exists() else None
-        except (OSError, ValueError):
-            note = None
-        if isinstance(note, dict) and note.get("frames_done"):
+        notes = []
+        for path in sorted(folder.glob("batch_in_progress*.json")):  # one per rank
+            try:
+                note = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(note, dict) and note.get("frames_done"):
+                notes.append(note)
+        for note in notes:
             text += (f", and a batch of {note.get('sequences')} at frame {note['frames_done']} of "
                      f"{note.get('frames_total')}")
-        if done or note:
+        if done or notes:
             parts.append(text)
     if not parts:
         return ("nothing was saved yet (no sequence or batch state finished saving): running the command again "

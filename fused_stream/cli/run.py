@@ -144,7 +144,7 @@ def _open_store(s: Settings, world: World, label: str, fingerprint: dict[str, An
     """Rank 0 prepares OUT/partial/<label> (fresh, or checked for --resume) before the other ranks use it."""
     store = PartialStore(s.out, label, fingerprint, resume=s.resume) if world.is_main else None
     gather(None, world)  # a barrier
-    return store or PartialStore(s.out, label, fingerprint, resume=True)
+    return store or PartialStore(s.out, label, fingerprint, resume=True, rank=world.rank)
 
 
 def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:

@@ -126,6 +126,8 @@ def saved_batch_first(
         free.setdefault(digest, []).append(i)
     saved_digests = state.get("digests") or []
     rows = [free[d].pop(0) for d in saved_digests if free.get(d)]
+    if not rows:  # a batch that was saved whole after its last save: nothing of it is left to do
+        return queue, None
     if len(rows) != len(saved_digests) or len(rows) > batch_size:
         why = "its sequences are not all among these" if len(rows) != len(saved_digests) else (
             f"its batch of {len(saved_digests)} exceeds this run's batch size {batch_size}")
