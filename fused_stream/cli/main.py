@@ -9,12 +9,14 @@ or --codes (pre-tokenized codes files). Every run first checks a prefix of its d
 
 Outputs (--out): results.json (metrics, config, versions, timings, memory proof), per_position.csv, loss_curve.png,
 and a summary table on stdout. Several --model options run on identical data and are compared side by side.
-Every sequence is saved as soon as its batch is done: --resume continues an interrupted run; torchrun shards files.
+Every sequence is saved as soon as its batch is done, and the batch in progress every --checkpoint-every
+seconds: --resume continues an interrupted run where it was saved; torchrun shards files.
 Every input is checked before the first model loads (models, --ttt layers, codebook weights, data, a writable
 --out, --resume against what the saved results were made with), and a run holds OUT/.lock while it writes there.
 Exit codes: 0 done; 1 a model streams unlike its forward (the verification failed: nothing of it is reported) or
 some files failed (0 with --keep-going); 2 bad input, or --out in use by another run (nothing is written to --out
-then); 130/143 interrupted by SIGINT/SIGTERM (rerun with --resume).
+then); 130/143 interrupted by SIGINT/SIGTERM in any phase (the message says what is saved; rerun with
+--resume).
 """
 
 from __future__ import annotations
