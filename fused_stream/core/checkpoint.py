@@ -165,7 +165,8 @@ def _kind(value: Any) -> str:
 
 class Checkpointer:
     """When and what to save while a batch streams: a save is due `every` seconds after the batch started or after
-    the last save (host clock), and at least `SAVE_SHARE` times the last save's duration after it."""
+    the last save (host clock), and at least `SAVE_SHARE` times the last save's duration after it (every=0: after
+    every call)."""
 
     def __init__(self, store: StreamCheckpoints, every: float) -> None:
         self.store, self.every = store, every
@@ -187,7 +188,8 @@ class Checkpointer:
         took = time.monotonic() - start
         self.saves += 1
         self.seconds += took
-        self.interval = max(self.every, SAVE_SHARE * took)
+        # every=0 is the explicit "after every call" (tests, a debugging run): the cost is then the caller's choice.
+        self.interval = max(self.every, SAVE_SHARE * took) if self.every > 0 else 0.0
         self.max_interval = max(self.max_interval, self.interval)
         self.last = time.monotonic()
         log.debug("stream state saved at call %d of %d (%.2f s; next in %.0f s)", stream.calls_done, stream.n_calls,

@@ -97,8 +97,8 @@ class EvalConfig:
     # Read only with a store to save into (`evaluate(..., checkpoints=)`; the CLI's OUT/partial): core/checkpoint.py.
     checkpoint_every: float = _option(300.0, "seconds of streaming between two saves of the batch in progress "
                                              "(its whole streaming state), so that an interrupt or a crash loses at "
-                                             "most that much (default 300; 0: after every call; inf: only whole "
-                                             "batches)", parse=float)
+                                             "most that much (default 300; at least 10x the time a save takes; 0: "
+                                             "after every call; inf: only whole batches)", parse=float)
     monitor_interval: float = _option(0.1, "seconds between memory samples", cli=False)
     progress: Any = _option(False, "a tqdm bar (True) or a callback (calls done, total calls)", cli=False)
     device: str | None = _option(None, "move the model there first (None: where it is)", cli=False)

@@ -75,17 +75,21 @@ def _assert_same_as_uninterrupted(model, codes, saved, **options):
         assert torch.equal(text[:, :T].nan_to_num(-1), whole.text_losses[i, :, :T].nan_to_num(-1)), f"sequence {i}"
 
 
-@pytest.mark.parametrize(("calls", "options"), [
-    (7, {"batch_size": 2}),  # mid first batch (the longest two), before its verification pause
-    (55, {"batch_size": 2}),  # mid first batch, after the verified prefix: compared again from the restored losses
-    (75, {"batch_size": 2}),  # mid second batch, after the first was saved whole
-    (5, {"batch_size": 2, "chunk_size": 4}),  # chunk mode: ring caches of context + C - 1 slots
-    (9, {"batch_size": 3, "cuda_graphs": "rehearse"}),  # the graph control flow: restored in place, checked per call
+@pytest.mark.parametrize(("calls", "resumed_at", "options"), [
+    (7, 6, {"batch_size": 2}),  # mid first batch (the longest two), before its verification pause (call 40)
+    (55, 54, {"batch_size": 2}),  # mid first batch, after the verified prefix: compared from the restored losses
+    (75, 10, {"batch_size": 2}),  # mid second batch (call 11 of 37), after the first was saved whole
+    (5, 4, {"batch_size": 2, "chunk_size": 4}),  # chunk mode: ring caches of context + C - 1 slots
+    (9, 8, {"batch_size": 3, "cuda_graphs": "rehearse"}),  # the graph control flow: restored in place, checked
 ])
 def test_a_batch_interrupted_mid_stream_resumes_to_the_uninterrupted_losses(tiny_model, make_codes, one_torch_thread,
-                                                                           calls, options):
+                                                                           calls, resumed_at, options):
     codes = make_codes(tiny_model, [64, 50, 37], seed=3)
-    saved, _ = _run_interrupted(tiny_model, codes, calls, **options)
+    saved, result = _run_interrupted(tiny_model, codes, calls, **options)
+    assert result.report["resumed_calls"] == resumed_at  # checkpoint_every=0: saved after every call but the last
+    # The first row of the first batch is always verified: after the verification pause (calls=55), on the losses
+    # the interrupted run streamed and the resumed one restored.
+    assert result.report["verification"]["passed"] and 0 in result.report["verification"]["sequences"]
     _assert_same_as_uninterrupted(tiny_model, codes, saved, **options)
 
 
