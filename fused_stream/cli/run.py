@@ -123,7 +123,7 @@ def _evaluate_model(
         except Exception:
             raise
         except BaseException:  # an interrupt (not an Exception): label what this run finished, then stop
-            store.save_session(session, {"interrupted": True, "sequences": done})
+            store.save_session(session, (evaluator.interrupted_report or {"interrupted": True}) | {"sequences": done})
             raise
         report = dict(result.report, **report)
         report.pop("ttt", None)  # rebuilt per sequence from the saved entries below, in data order

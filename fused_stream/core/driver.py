@@ -93,6 +93,7 @@ class StreamingEvaluator:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
         self.hooks = dict(hooks or {})
+        self.interrupted_report: dict | None = None  # set when an interrupt stops `evaluate`: what it measured
         self.plan: Plan = make_plan(self.config, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
 
     @property
@@ -142,6 +143,8 @@ class StreamingEvaluator:
         progress.monitor = monitor
         oom: list[dict] = []
         batches = 0
+        verification = None
+        self.interrupted_report = None
         start = time.perf_counter()
         try:
             # Before any Stream opens: a moshi module inside streaming() cannot run the reference's plain forward.
@@ -168,6 +171,21 @@ class StreamingEvaluator:
                         on_batch(rows, result)
                     if checkpoints is not None:  # the batch is saved whole now: its mid-stream state is obsolete
                         checkpoints.clear_stream()
+        except Exception:
+            raise
+        except BaseException:  # an interrupt: what this run measured until now, for the caller to keep
+            elapsed = time.perf_counter() - start
+            try:
+                self.interrupted_report = {
+                    "interrupted": True, "seconds": elapsed, "batches": batches,
+                    "frames_streamed": monitor.latest()[0], "memory": monitor.report(),
+                    "cuda_graphs": streams.report(cfg.cuda_graphs),
+                    "verification": verification.report(elapsed) if verification else None,
+                    "checkpoints": saver.report() if saver is not None else None, "out_of_memory": oom,
+                }
+            except Exception as exc:  # noqa: BLE001 - a report must never replace the interrupt being raised
+                self.interrupted_report = {"interrupted": True, "report_error": f"{type(exc).__name__}: {exc}"}
+            raise
         finally:
             progress.close()
             streams.close()
