@@ -244,7 +244,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def describe_saved(out: str | Path) -> str:
     """What an interrupted run leaves in OUT/partial and what a `--resume` would redo, for the interrupt message."""
-    root = Path(out) / "partial"
+    try:
+        return _describe_saved(Path(out) / "partial")
+    except OSError as exc:  # the message of an interrupt must not fail
+        return f"could not read what is saved in {Path(out) / 'partial'} ({one_line(exc)})"
+
+
+def _describe_saved(root: Path) -> str:
     parts = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         done = len(list(folder.glob("*.pt")))

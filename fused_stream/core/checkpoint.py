@@ -173,6 +173,7 @@ class Checkpointer:
         self.interval = every
         self.last = time.monotonic()
         self.saves = 0
+        self.failed: list[str] = []  # why saves failed (a full disk): the run goes on, the bound is then weaker
         self.seconds = 0.0
         self.max_interval = every
 
@@ -184,7 +185,14 @@ class Checkpointer:
 
     def save(self, stream: Any, digests: list[str]) -> None:
         start = time.monotonic()
-        self.store.save_stream(capture_state(stream, digests))
+        try:
+            self.store.save_stream(capture_state(stream, digests))
+        except OSError as exc:  # a full or lost disk must not end a run hours in; the previous save stays
+            self.failed.append(f"call {stream.calls_done}: {type(exc).__name__}: {exc}")
+            log.warning("could not save the batch in progress (%s): an interrupt now redoes this batch from its "
+                        "last saved state, if any; trying again in %.0f s", exc, self.interval)
+            self.last = time.monotonic()
+            return
         took = time.monotonic() - start
         self.saves += 1
         self.seconds += took
@@ -197,4 +205,4 @@ class Checkpointer:
 
     def report(self) -> dict[str, Any]:
         return {"every_seconds": self.every, "saves": self.saves, "save_seconds": self.seconds,
-                "longest_interval_seconds": self.max_interval}
+                "longest_interval_seconds": self.max_interval, "failed_saves": self.failed}

@@ -148,3 +148,16 @@ def test_without_a_store_or_with_inf_nothing_is_saved_mid_batch(tiny_model, make
     result = StreamingEvaluator(tiny_model, EvalConfig(checkpoint_every=float("inf"))).evaluate(codes,
                                                                                                 checkpoints=store)
     assert store.saves == 0 and result.report["checkpoints"]["saves"] == 0
+
+
+def test_a_save_that_fails_on_disk_is_reported_and_the_run_goes_on(tiny_model, make_codes, caplog):
+    class FullDisk(MemoryStore):
+        def save_stream(self, state):
+            raise OSError(28, "No space left on device")
+
+    codes = make_codes(tiny_model, [20], seed=2)
+    result = StreamingEvaluator(tiny_model, EvalConfig(checkpoint_every=0)).evaluate(codes, checkpoints=FullDisk())
+    whole = StreamingEvaluator(tiny_model, EvalConfig()).evaluate(codes)
+    assert torch.equal(result.losses.nan_to_num(-1), whole.losses.nan_to_num(-1))
+    assert len(result.report["checkpoints"]["failed_saves"]) == 19 and result.report["checkpoints"]["saves"] == 0
+    assert "No space left on device" in caplog.text and "could not save the batch in progress" in caplog.text
