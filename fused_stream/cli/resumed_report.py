@@ -28,8 +28,9 @@ def resumed_report(report: dict[str, Any], entries: list[dict[str, Any]], sessio
     own = [entry_report(entry) for entry in entries]
     resumed = [part.get("session") != current or current is None for part in own]
     out = dict(report)
-    if current is None:  # nothing streamed now: the run-level report is the latest earlier run's that finished
-        finished = [n for n, rep in sessions.items() if not rep.get("interrupted")]
+    if current is None:  # nothing streamed now: the run-level report is the latest earlier run's that finished,
+        # else (every earlier run was interrupted, the last after saving its last sequence) the latest one's
+        finished = [n for n, rep in sessions.items() if not rep.get("interrupted")] or list(sessions)
         if finished:
             out = {k: v for k, v in sessions[finished[-1]].items() if k != "sequences"} | out
             out["report_of_session"] = finished[-1]
