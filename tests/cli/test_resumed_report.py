@@ -92,3 +92,21 @@ def test_an_uninterrupted_runs_ttt_statistics_are_the_trackers_labelled_by_seque
     for layer, stats in report["ttt"]["layers"].items():
         assert stats["updates_applied"] == tracker["layers"][layer]["updates_applied"]
         assert stats["relative_change"] == pytest.approx(tracker["layers"][layer]["relative_change"], rel=1e-6)
+
+
+def test_when_every_earlier_run_was_interrupted_its_measurements_are_the_report():
+    """Every sequence saved by a run interrupted afterwards (before its report): the resumed run streams nothing and
+    reports what that run measured, marked."""
+    from fused_stream.cli.resumed_report import resumed_report
+
+    entries = [{"name": name, "frames": 10, "metrics": {"combined": 1.0},
+                "report": json.dumps({"session": 1, "ttt": {"L": {"updates_applied": 10, "relative_change": 0.5}}})}
+               for name in ("a", "b")]
+    sessions = {1: {"interrupted": True, "sequences": ["b", "a"], "memory": {"peak_bytes": 7}, "seconds": 3.0}}
+    report = resumed_report({"device": "cpu", "resumed_sequences": 2}, entries, sessions, None)
+    assert report["report_of_session"] == 1 and report["memory"] == {"peak_bytes": 7} and report["device"] == "cpu"
+    assert [(f["name"], f["session"], f["resumed"]) for f in report["per_file"]] == [("a", 1, True), ("b", 1, True)]
+    assert report["resumed"] == {"sequences": 2, "sessions": {"1": sessions[1]}}
+    assert report["ttt"]["layers"]["L"] == {"sequences": ["a", "b"], "updates_applied": [10, 10],
+                                            "relative_change": [0.5, 0.5], "weights_changed": True,
+                                            "resumed": [True, True]}
