@@ -9,12 +9,14 @@ or --codes (pre-tokenized codes files). Every run first checks a prefix of its d
 
 Outputs (--out): results.json (metrics, config, versions, timings, memory proof), per_position.csv, loss_curve.png,
 and a summary table on stdout. Several --model options run on identical data and are compared side by side.
-Every sequence is saved as soon as its batch is done: --resume continues an interrupted run; torchrun shards files.
+Every sequence is saved as soon as its batch is done, and the batch in progress every --checkpoint-every
+seconds: --resume continues an interrupted run where it was saved; torchrun shards files.
 Every input is checked before the first model loads (models, --ttt layers, codebook weights, data, a writable
 --out, --resume against what the saved results were made with), and a run holds OUT/.lock while it writes there.
 Exit codes: 0 done; 1 a model streams unlike its forward (the verification failed: nothing of it is reported) or
 some files failed (0 with --keep-going); 2 bad input, or --out in use by another run (nothing is written to --out
-then); 130/143 interrupted by SIGINT/SIGTERM (rerun with --resume).
+then); 130/143 interrupted by SIGINT/SIGTERM in any phase (the message says what is saved; rerun with
+--resume).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import Field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from ..stats.units import CLUSTERS
 from .checks import check_run
 from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock
+from .partials import describe_saved
 from .run import evaluate_run
 from .settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_METAVARS = {"max_frames": "N", "verify_frames": "N", "codebook_weights": "W0,W1,..."}
+_METAVARS = {"max_frames": "N", "verify_frames": "N", "codebook_weights": "W0,W1,...", "checkpoint_every": "SECONDS"}
 
 
 def _argument(f: Field) -> dict[str, Any]:
@@ -199,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                                       seed=settings.seed, failed=outcome.failed,
                                       environment=environment_info(outcome.runs[0].driver_report.get("device", "cpu")),
                                       bootstrap=outcome.bootstrap, sequences=outcome.sequences)
-    except Interrupted as stop:
+    except (Interrupted, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a SIGINT before our handler, or re-raised
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
         if not started:
-            print(f"interrupted ({stop}) before the run started: nothing was evaluated or written", file=sys.stderr)
+            print(f"interrupted ({name}) before the run started: nothing was evaluated or written", file=sys.stderr)
         else:
-            print(f"interrupted ({stop}): every sequence finished so far is saved in {Path(settings.out) / 'partial'};"
-                  " run the same command again with --resume to continue", file=sys.stderr)
-        return 128 + stop.signum
+            print(f"interrupted ({name}): {describe_saved(settings.out)}", file=sys.stderr)
+        return 128 + signum
     except ParityError as exc:  # the model streams unlike its forward: no number of it is reported
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -226,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     return outcome.exit_code(settings)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM inside `main`. A BaseException, like KeyboardInterrupt: the `except Exception` that turns a
+    bad file into a recorded failure (data loading, Mimi, caches, partial results) must never catch the user's stop."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum

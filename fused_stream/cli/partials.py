@@ -12,7 +12,12 @@ fingerprints they had; otherwise it is recomputed.
 
 Final metrics are always computed from these per-sequence files, added in data order, whether the run was
 interrupted or not: an interrupted-and-resumed run therefore gives bit-identical sums to an uninterrupted one.
-"""
+
+Beside them: `batch_in_progress.torch` (+ `.json`: what it holds, for the interrupt message), the batch in progress
+saved mid-stream by the driver (`core.checkpoint`), removed when that batch is saved whole; and `sessions/<n>.json`,
+the report of each run that streamed here (throughput, verification, memory, ...), so that a resumed run's report
+still holds what the earlier runs measured. Each sequence's entry keeps its own part of the report (its TTT
+statistics, the session that computed it). """
 
 from __future__ import annotations
 
@@ -20,14 +25,17 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import string
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import one_line
 from ..jsonio import atomic_write, to_jsonable
 from ..metrics import PositionSums
 from .fingerprints import sources_fingerprint
@@ -35,6 +43,9 @@ from .fingerprints import sources_fingerprint
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+STREAM_FILE = "batch_in_progress.torch"  # saved mid-stream; not *.pt, the finished sequences' suffix
+STREAM_NOTE = "batch_in_progress.json"  # what STREAM_FILE holds, readable without loading it
+SESSIONS = "sessions"
 
 
 class ResumeMismatchError(ValueError):
@@ -117,8 +128,11 @@ def read_saved(directory: Path, name: str) -> dict[str, Any] | None:
 class PartialStore:
     """The per-sequence results of one model's run under `out/partial/<store name of label>/`."""
 
-    def __init__(self, out: str | Path, label: str, fingerprint: dict[str, Any], *, resume: bool) -> None:
+    def __init__(self, out: str | Path, label: str, fingerprint: dict[str, Any], *, resume: bool,
+                 rank: int = 0) -> None:
         self.dir = partial_dir(out, label)
+        # Files of one rank under torchrun (the batch in progress, the sessions): ranks share the folder.
+        self.rank_suffix = f".rank{rank}" if rank else ""
         self.fingerprint = to_jsonable(fingerprint)
         if resume:
             check_resume(self.dir, self.fingerprint)
@@ -129,6 +143,55 @@ class PartialStore:
 
     def _path(self, name: str) -> Path:
         return entry_path(self.dir, name)
+
+    # --- the batch in progress (core.checkpoint.StreamCheckpoints)
+    def load_stream(self) -> dict[str, Any] | None:
+        path = self._own(STREAM_FILE)
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged state means: redo that batch (an interrupt is no Exception)
+            log.warning("the saved batch state %s is unreadable (%s): that batch is redone", path, one_line(exc))
+            return None
+        return state if isinstance(state, dict) else None
+
+    def save_stream(self, state: dict[str, Any]) -> None:
+        _atomic_torch_save(state, self._own(STREAM_FILE))
+        note = {k: state.get(k) for k in ("frames_done", "frames_total")} | {"sequences": len(state["digests"]),
+                                                                             "saved_at": time.time()}
+        atomic_write(self._own(STREAM_NOTE), (json.dumps(note) + "\n").encode())
+
+    def clear_stream(self) -> None:
+        for name in (STREAM_NOTE, STREAM_FILE):  # the note first: it never describes a state that is gone
+            self._own(name).unlink(missing_ok=True)
+
+    def _own(self, name: str) -> Path:
+        """This rank's file `name` (rank 0: `name` itself)."""
+        stem, dot, suffix = name.partition(".")
+        return self.dir / f"{stem}{self.rank_suffix}{dot}{suffix}"
+
+    # --- the reports of the runs that streamed here
+    def new_session(self) -> int:
+        """The number of this run among those that streamed into this folder (1, 2, ...)."""
+        folder = self._own(SESSIONS)
+        folder.mkdir(exist_ok=True)
+        numbers = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()]
+        return max(numbers, default=0) + 1
+
+    def save_session(self, session: int, report: dict[str, Any]) -> None:
+        path = self._own(SESSIONS) / f"{session}.json"
+        atomic_write(path, (json.dumps(to_jsonable(report), indent=1, sort_keys=True) + "\n").encode())
+
+    def sessions(self) -> dict[int, dict[str, Any]]:
+        """{session: its report} of every run that streamed here and saved its report, oldest first."""
+        out = {}
+        for path in sorted(self._own(SESSIONS).glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
+            try:
+                out[int(path.stem)] = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring the unreadable session report %s (%s)", path, one_line(exc))
+        return out
 
     def load(self, name: str, codes: torch.Tensor, sources: list[str] | None = None) -> dict[str, Any] | None:
         """The saved entry of sequence `name` if it exists, was computed on exactly these codes and (given
@@ -158,11 +221,70 @@ class PartialStore:
         return PositionSums.from_state_dict(entry["sums"])
 
     def save(self, name: str, codes: torch.Tensor, sums: PositionSums, metrics: dict[str, Any],
-             sources: list[str] | None = None) -> None:
+             sources: list[str] | None = None, report: dict[str, Any] | None = None) -> None:
+        """`report`: this sequence's part of the run's report (plain JSON data: its TTT statistics, its session)."""
         entry = {
             "name": name, "frames": int(codes.shape[-1]), "codes_sha256": codes_digest(codes),
             "sources": sources_fingerprint(sources or []), "sums": sums.state_dict(), "metrics": metrics,
+            "report": json.dumps(to_jsonable(report or {})),  # a string: weights_only loading takes any JSON
         }
         buffer = io.BytesIO()
         torch.save(entry, buffer)
         atomic_write(self._path(name), buffer.getvalue())
+
+
+def entry_report(entry: dict[str, Any]) -> dict[str, Any]:
+    """The sequence's part of the report saved with `entry` ({} for entries saved before reports were kept)."""
+    try:
+        report = json.loads(entry.get("report") or "{}")
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: never half a file, and no second copy in memory
+    (a saved stream state can be gigabytes)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def describe_saved(out: str | Path) -> str:
+    """What an interrupted run leaves in OUT/partial and what a `--resume` would redo, for the interrupt message."""
+    try:
+        return _describe_saved(Path(out) / "partial")
+    except OSError as exc:  # the message of an interrupt must not fail
+        return f"could not read what is saved in {Path(out) / 'partial'} ({one_line(exc)})"
+
+
+def _describe_saved(root: Path) -> str:
+    parts = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        done = len(list(folder.glob("*.pt")))
+        text = f"{folder.name}: {done} sequence{'s' if done != 1 else ''} finished"
+        notes = []
+        for path in sorted(folder.glob("batch_in_progress*.json")):  # one per rank
+            try:
+                note = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(note, dict) and note.get("frames_done"):
+                notes.append(note)
+        for note in notes:
+            text += (f", and a batch of {note.get('sequences')} at frame {note['frames_done']} of "
+                     f"{note.get('frames_total')}")
+        if done or notes:
+            parts.append(text)
+    if not parts:
+        return ("nothing was saved yet (no sequence or batch state finished saving): running the command again "
+                "starts over")
+    return (f"saved in {root}: {'; '.join(parts)}. Run the same command again with --resume to continue from there: "
+            "only what streamed after the last save (at most --checkpoint-every seconds) is redone")

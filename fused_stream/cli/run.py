@@ -30,6 +30,7 @@ from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore, partial_dir
+from .resumed_report import resumed_report, row_ttt
 from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
 from .uncertainty import BootstrapSettings, ModelSequences, bootstrap_models, sequence_tables, unit_ids
 
@@ -100,47 +101,62 @@ def evaluate_run(s: Settings, world: World, checks: Any) -> RunOutcome:
 def _evaluate_model(
     s: Settings, world: World, model: Any, label: str, fingerprint: dict[str, Any], sequences: list[EvalSequence]
 ) -> tuple[PositionSums, dict[str, Any], list[dict[str, Any]]]:
-    """This rank's sequences through one model, each saved when its batch ends; sums added in data order."""
+    """This rank's sequences through one model, each saved when its batch ends (the batch in progress every
+    `checkpoint_every` seconds); sums added in data order. The report is this run's, with what earlier runs
+    measured for the sequences they saved (`resumed_report`)."""
     store = _open_store(s, world, label, fingerprint)
     todo = [q for q in sequences if store.load(q.name, q.codes, q.sources) is None]
     if len(todo) < len(sequences):
         log.info("resume: %d of %d sequences already done for %s", len(sequences) - len(todo), len(sequences), label)
     report: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
                               "resumed_sequences": len(sequences) - len(todo)}
-    failed = []
+    failed, session = [], None
     if todo:
+        session = store.new_session()
+        hooks = ttt_hooks(model)
+        done: list[str] = []
+
         def save(rows: list[int], result: Any) -> None:  # called by the driver as soon as a batch is done
-            for row in rows:
+            ttt = hooks["ttt"].report() if "ttt" in hooks else None  # small: a few numbers per layer and sequence
+            for j, row in enumerate(rows):
                 one = PositionSums.from_result(result.row(row))
                 per_file = compute_metrics(one, context=model.context, window=s.eval.window)["overall"]
-                store.save(todo[row].name, todo[row].codes, one, per_file, todo[row].sources)
+                own = {"session": session} | ({"ttt": row_ttt(ttt, j - len(rows))} if ttt is not None else {})
+                store.save(todo[row].name, todo[row].codes, one, per_file, todo[row].sources, report=own)
+                done.append(todo[row].name)
 
         config = replace(s.eval, progress=s.progress and s.verbosity >= 0)
-        evaluator = StreamingEvaluator(model, config, hooks=ttt_hooks(model))
+        evaluator = StreamingEvaluator(model, config, hooks=hooks)
         try:  # the driver first checks a prefix against the batch path (EvalConfig.verify)
-            result = evaluator.evaluate([q.codes for q in todo], on_batch=save)
+            result = evaluator.evaluate([q.codes for q in todo], on_batch=save, checkpoints=store)
         except ParityError as exc:  # nothing of this model is reported; its message names the file
             exc.args = (f"model {label}: {exc.describe(todo[exc.sequence].name)}",)
             raise
+        except Exception:
+            raise
+        except BaseException:  # an interrupt (not an Exception): label what this run finished, then stop
+            store.save_session(session, (evaluator.interrupted_report or {"interrupted": True}) | {"sequences": done})
+            raise
         report = dict(result.report, **report)
+        report.pop("ttt", None)  # rebuilt per sequence from the saved entries below, in data order
+        store.save_session(session, {k: v for k, v in report.items() if k != "resumed_sequences"} | {"sequences": done})
         failed = [{"index": todo[row].index, "name": todo[row].name, "sources": todo[row].sources,
                    "reason": f"model {label}: {reason}"} for row, reason in sorted(result.failed.items())]
     names = [f"codebook_{k}" for k in range(model.dep_q)] + [TEXT]
-    sums, per_file = PositionSums.empty(names), []
+    sums, entries = PositionSums.empty(names), []
     for q in sequences:  # data order, whether computed now or resumed: the same float64 additions either way
         entry = store.load(q.name, q.codes, q.sources)
         if entry is not None:
             sums = sums.add(store.sums(entry))
-            per_file.append({"name": q.name, "frames": entry["frames"], **entry["metrics"]})
-    report["per_file"] = per_file
-    return sums, report, failed
+            entries.append(entry)
+    return sums, resumed_report(report, entries, store.sessions(), session), failed
 
 
 def _open_store(s: Settings, world: World, label: str, fingerprint: dict[str, Any]) -> PartialStore:
     """Rank 0 prepares OUT/partial/<label> (fresh, or checked for --resume) before the other ranks use it."""
     store = PartialStore(s.out, label, fingerprint, resume=s.resume) if world.is_main else None
     gather(None, world)  # a barrier
-    return store or PartialStore(s.out, label, fingerprint, resume=True)
+    return store or PartialStore(s.out, label, fingerprint, resume=True, rank=world.rank)
 
 
 def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:

@@ -94,6 +94,11 @@ class EvalConfig:
     verify_frames: int | None = _option(None, "frames of each verified sequence (default: automatic, a few percent "
                                               "of the run; N: min(N, the sequence's length), at least one "
                                               "compared frame)", parse=int)
+    # Read only with a store to save into (`evaluate(..., checkpoints=)`; the CLI's OUT/partial): core/checkpoint.py.
+    checkpoint_every: float = _option(300.0, "seconds of streaming between two saves of the batch in progress "
+                                             "(its whole streaming state), so that an interrupt or a crash loses at "
+                                             "most that much (default 300; at least 10x the time a save takes; 0: "
+                                             "after every call; inf: only whole batches)", parse=float)
     monitor_interval: float = _option(0.1, "seconds between memory samples", cli=False)
     progress: Any = _option(False, "a tqdm bar (True) or a callback (calls done, total calls)", cli=False)
     device: str | None = _option(None, "move the model there first (None: where it is)", cli=False)
@@ -136,6 +141,9 @@ class EvalConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices is not None:
                 _require(value in choices, f.name, f"one of {', '.join(choices)}", value)
+        every = self.checkpoint_every
+        _require(isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0, "checkpoint_every",
+                 "a number of seconds >= 0", every)
         _require(isinstance(self.monitor_interval, (int, float)) and self.monitor_interval > 0, "monitor_interval",
                  "a number of seconds > 0", self.monitor_interval)
         weights = self.codebook_weights

@@ -38,6 +38,7 @@ from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes,
 from ..measure.progress import Progress, mib
 from ..measure.throughput import throughput_report
 from .alignment import valid_masks
+from .checkpoint import Checkpointer, StreamCheckpoints, continue_saved, saved_batch_first, sequence_digest
 from .config import ConfigError, EvalConfig, Plan, make_plan
 from .foreign import chunk_refusal
 from .graphs import GraphCaptureError, GraphPool, verify_replay
@@ -93,6 +94,7 @@ class StreamingEvaluator:
             model.to(device=self.config.device, dtype=dtype)
         self.model = model
         self.hooks = dict(hooks or {})
+        self.interrupted_report: dict | None = None  # set when an interrupt stops `evaluate`: what it measured
         self.plan: Plan = make_plan(self.config, self.device)  # cuda_graphs="on" off CUDA: a clear error, now
         # Chunks are exact for moshi's layers; a layer the package does not know may update its state per frame.
         self.chunk_refusal = chunk_refusal(model)
@@ -103,13 +105,18 @@ class StreamingEvaluator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def evaluate(self, codes: torch.Tensor | list[torch.Tensor], on_batch: BatchFn | None = None) -> EvalResult:
+    def evaluate(
+        self, codes: torch.Tensor | list[torch.Tensor], on_batch: BatchFn | None = None,
+        checkpoints: StreamCheckpoints | None = None,
+    ) -> EvalResult:
         """Losses for codes [B, K, T] or a list of [K, T_i]; each sequence's result equals evaluating it alone.
 
         `on_batch(rows, result)` is called after each batch with the rows it filled (to save them at once). An
         out-of-memory error halves the batch size and retries; a sequence that fails alone lands in `result.failed`.
         With `verify` (the default), a prefix of the first batch's first sequences is checked against the batch path
         while it streams: a mismatch raises `core.parity.ParityError` before `on_batch` sees that batch.
+        `checkpoints` (`core.checkpoint`): the batch in progress is saved there every `checkpoint_every` seconds,
+        and a state saved by an earlier run for some of these sequences is continued first, from where it stopped.
         """
         model, cfg = self.model, self.config
         checked = check_codes(model, codes, cfg.invalid_tokens)
@@ -117,7 +124,14 @@ class StreamingEvaluator:
         preflight = self._preflight(lengths)
         plan = self.plan  # chunk_size="auto" is resolved now, for these lengths
         queue = deque(batches_by_length(lengths, preflight["batch_size"]))
+        digests, resume = None, None
+        if checkpoints is not None:
+            digests = [sequence_digest(s) for s in checked.sequences]
+            queue, resume = saved_batch_first(checkpoints, digests, lengths, queue, preflight["batch_size"])
+        saver = Checkpointer(checkpoints, cfg.checkpoint_every) if checkpoints is not None else None
         total_calls = sum(math.ceil(lengths[rows[0]] / plan.frames_per_call) for rows in queue)
+        resumed_calls = resume["calls_done"] if resume is not None else 0
+        resumed_frames = sum(min(lengths[i], resume["frames_done"]) for i in queue[0]) if resume is not None else 0
         result = empty_result(len(lengths), model.dep_q, max(lengths))
         result.n_masked_tokens = checked.n_masked_tokens
         log.info(
@@ -127,13 +141,15 @@ class StreamingEvaluator:
             plan.graphs, preflight["estimate"]["run_bytes"] / 2**30, preflight["available_bytes"] / 2**30,
             preflight["available_source"], _context_utilization(model, lengths),
         )
-        progress = Progress(cfg.progress, total_calls)
+        progress = Progress(cfg.progress, total_calls - resumed_calls)
         streams = _Streams(model, plan, cfg.verify_graph)
         counts = torch.zeros(N_COUNTERS, dtype=torch.long)
         monitor = Monitor(self.device, interval=cfg.monitor_interval)
         progress.monitor = monitor
         oom: list[dict] = []
         batches = 0
+        verification = None
+        self.interrupted_report = None
         start = time.perf_counter()
         try:
             # Before any Stream opens: a moshi module inside streaming() cannot run the reference's plain forward.
@@ -143,9 +159,11 @@ class StreamingEvaluator:
                 while queue:
                     rows = queue.popleft()
                     batch, batch_lengths = pad_batch(model, [checked.sequences[i] for i in rows])
+                    saved, resume = resume, None  # a saved state continues its batch's first attempt only
                     try:
-                        losses, text_losses, batch_counts = self._run_batch(streams, rows, batch, batch_lengths,
-                                                                            progress, monitor, verification)
+                        losses, text_losses, batch_counts = self._run_batch(
+                            streams, rows, batch, batch_lengths, progress, monitor, verification, saved, saver,
+                            None if digests is None else [digests[i] for i in rows])
                     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
                         streams.recover()
                         queue = _after_oom(rows, queue, error, result, oom)
@@ -156,6 +174,23 @@ class StreamingEvaluator:
                     batches += 1
                     if on_batch is not None:
                         on_batch(rows, result)
+                    if checkpoints is not None:  # the batch is saved whole now: its mid-stream state is obsolete
+                        checkpoints.clear_stream()
+        except Exception:
+            raise
+        except BaseException:  # an interrupt: what this run measured until now, for the caller to keep
+            elapsed = time.perf_counter() - start
+            try:
+                self.interrupted_report = {
+                    "interrupted": True, "seconds": elapsed, "batches": batches,
+                    "frames_streamed": monitor.latest()[0], "memory": monitor.report(),
+                    "cuda_graphs": streams.report(cfg.cuda_graphs),
+                    "verification": verification.report(elapsed) if verification else None,
+                    "checkpoints": saver.report() if saver is not None else None, "out_of_memory": oom,
+                }
+            except Exception as exc:  # noqa: BLE001 - a report must never replace the interrupt being raised
+                self.interrupted_report = {"interrupted": True, "report_error": f"{type(exc).__name__}: {exc}"}
+            raise
         finally:
             progress.close()
             streams.close()
@@ -171,10 +206,13 @@ class StreamingEvaluator:
             batches=batches,
             out_of_memory=oom,  # each OOM: the batch size it hit and what happened next
             failed=dict(result.failed),
-            steps=total_calls * plan.unroll,
+            steps=(total_calls - resumed_calls) * plan.unroll,
+            resumed_calls=resumed_calls,  # calls of a batch an earlier run saved mid-stream, not streamed again
+            checkpoints=saver.report() if saver is not None else {"skipped": "no checkpoint store"},
             frames=sum(lengths),
             seconds=elapsed,
-            frames_per_second=sum(lengths) / elapsed if elapsed > 0 else float("nan"),
+            resumed_frames=resumed_frames,
+            frames_per_second=(sum(lengths) - resumed_frames) / elapsed if elapsed > 0 else float("nan"),
             state_bytes=streams.max_state_bytes,
             scored_positions=int(counts[0]),  # counted on the device by the loss kernel
             nonfinite_logit_rows=int(counts[1]),
@@ -187,7 +225,7 @@ class StreamingEvaluator:
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,
             throughput=throughput_report(model, plan.chunk_size, preflight, memory, self.device,
-                                         total_calls * plan.unroll, elapsed),
+                                         (total_calls - resumed_calls) * plan.unroll, elapsed),
         )
         self._log_done(result.report)
         if cfg.assert_constant_memory and memory.get("constant_memory") is False:
@@ -199,24 +237,33 @@ class StreamingEvaluator:
 
     def _run_batch(
         self, streams: _Streams, rows: list[int], batch: torch.Tensor, lengths: torch.Tensor, progress: Progress,
-        monitor: Monitor, verification: Verification | None,
+        monitor: Monitor, verification: Verification | None, saved: dict | None = None,
+        saver: Checkpointer | None = None, digests: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stream one padded batch codes [B, K, T] (sequences `rows`); host tensors (audio [B, dep_q, T], text
-        [B, 1, T], counts). Raises ParityError when a verified prefix in it differs from the batch path."""
+        [B, 1, T], counts). Raises ParityError when a verified prefix in it differs from the batch path.
+        `saved`: this batch's state from an earlier run, continued; `saver`: saves it every so often."""
         stream, step = streams.load(batch, lengths)
         check_at = verification.pause_after(rows, stream.frames_per_call) if verification else None
         for hook in self.hooks.values():
             hook.begin_batch()  # after load/capture: the streaming state is at its reset values
+        first = continue_saved(stream, saved)
+        if check_at is not None and check_at <= first:  # its prefix streamed before the save: compare it now
+            verification.check(stream, rows, batch, lengths)
+        if saver is not None:
+            saver.start_batch()
         host_lengths = lengths.tolist()  # a host tensor: no sync
         per_call = stream.frames_per_call
         start = time.perf_counter()
-        for call in range(stream.n_calls):
+        for call in range(first, stream.n_calls):
             step()
             lo = call * per_call  # host arithmetic only: frames of this call inside each sequence
             monitor.add_frames(sum(min(max(n - lo, 0), per_call) for n in host_lengths))
             progress.advance()
             if call + 1 == check_at:
                 verification.check(stream, rows, batch, lengths)
+            if saver is not None and call + 1 < stream.n_calls and saver.due():  # between calls: a host copy
+                saver.save(stream, digests)
         for hook in self.hooks.values():
             hook.end_batch()
         out = stream.host_losses(batch.shape[-1])  # the batch's one host copy: waits for its last call

@@ -203,3 +203,39 @@ def format_findings(findings: Iterable[Finding]) -> str:
     """One line per finding, unsafe first: for logs and the driver's refusal message."""
     ordered = sorted(findings, key=lambda f: (f.harmless is not None, f.module, f.attribute, f.kind))
     return "\n".join(str(finding) for finding in ordered)
+
+
+# ------------------------------------------------------------------------------------------------ streaming state
+
+# A slot of the streaming state: (holder, key) — an object and an attribute name, or a list and an index — and the
+# value it holds now (a tensor, or a Python int/float/bool/None).
+Slot = tuple[Any, Any, Any]
+
+
+def streaming_state_slots(model: torch.nn.Module) -> dict[str, Slot]:
+    """Every tensor and Python number of every module's `_streaming_state`, by "module:path": all that moves between
+    two steps of a stream (KV ring caches and their offsets, exec masks, TTT fast weights, moshi's `offset_cpu`).
+
+    The walk is the snapshot's (state objects followed to `MAX_DEPTH`, one level into lists and tuples) restricted to
+    the streaming state, so the parameters, buffers and module attributes it does not visit are those a step leaves
+    alone (`graphsafe` and the rehearsed graphs check that on every stream).
+    """
+    slots: dict[str, Slot] = {}
+
+    def visit(holder: Any, key: Any, value: Any, path: str, depth: int, seen: set[int]) -> None:
+        if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float)):
+            slots[path] = (holder, key, value)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor) or isinstance(item, (bool, int, float)) and isinstance(value, list):
+                    slots[f"{path}[{i}]"] = (value, i, item)
+        elif depth < MAX_DEPTH and _is_state_object(value) and id(value) not in seen:
+            seen.add(id(value))
+            for name, item in vars(value).items():
+                visit(value, name, item, f"{path}.{name}", depth + 1, seen)
+
+    for name, module in model.named_modules():
+        state = getattr(module, STATE, None)
+        if state is not None:
+            visit(module, STATE, state, f"{name}:{STATE}", 0, set())
+    return slots
