@@ -142,8 +142,14 @@ class StreamingEvaluator:
                         losses, text_losses, batch_counts = self._run_batch(streams, rows, batch, batch_lengths,
                                                                             progress, monitor, verification)
                     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                        out_of_memory = _oom_message(error)
+                    else:
+                        out_of_memory = None
+                    if out_of_memory is not None:
+                        # Outside the except block: its traceback held the failed step's frames (the stream, the
+                        # graphs, their tensors) until now, so freeing them inside it would free nothing.
                         streams.recover()
-                        queue = _after_oom(rows, queue, error, result, oom)
+                        queue = _after_oom(rows, queue, out_of_memory, result, oom)
                         continue
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
                     fill_rows(result, rows, losses, text_losses, valid, text_valid, batch_lengths)
@@ -362,11 +368,14 @@ class _Streams:
         self.pool = GraphPool(self.plan.device, rehearse=self.plan.rehearse) if self.pool is not None else None
 
 
+def _oom_message(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
 def _after_oom(
-    rows: list[int], queue: deque[list[int]], error: BaseException, result: EvalResult, oom: list[dict]
+    rows: list[int], queue: deque[list[int]], message: str, result: EvalResult, oom: list[dict]
 ) -> deque[list[int]]:
     """Halve the batch size for this batch and the rest of the run; a single sequence that still fails is failed."""
-    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     if len(rows) == 1:
         result.failed[rows[0]] = f"out of memory at batch size 1 ({message})"
         oom.append({"batch_size": 1, "action": "failed", "row": rows[0]})
