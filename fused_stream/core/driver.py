@@ -188,7 +188,8 @@ class StreamingEvaluator:
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,
             throughput=throughput_report(model, plan.chunk_size, preflight, memory, self.device,
-                                         total_calls * plan.unroll, elapsed),
+                                         total_calls * plan.unroll, elapsed,
+                                         kv_read_fraction=streams.kv_read_fraction()),
         )
         self._log_done(result.report)
         if cfg.assert_constant_memory and memory.get("constant_memory") is False:
@@ -280,6 +281,7 @@ class _Streams:
         self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
         self.opened = self.captures = self.verified_calls = self.max_state_bytes = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
+        self.slots_read = self.steps_read = self.ring_slots = 0  # ring slots attended per sequence and step
 
     def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, RingSteps]:
         """The stream holding `batch` (opened and captured if its shape is new) and the step to call."""
@@ -347,7 +349,15 @@ class _Streams:
             "verified_calls": self.verified_calls,
         }
 
+    def kv_read_fraction(self) -> float | None:
+        """The mean fraction of each ring the run's steps attended (filled slots, rounded up to fill buckets)."""
+        return self.slots_read / (self.steps_read * self.ring_slots) if self.steps_read and self.ring_slots else None
+
     def _close_stream(self) -> None:
+        if self.step is not None:
+            slots, steps = self.step.slots_read()
+            self.slots_read, self.steps_read = self.slots_read + slots, self.steps_read + steps
+            self.ring_slots = max(self.ring_slots, self.step.ring_capacity)
         if self.stream is not None:
             self.stream.close()
         self.stream = self.step = None  # a retired graph lives on in the pool until close(): see GraphPool

@@ -167,7 +167,22 @@ class RingSteps:
             CUDAGraphed(stream.step, stream.reset, pool, strict=strict, reason=reason, watch=stream)
             for _ in self.buckets]
         self.bucket_calls = [0] * len(self.buckets)
+        self.calls_past = 0  # calls past every bucket (whole ring)
         self.capture_seconds = 0.0
+
+    def slots_read(self) -> tuple[int, int]:
+        """(ring slots attended, summed over the steps of every call since the stream opened; those steps): what
+        one sequence's attention read per layer, for the throughput report's bytes per frame."""
+        stream, ring = self.stream, self.ring_capacity
+        unroll = stream.frames_per_call // stream.chunk
+        if ring <= 0:
+            return 0, 0
+        total = self.calls_past * unroll * ring
+        for frames, calls in zip(self.buckets, self.bucket_calls, strict=True):
+            per_call = sum(ring if frames is None else min(ring, frames - (unroll - 1 - u) * stream.chunk)
+                           for u in range(unroll))
+            total += calls * per_call
+        return total, (sum(self.bucket_calls) + self.calls_past) * unroll
 
     @property
     def graphed(self) -> bool:
@@ -203,6 +218,7 @@ class RingSteps:
             self.bucket_calls[index] += 1
         else:  # past every bucket (only a call past the stream's capacity): the whole ring, eagerly
             step, frames = stream.step, None
+            self.calls_past += 1
         with self._attending(frames):
             step()
         stream.calls_done += 1
