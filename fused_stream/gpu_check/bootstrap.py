@@ -63,6 +63,8 @@ def ensure_moshi(wheels: Path) -> str | None:
         return None
     except ImportError as error:
         first = error
+    except Exception as error:  # noqa: BLE001 - moshi is there but does not import (another torch): say so
+        return f"import moshi.models fails: {type(error).__name__}: {error}"
     site = wheels / SITE
     if not (site / "moshi").is_dir():
         found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
@@ -87,6 +89,8 @@ def ensure_moshi(wheels: Path) -> str | None:
         missing = getattr(error, "name", None) or str(error)
         return (f"import moshi.models still fails with the wheels of {wheels} installed ({error}): add a wheel of "
                 f"{missing} to {wheels} (it is not in this machine's Python)")
+    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for whoever runs this unattended
+        return f"import moshi.models fails with the wheels of {wheels} installed: {type(error).__name__}: {error}"
     return None
 
 

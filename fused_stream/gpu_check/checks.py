@@ -153,12 +153,15 @@ def check_graph_vs_eager_bits(ctx: Context, budget: float) -> tuple[str, dict]:
         graphs = result.report["cuda_graphs"]
         if not (graphs["graphed"] or graphs["rehearsed"]):
             raise AssertionError(f"C={chunk}: not captured: {graphs['reason']}")
-        eager = StreamingEvaluator(model, EvalConfig(cuda_graphs="off", **common)).evaluate(codes)
-        for name in ("losses", "text_losses", "valid"):
-            if not _same_bits(getattr(result, name).float(), getattr(eager, name).float()):
-                diff = (result.losses - eager.losses).abs().nan_to_num(0).max().item()
-                raise AssertionError(f"C={chunk}: a graphed run and an eager run differ in {name} "
-                                     f"(max |diff| {diff:.3g})")
+        # A separate eager run (cuda_graphs="off") must equal the graphed run too. At C = 1 its 3000+ eager steps
+        # would repeat what the call-by-call comparison above already ran (the same eager calls): C = 8 only.
+        if chunk > 1 or not ctx.cuda:
+            eager = StreamingEvaluator(model, EvalConfig(cuda_graphs="off", **common)).evaluate(codes)
+            for name in ("losses", "text_losses", "valid"):
+                if not _same_bits(getattr(result, name).float(), getattr(eager, name).float()):
+                    diff = (result.losses - eager.losses).abs().nan_to_num(0).max().item()
+                    raise AssertionError(f"C={chunk}: a graphed run and an eager run differ in {name} "
+                                         f"(max |diff| {diff:.3g})")
         rows.append({"chunk": chunk, "frames": frames, "ring": ring, "buckets": len(calls), "bucket_calls": calls,
                      "verified_calls": graphs["verified_calls"], "graphs": graphs["reason"]})
         parts.append(f"C={chunk}: T={frames} > ring {ring}, {len(calls)} buckets, {graphs['verified_calls']} calls")

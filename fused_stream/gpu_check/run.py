@@ -12,7 +12,7 @@ until the last check). The checks, in order (`checks.CHECKS`):
      assert kills the process that hits it);
   b. graph_vs_eager_bits: `small` in bf16 streamed past its 3000-frame ring at C=1 and C=8 with every call of the
      batch replayed and compared with an eager call from the same start (every fill bucket's graph, the full-ring
-     one included), then a separate eager run whose losses must equal the graphed run's bit for bit;
+     one included), then (C=8) a separate eager run whose losses must equal the graphed run's bit for bit;
   c. memory_flat_nvml: `assert_constant_memory=True` over 20k frames, memory read from NVML;
   d. loss_kernel_bandwidth: the fused loss step against `F.cross_entropy` at B=8, C=1 and C=64, timed with CUDA
      events over >= 0.1 s of back-to-back calls, in GB/s and as % of the card's HBM bandwidth;
