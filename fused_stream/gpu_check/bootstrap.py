@@ -65,7 +65,8 @@ def ensure_moshi(wheels: Path) -> str | None:
         first = error
     except Exception as error:  # noqa: BLE001 - moshi is there but does not import (another torch): say so
         return f"import moshi.models fails: {type(error).__name__}: {error}"
-    site = wheels / SITE
+    # An earlier run's install, or the `--target .site` of a hand-made install at the repository root.
+    site = next((d for d in (wheels / SITE, REPO / SITE) if (d / "moshi").is_dir()), wheels / SITE)
     if not (site / "moshi").is_dir():
         found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
         if not any(p.name.startswith("moshi-") for p in found):
