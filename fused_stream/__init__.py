@@ -3,20 +3,46 @@
 The public names are below; the README's "Layout" section maps the package and a frame's path through it.
 """
 
+import importlib
+from typing import Any
+
 from . import cli  # noqa: F401 - first: under `python -m fused_stream.eval` a Ctrl-C while importing exits quietly
-from .api import evaluate_long_context_loss
-from .compat import PaperMetricsEvaluator, PaperMetricsLibriLight
-from .core.config import EvalConfig
-from .core.driver import ConstantMemoryError, StreamingEvaluator
-from .core.graphs import GraphCaptureError, GraphMismatchError
-from .core.parity import ParityError
-from .core.reference import batch_losses, naive_streaming_losses
-from .core.result import EvalResult
-from .data.checkpoints import CheckpointError
-from .data.models import load_model, load_model_and_mimi
-from .measure.preflight import PreflightError
-from .ttt.layer import attach_ttt
 from .version import __version__
+
+# Public name -> the module that defines it, imported on first use (PEP 562): importing the package itself imports
+# neither torch nor moshi, so `python -m fused_stream.gpu_check` can install moshi before anything needs it.
+_PUBLIC = {
+    "evaluate_long_context_loss": ".api",
+    "PaperMetricsEvaluator": ".compat",
+    "PaperMetricsLibriLight": ".compat",
+    "EvalConfig": ".core.config",
+    "ConstantMemoryError": ".core.driver",
+    "StreamingEvaluator": ".core.driver",
+    "GraphCaptureError": ".core.graphs",
+    "GraphMismatchError": ".core.graphs",
+    "ParityError": ".core.parity",
+    "batch_losses": ".core.reference",
+    "naive_streaming_losses": ".core.reference",
+    "EvalResult": ".core.result",
+    "CheckpointError": ".data.checkpoints",
+    "load_model": ".data.models",
+    "load_model_and_mimi": ".data.models",
+    "PreflightError": ".measure.preflight",
+    "attach_ttt": ".ttt.layer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = [
     "CheckpointError",

@@ -36,16 +36,41 @@ from torch import nn
 
 DepformerFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sequence [B, K, T], out [B, T, dim])
 
+# The depformer attends over the dep_q codebooks of each of the B * C frames of a step, one SDPA batch element per
+# frame. CUDA's memory-efficient attention puts the batch in a grid dimension capped at 65,535 (pytorch issue
+# 142228): `small` at chunk_size="auto" and a few hundred sequences passes it. Larger calls are split into slices
+# of at most this many frames: host-side shapes, fixed per Stream, so a captured step keeps them.
+MAX_ATTENTION_BATCH = 65_535
 
-def prepare_depformer(model: LMModel) -> DepformerFn:
-    """The depformer a Stream of `model` calls: stacked when `model` is a configuration it reproduces, else moshi's.
+
+def prepare_depformer(model: LMModel, frames: int | None = None) -> DepformerFn:
+    """The depformer a Stream of `model` calls: stacked when `model` is a configuration it reproduces, else moshi's
+    (called in slices of at most MAX_ATTENTION_BATCH frames when a step's `frames`, B * C, exceed it).
 
     The stacked weights are detached copies taken now: a Stream opened with gradients enabled gets moshi's function
     (gradients must reach the parameters), and weights changed while a Stream is open are not seen by it.
     """
     if torch.is_grad_enabled() or unsupported_reason(model) is not None:
+        if frames is not None and frames > MAX_ATTENTION_BATCH:
+            return _FrameBounded(model.forward_depformer_training)
         return model.forward_depformer_training
     return StackedDepformer(model)
+
+
+class _FrameBounded:
+    """moshi's `forward_depformer_training` called on slices of the batch of at most MAX_ATTENTION_BATCH frames
+    (B * T) each: its depformer attends with one batch element per frame. A callable object, not a closure, so the
+    graph-safety snapshot does not walk into it."""
+
+    def __init__(self, fn: DepformerFn) -> None:
+        self.fn = fn
+
+    def __call__(self, sequence: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        B, _, T = sequence.shape
+        if B * T <= MAX_ATTENTION_BATCH:
+            return self.fn(sequence, transformer_out)
+        rows = max(1, MAX_ATTENTION_BATCH // T)
+        return torch.cat([self.fn(sequence[i:i + rows], transformer_out[i:i + rows]) for i in range(0, B, rows)])
 
 
 def unsupported_reason(model: LMModel) -> str | None:
@@ -193,13 +218,24 @@ def _layer(x: torch.Tensor, layer: _Layer, mask: torch.Tensor | None) -> torch.T
     H = layer.heads
     # Self-attention block: the Ka codebook steps of each frame attend to each other (q, k, v [N, H, Ka, D/H]).
     qkv = torch.bmm(layer.norm1(x), layer.in_t).view(Ka, N, 3, H, D // H).permute(2, 1, 3, 0, 4)
-    attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], mask, dropout_p=0.0)
+    attended = _attention(qkv[0], qkv[1], qkv[2], mask)
     update = torch.bmm(attended.permute(2, 0, 1, 3).reshape(Ka, N, D), layer.out_t)
     x = x.to(update) + layer.scale1(update)
     # Feed-forward block: moshi's ActivationGating (gating_forward_kernel) per step.
     gate = torch.bmm(layer.norm2(x), layer.gate_in_t).view(Ka, N, 2, -1)
     update = torch.bmm(layer.activation(gate[..., 0, :]) * gate[..., 1, :], layer.gate_out_t)
     return x.to(update) + layer.scale2(update)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over q, k, v [N, H, Ka, D/H], in slices of at most MAX_ATTENTION_BATCH frames (each frame's attention is
+    independent of the others: the slices compute what one call would)."""
+    N = q.shape[0]
+    if N <= MAX_ATTENTION_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.0)
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + MAX_ATTENTION_BATCH], k[i:i + MAX_ATTENTION_BATCH],
+                                                     v[i:i + MAX_ATTENTION_BATCH], mask, dropout_p=0.0)
+                      for i in range(0, N, MAX_ATTENTION_BATCH)])
 
 
 def depformer_stack_bytes(model: LMModel, dtype: torch.dtype | None = None) -> int:

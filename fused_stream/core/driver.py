@@ -165,8 +165,14 @@ class StreamingEvaluator:
                             streams, rows, batch, batch_lengths, progress, monitor, verification, saved, saver,
                             None if digests is None else [digests[i] for i in rows])
                     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                        out_of_memory = _oom_message(error)
+                    else:
+                        out_of_memory = None
+                    if out_of_memory is not None:
+                        # Outside the except block: its traceback held the failed step's frames (the stream, the
+                        # graphs, their tensors) until now, so freeing them inside it would free nothing.
                         streams.recover()
-                        queue = _after_oom(rows, queue, error, result, oom)
+                        queue = _after_oom(rows, queue, out_of_memory, result, oom)
                         continue
                     valid, text_valid = valid_masks(model, batch, batch_lengths)
                     fill_rows(result, rows, losses, text_losses, valid, text_valid, batch_lengths)
@@ -225,7 +231,8 @@ class StreamingEvaluator:
             constant_memory=memory.get("constant_memory"),
             preflight=preflight,
             throughput=throughput_report(model, plan.chunk_size, preflight, memory, self.device,
-                                         (total_calls - resumed_calls) * plan.unroll, elapsed),
+                                         (total_calls - resumed_calls) * plan.unroll, elapsed,
+                                         kv_read_fraction=streams.kv_read_fraction()),
         )
         self._log_done(result.report)
         if cfg.assert_constant_memory and memory.get("constant_memory") is False:
@@ -330,6 +337,7 @@ class _Streams:
         self.names = ["text"] + [f"audio codebook {k}" for k in range(model.dep_q)]
         self.opened = self.captures = self.verified_calls = self.max_state_bytes = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
+        self.slots_read = self.steps_read = self.ring_slots = 0  # ring slots attended per sequence and step
 
     def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, RingSteps]:
         """The stream holding `batch` (opened and captured if its shape is new) and the step to call."""
@@ -397,7 +405,15 @@ class _Streams:
             "verified_calls": self.verified_calls,
         }
 
+    def kv_read_fraction(self) -> float | None:
+        """The mean fraction of each ring the run's steps attended (filled slots, rounded up to fill buckets)."""
+        return self.slots_read / (self.steps_read * self.ring_slots) if self.steps_read and self.ring_slots else None
+
     def _close_stream(self) -> None:
+        if self.step is not None:
+            slots, steps = self.step.slots_read()
+            self.slots_read, self.steps_read = self.slots_read + slots, self.steps_read + steps
+            self.ring_slots = max(self.ring_slots, self.step.ring_capacity)
         if self.stream is not None:
             self.stream.close()
         self.stream = self.step = None  # a retired graph lives on in the pool until close(): see GraphPool
@@ -418,11 +434,14 @@ class _Streams:
         self.pool = GraphPool(self.plan.device, rehearse=self.plan.rehearse) if self.pool is not None else None
 
 
+def _oom_message(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
 def _after_oom(
-    rows: list[int], queue: deque[list[int]], error: BaseException, result: EvalResult, oom: list[dict]
+    rows: list[int], queue: deque[list[int]], message: str, result: EvalResult, oom: list[dict]
 ) -> deque[list[int]]:
     """Halve the batch size for this batch and the rest of the run; a single sequence that still fails is failed."""
-    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     if len(rows) == 1:
         result.failed[rows[0]] = f"out of memory at batch size 1 ({message})"
         oom.append({"batch_size": 1, "action": "failed", "row": rows[0]})

@@ -24,6 +24,7 @@ catches what would otherwise be a silently wrong (or crashing) first GPU run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -175,6 +176,10 @@ class CUDAGraphed:
                         self.fn()
                     self.reset()
                 torch.cuda.synchronize(device)
+                # As torch.cuda.graph does before capture_begin: return the blocks the warm-up left cached, so the
+                # capture's allocations in the pool do not run out of memory beside them.
+                gc.collect()
+                torch.cuda.empty_cache()
                 graph = torch.cuda.CUDAGraph()
                 # The outer stream context restores the current stream even if capture_end raises.
                 # thread_local: the memory monitor's thread may query NVML / torch while this one captures.

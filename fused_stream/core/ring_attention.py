@@ -15,10 +15,13 @@ eager mode but freezes under a CUDA graph, so it is not used.) The count lives i
 
 - `Stream.step()` attends over `Stream.attend_frames` slots (None, its value outside `RingSteps`: the whole ring,
   moshi's path), so a direct `stream.step()` (tests, graph-safety check, eager verification) is always exact;
-- `RingSteps` sets `attend_frames` around each call from `Stream.calls_done` (zeroed by every `Stream.reset()`):
-  eagerly to the exact count; under CUDA graphs (or their rehearsal) to the count rounded up to a fill bucket,
-  one captured step per bucket, all captured when the stream opens. A graph freezes the key count it was captured
-  with; rounding up is exact (the extra slots are masked), and the bucket of each call is chosen on the host.
+- `RingSteps` sets `attend_frames` around each call from `Stream.calls_done` (zeroed by every `Stream.reset()`) to
+  the count rounded up to a fill bucket, with CUDA graphs (one captured step per bucket, all captured when the
+  stream opens; a graph freezes the key count it was captured with), with their rehearsal, and eagerly alike.
+  Rounding up is exact (the extra slots are masked) but not bit-identical to the exact count: the softmax sums
+  over more (zero) terms in another order, a last-bit difference. Eager calls round the same way so that a graphed
+  run and an eager run attend over the same slots and "graph == eager, bit for bit" holds on any device; the
+  bucket of each call is chosen on the host.
 """
 
 from __future__ import annotations
@@ -119,21 +122,27 @@ def _has_ring(module: torch.nn.Module) -> bool:
 
 
 def fill_buckets(ring_capacity: int, stream_capacity: int, frames_per_call: int,
-                 max_buckets: int = MAX_BUCKETS) -> list[int | None]:
-    """The `attend_frames` of one stream's captured steps, ascending; None (the last, if present) is the whole ring.
+                 max_buckets: int = MAX_BUCKETS, chunk: int | None = None) -> list[int | None]:
+    """The `attend_frames` of one stream's calls, ascending; None (the last, if present) is the whole ring.
 
     Edges are multiples of a width that is itself a multiple of `frames_per_call` (the fill after each call), chosen
     so that at most `max_buckets` edges reach the ring's capacity; only fills a batch of the stream reaches
-    (`stream_capacity` frames) get one. The last edge may exceed the ring: the call that wraps it keeps exact
-    per-step counts for its steps before the wrap (`Stream.step`); None serves the calls after it.
+    (`stream_capacity` frames) get one. A call of U = frames_per_call / chunk steps (`chunk` None: U = 1) attends,
+    step u, over its edge minus (U - 1 - u) * chunk slots: the last edge may exceed the ring, and the call that wraps
+    it keeps exact per-step counts for its steps before the wrap (`Stream.step`); when even its first step reaches
+    the whole ring, that edge is the whole ring (None) and is not captured twice. None serves the calls after it.
     """
     if ring_capacity <= 0:
         return [None]
+    chunk = frames_per_call if chunk is None else chunk
     width = math.ceil(math.ceil(ring_capacity / max_buckets) / frames_per_call) * frames_per_call
     top = min(ring_capacity, stream_capacity)  # the most keys a ring of this stream ever holds
     edges: list[int | None] = list(range(width, top, width))
-    edges.append(math.ceil(top / width) * width)
-    if stream_capacity > edges[-1]:  # calls past the last edge: the ring has wrapped before they start
+    last = math.ceil(top / width) * width
+    if last - (frames_per_call - chunk) >= ring_capacity:  # every step of that call attends the whole ring
+        return edges + [None]
+    edges.append(last)
+    if stream_capacity > last:  # calls past the last edge: the ring has wrapped before they start
         edges.append(None)
     return edges
 
@@ -142,8 +151,10 @@ class RingSteps:
     """The driver's step for one `Stream`: sets `attend_frames` from the host call count around each call.
 
     Interface of `graphs.CUDAGraphed` (`capture()`, `graphed`, `reason`, `capture_seconds`, a call is one step)
-    plus `eager`, the same calls without graphs (the reference of `graphs.verify_replay`, bit for bit). `pool` None:
-    eager calls attending over exactly the keys written. A pool: one `CUDAGraphed` of `stream.step` per fill bucket.
+    plus `eager`, the same calls without graphs (the reference of `graphs.verify_replay`, bit for bit). Every call
+    attends over its fill bucket, graphed or not (see the module docstring). `pool` None: eager calls. A pool: one
+    `CUDAGraphed` of `stream.step` per fill bucket. `bucket_calls[i]`: the calls of bucket i since the stream opened
+    (replayed, rehearsed or eager): which captured steps a run has exercised.
     """
 
     def __init__(self, stream: Any, pool: GraphPool | None, *, strict: bool = False,
@@ -151,14 +162,27 @@ class RingSteps:
         self.stream, self.pool, self.reason = stream, pool, reason
         ring = stream.attention.capacity
         self.ring_capacity = ring
-        if pool is None:
-            self.buckets: list[int | None] = []
-            self.graphs: list[CUDAGraphed] = []
-        else:
-            self.buckets = fill_buckets(ring, stream.capacity, stream.frames_per_call)
-            self.graphs = [CUDAGraphed(stream.step, stream.reset, pool, strict=strict, reason=reason, watch=stream)
-                           for _ in self.buckets]
+        self.buckets = fill_buckets(ring, stream.capacity, stream.frames_per_call, chunk=stream.chunk)
+        self.graphs: list[CUDAGraphed] = [] if pool is None else [
+            CUDAGraphed(stream.step, stream.reset, pool, strict=strict, reason=reason, watch=stream)
+            for _ in self.buckets]
+        self.bucket_calls = [0] * len(self.buckets)
+        self.calls_past = 0  # calls past every bucket (whole ring)
         self.capture_seconds = 0.0
+
+    def slots_read(self) -> tuple[int, int]:
+        """(ring slots attended, summed over the steps of every call since the stream opened; those steps): what
+        one sequence's attention read per layer, for the throughput report's bytes per frame."""
+        stream, ring = self.stream, self.ring_capacity
+        unroll = stream.frames_per_call // stream.chunk
+        if ring <= 0:
+            return 0, 0
+        total = self.calls_past * unroll * ring
+        for frames, calls in zip(self.buckets, self.bucket_calls, strict=True):
+            per_call = sum(ring if frames is None else min(ring, frames - (unroll - 1 - u) * stream.chunk)
+                           for u in range(unroll))
+            total += calls * per_call
+        return total, (sum(self.bucket_calls) + self.calls_past) * unroll
 
     @property
     def graphed(self) -> bool:
@@ -167,7 +191,7 @@ class RingSteps:
     def capture(self) -> None:
         """Warm up and capture each bucket's step with its key count (each capture resets the stream)."""
         start = time.perf_counter()
-        for frames, graph in zip(self.buckets, self.graphs, strict=True):
+        for frames, graph in zip(self.buckets, self.graphs, strict=False):  # pool None: no graphs
             with self._attending(frames):
                 graph.capture()
         self.capture_seconds = time.perf_counter() - start
@@ -187,14 +211,14 @@ class RingSteps:
         # Keys in each ring once this call has written (uncapped: `Stream.step` counts C fewer per earlier step, and
         # the attention keeps the whole ring for counts >= its capacity).
         fill = (stream.calls_done + 1) * stream.frames_per_call
-        if not self.graphs:
-            step, frames = stream.step, fill
-        else:
-            index = bisect_left(self.buckets, fill, key=lambda b: math.inf if b is None else b)
-            if index < len(self.buckets):
-                step, frames = (self.graphs[index] if replay else stream.step), self.buckets[index]
-            else:  # past every bucket (only a call past the stream's capacity): the whole ring, eagerly
-                step, frames = stream.step, None
+        index = bisect_left(self.buckets, fill, key=lambda b: math.inf if b is None else b)
+        if index < len(self.buckets):
+            step = self.graphs[index] if replay and self.graphs else stream.step
+            frames = self.buckets[index]
+            self.bucket_calls[index] += 1
+        else:  # past every bucket (only a call past the stream's capacity): the whole ring, eagerly
+            step, frames = stream.step, None
+            self.calls_past += 1
         with self._attending(frames):
             step()
         stream.calls_done += 1

@@ -65,6 +65,9 @@ class SharedStep:
         self.positions: torch.Tensor | None = None  # [B, frames] slot positions
         self.attn_bias: torch.Tensor | None = None  # [B, 1, T, frames] the mask
         self.key: tuple[Any, ...] | None = None  # (B, T, frames) the leader built them for: a host-side check
+        # Followers that have not yet read this step's tensors (host-side, refilled by the leader every step): a
+        # follower not in it ran before the leader and would reuse the previous step's tensors (same shapes).
+        self.waiting: set[int] = set()
 
     def shareable(self) -> bool:
         modules = self.attention.modules
@@ -79,13 +82,14 @@ class SharedStep:
             raise RuntimeError("SharedStep is already installed")
         if not self.shareable():
             return
-        self._shadows.install({module: _SharedForward(self, module, leader=i == 0)
+        self._shadows.install({module: _SharedForward(self, module, index=i)
                                for i, module in enumerate(self.attention.modules)})
 
     def uninstall(self) -> None:
         self._shadows.restore()
         self.indexes = self.index_copy = self.end_offset = self.offset = None
         self.rot = self.positions = self.attn_bias = self.key = None
+        self.waiting = set()
 
     def __enter__(self) -> SharedStep:
         self.install()
@@ -114,8 +118,8 @@ class _SharedForward:
     streaming mode, with the step's shared tensors built by the leader. A callable object, not a closure, so the
     graph-safety snapshot skips it."""
 
-    def __init__(self, shared: SharedStep, module: StreamingMultiheadAttention, leader: bool) -> None:
-        self.shared, self.module, self.leader = shared, module, leader
+    def __init__(self, shared: SharedStep, module: StreamingMultiheadAttention, index: int) -> None:
+        self.shared, self.module, self.index, self.leader = shared, module, index, index == 0
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         m, sh = self.module, self.shared
@@ -138,8 +142,12 @@ class _SharedForward:
             frames = None  # as `_Truncated`: the whole ring
         if self.leader:
             self._build(q, k, offset, state.exec_mask, T, frames)
-        elif sh.key != (B, T, frames):
-            raise RuntimeError("shared_step: a follower layer ran before its leader in this step")
+            sh.waiting = set(range(1, len(sh.attention.modules)))
+        elif self.index not in sh.waiting or sh.key != (B, T, frames):
+            raise RuntimeError(f"shared_step: temporal attention layer {self.index} ran before its leader (layer 0) "
+                               "in this step: it would reuse the previous step's RoPE angles, ring indices and mask")
+        else:
+            sh.waiting.discard(self.index)
         if m.rope:
             if sh.rot is not None:
                 q, k = _rotate(q, k, *sh.rot, m.rope.interleave)

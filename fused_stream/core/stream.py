@@ -59,7 +59,7 @@ class Stream:
         # moshi's forward_depformer_training with its per-codebook weights stacked (one bmm per projection instead
         # of dep_q linears), or moshi's own for configurations it does not reproduce: decided once, here, before
         # any capture, since the stacked weights must keep their addresses (core/depformer.py).
-        self.depformer = prepare_depformer(model)
+        self.depformer = prepare_depformer(model, frames=batch_size * chunk)  # B * C: see MAX_ATTENTION_BATCH
         # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
         # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
         # Clamped columns read the fill; every loss they produce falls past each length and is masked.

@@ -1,7 +1,9 @@
 """Throughput of a streaming run, and how far it is from the GPU's limits (roofline for frame mode, MFU for chunks).
 
-Frame mode is memory-bound: each step reads every weight once for the B frames of the batch and each sequence's
-KV cache once, so frames/s <= HBM bandwidth / (weights / B + KV bytes per sequence). Chunk mode is
+Frame mode is memory-bound: each step reads every weight once for the B frames of the batch and, of each
+sequence's KV cache, the ring slots it attends (the filled ones, rounded up to a fill bucket: `kv_read_fraction`
+of the ring, averaged over the run's steps; the whole ring when not given), so frames/s <= HBM bandwidth /
+(weights / B + KV bytes read per sequence). Chunk mode is
 compute-bound: about 2 FLOPs per parameter per frame, plus attention over the context. Both bounds use the
 vendor's numbers for known GPUs only (`gpu_spec`); on an unknown GPU or the CPU the ratio is omitted, with
 the reason, never guessed.
@@ -55,7 +57,7 @@ def gpu_spec(device_name: str) -> GpuSpec | None:
     return None
 
 
-def frame_roofline(weight_bytes: int, kv_bytes_per_sequence: int, batch_size: int, hbm_bytes_per_s: float) -> float:
+def frame_roofline(weight_bytes: float, kv_bytes_per_sequence: float, batch_size: int, hbm_bytes_per_s: float) -> float:
     """Upper bound on frames/s in frame mode, which is HBM-bound.
 
     Each step reads every weight once for its B frames and each sequence's KV cache once, so
@@ -92,8 +94,11 @@ def throughput_report(
     device: torch.device,
     steps: int,
     seconds: float,
+    kv_read_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """frames/s overall and steady (from the monitor), steps/s, and the roofline ratio (C = 1) or MFU (C > 1)."""
+    """frames/s overall and steady (from the monitor), steps/s, and the roofline ratio (C = 1) or MFU (C > 1).
+
+    `kv_read_fraction`: the mean fraction of each sequence's KV ring a step reads (None: all of it)."""
     frames = memory.get("frames")
     out: dict[str, Any] = {
         "frames_per_second": memory.get("frames_per_second"),
@@ -110,7 +115,11 @@ def throughput_report(
     out["gpu"] = spec.name
     if chunk_size == 1:
         estimate, batch = preflight["estimate"], preflight["batch_size"]
-        bound = frame_roofline(estimate["weights"], estimate["kv_cache"] // batch, batch, spec.hbm_bytes_per_s)
+        fraction = 1.0 if kv_read_fraction is None else kv_read_fraction
+        kv_read = estimate["kv_cache"] / batch * fraction
+        bound = frame_roofline(estimate["weights"], kv_read, batch, spec.hbm_bytes_per_s)
+        out["kv_read_fraction"] = fraction
+        out["bytes_per_frame"] = estimate["weights"] / batch + kv_read
         out["roofline_frames_per_second"] = bound
         out["roofline_ratio"] = measured / bound if measured else None
     else:

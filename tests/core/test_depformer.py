@@ -188,3 +188,36 @@ def test_gradients_enabled_fall_back_to_moshi(models):
         assert prepare_depformer(model) == model.forward_depformer_training
     with torch.no_grad():
         assert isinstance(prepare_depformer(model), StackedDepformer)
+
+
+def test_attention_batches_past_the_cuda_grid_limit_are_split(models, one_torch_thread, monkeypatch):
+    """The depformer attends with one batch element per frame (B * C); past MAX_ATTENTION_BATCH (CUDA's grid limit of
+    65,535, lowered here to 5) the stacked depformer splits its attention and moshi's function is called on slices of
+    the batch: the same logits (stacked: bit for bit), and no attention call ever sees more than the limit."""
+    from fused_stream.core import depformer as depformer_module
+
+    model = models["moshi-7b-structure"]
+    sequence, transformer_out = _inputs(model, 3, 4, seed=5)  # 12 frames
+    with inference_mode(model):
+        stacked = prepare_depformer(model, frames=12)
+        whole = stacked(sequence, transformer_out)
+        expected = model.forward_depformer_training(sequence, transformer_out)
+        batches = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def sdpa(q, *args, **kwargs):
+            batches.append(q.shape[0])
+            return real(q, *args, **kwargs)
+
+        monkeypatch.setattr(depformer_module, "MAX_ATTENTION_BATCH", 5)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        split = stacked(sequence, transformer_out)
+        assert batches and max(batches) <= 5
+        assert torch.equal(split, whole)
+        batches.clear()
+        with torch.enable_grad():  # moshi's own function (gradients must reach the parameters): sliced by sequence
+            moshis = prepare_depformer(model, frames=12)
+            assert not isinstance(moshis, StackedDepformer)
+            sliced = moshis(sequence, transformer_out)
+        assert batches and max(batches) <= 5
+    torch.testing.assert_close(sliced.detach(), expected, rtol=0, atol=1e-6)

@@ -472,6 +472,38 @@ def test_an_oom_in_warm_up_or_capture_retries_smaller_with_graphs_still_on(tiny_
     assert torch.equal(result.valid, expected.valid) and result.failed == {}
 
 
+def test_an_oom_frees_the_failed_stream_outside_the_except_block(tiny_model, make_codes, monkeypatch):
+    """The recovery runs after the except block: the exception's traceback no longer holds the failed step's frames,
+    so the failed Stream (its buffers, on CUDA its graphs) is really freed before the retry allocates a new one."""
+    import sys
+    import weakref
+
+    from fused_stream.core import driver
+    from fused_stream.core.stream import Stream
+
+    sequences = make_codes(tiny_model, [30, 28, 20, 12], seed=43)
+    real_step, real_recover = Stream.step, driver._Streams.recover
+    failed: list[weakref.ref] = []
+    seen = {}
+
+    def step(self):
+        if self.batch_size == 4 and not failed:
+            failed.append(weakref.ref(self))
+            raise MemoryError("out of memory (injected)")
+        real_step(self)
+
+    def recover(self):
+        real_recover(self)
+        seen["exception"] = sys.exc_info()[1]
+        seen["stream alive"] = failed[0]() is not None
+
+    monkeypatch.setattr(Stream, "step", step)
+    monkeypatch.setattr(driver._Streams, "recover", recover)
+    result = evaluate(tiny_model, sequences, batch_size=4)
+    assert result.report["out_of_memory"] == [{"batch_size": 4, "action": "retry at batch size 2"}]
+    assert seen == {"exception": None, "stream alive": False}
+
+
 def test_a_ttt_model_reports_its_fast_weight_updates(make_codes):
     from fused_stream.data.models import load_model
     from fused_stream.ttt.layer import attach_ttt

@@ -230,6 +230,29 @@ def test_graph_equals_eager_bitwise_over_200_steps(make_codes, chunk):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_graph_equals_eager_bitwise_across_the_ring_wrap(make_codes, chunk):
+    """`small`'s structure with a context of 256 (bf16): every call of a batch that wraps the ring is replayed and
+    compared with an eager call (every fill bucket's graph, the full-ring one included), and the graphed run equals
+    an eager run bit for bit: both attend over the same fill bucket (core/ring_attention.py)."""
+    from moshi.models.lm import LMModel
+
+    from fused_stream.data.models import preset_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LMModel(**(preset_config("small") | {"context": 256}), device="cuda", dtype=torch.bfloat16).eval()
+    codes = make_codes(model, [320 + 8 * chunk, 301], seed=12)
+    common = {"chunk_size": chunk, "batch_size": 2, "verify": False}
+    eager = StreamingEvaluator(model, EvalConfig(cuda_graphs="off", **common)).evaluate(codes)
+    result = StreamingEvaluator(model, EvalConfig(cuda_graphs="on", verify_graph=10**6, **common)).evaluate(codes)
+    graphs = result.report["cuda_graphs"]
+    assert graphs["graphed"] and graphs["verified_calls"] == -(-(320 + 8 * chunk) // chunk)
+    assert torch.equal(result.losses.view(torch.int32), eager.losses.view(torch.int32))
+    assert torch.equal(result.text_losses.view(torch.int32), eager.text_losses.view(torch.int32))
+
+
+@pytest.mark.gpu
 def test_capture_falls_back_when_the_model_syncs(make_codes, monkeypatch, caplog):
     from fused_stream.core.reference import batch_losses
     from fused_stream.data.models import load_model

@@ -115,20 +115,22 @@ def test_a_ttt_layer_still_streams_exactly(make_codes):
 
 
 def test_only_the_filled_slots_are_attended_before_the_wrap(small_model, transformer_keys):
+    """Eager and rehearsed runs alike attend over the fill bucket of each call (rounded up, never less): the same
+    slot count, so that a graphed run equals an eager one bit for bit (an exact count would differ in the last bit)."""
     layers = len(small_model.transformer.layers)
     codes = generate_codes(small_model, 2, 300, seed=5)
-    keys = transformer_keys(small_model)
-    _evaluate(small_model, codes, chunk_size=4, verify=False)  # eager: exactly the keys written so far
     ring = small_model.context + 4 - 1
     fills = [min(ring, 4 * (call + 1)) for call in range(300 // 4)]
-    assert keys == [fill for fill in fills for _ in range(layers)]
-    keys.clear()
-    _evaluate(small_model, codes, chunk_size=4, verify=False, cuda_graphs="rehearse")
     buckets = fill_buckets(ring, 300, 4)
     assert len(buckets) <= MAX_BUCKETS + 1 and buckets[-1] is None  # 300 frames reach past the ring: the full ring
-    # Warm-ups and captures first, then one call per 4 frames: each the bucket of its fill (rounded up, never less).
-    replayed = keys[-layers * len(fills):]
     expected = [min(ring, next(b or ring for b in buckets if b is None or b >= fill)) for fill in fills]
+    keys = transformer_keys(small_model)
+    _evaluate(small_model, codes, chunk_size=4, verify=False)  # eager
+    assert keys == [n for n in expected for _ in range(layers)]
+    keys.clear()
+    _evaluate(small_model, codes, chunk_size=4, verify=False, cuda_graphs="rehearse")
+    # Warm-ups and captures first, then one call per 4 frames: each the bucket of its fill.
+    replayed = keys[-layers * len(fills):]
     assert replayed == [n for n in expected for _ in range(layers)]
     assert sum(replayed) < 0.8 * ring * len(replayed)  # what moshi's full-ring path would attend
 
@@ -150,12 +152,50 @@ def test_a_direct_stream_step_keeps_moshis_full_ring(tiny_model, transformer_key
 
 def test_fill_buckets():
     assert fill_buckets(3063, 640, 64) == [192, 384, 576, 768]  # `small`, C = 64, T = 600: four captures
-    assert fill_buckets(3063, 3200, 64) == [192 * k for k in range(1, 17)] + [None]  # 3072 wraps the ring
-    assert fill_buckets(3063, 3072, 64) == [192 * k for k in range(1, 17)]
-    assert fill_buckets(16, 60, 1) == list(range(1, 17)) + [None]
+    # 3072 wraps the ring in one step of 64: its step attends the whole ring, so it is the None bucket, once
+    assert fill_buckets(3063, 3200, 64) == [192 * k for k in range(1, 16)] + [None]
+    assert fill_buckets(3063, 3072, 64) == [192 * k for k in range(1, 16)] + [None]
+    assert fill_buckets(3000, 3200, 1) == [188 * k for k in range(1, 16)] + [None]  # `small`, frame mode
+    assert fill_buckets(16, 60, 1) == list(range(1, 16)) + [None]
     assert fill_buckets(19, 12, 4) == [4, 8, 12]
-    assert fill_buckets(19, 60, 20) == [20, None]  # C = 4, U = 5: the first call's steps attend 4, 8, 12, 16, all
+    # C = 4, U = 5: the first call's steps attend 4, 8, 12, 16, all (19 slots); then the whole ring
+    assert fill_buckets(19, 60, 20, chunk=4) == [20, None]
+    # C = 4, U = 2 past a ring of 19: the call of edge 24 attends 20 (whole) then 24 (whole): one None bucket
+    assert fill_buckets(19, 60, 8, chunk=4) == [8, 16, None]
     assert fill_buckets(0, 100, 4) == [None]  # no ring attention: one full-ring step
+
+
+@pytest.mark.parametrize("chunk,unroll", [(1, 1), (4, 1), (3, 2)])
+def test_graphed_and_eager_runs_are_bit_identical_across_the_wrap(small_model, chunk, unroll):
+    """Rehearsed graphs (every bucket's step replayed, verified call by call against eager calls over the whole
+    batch) and a plain eager run give the same bits, before and across the ring's wrap, ragged batches included.
+    Context 200: buckets are wider than a call (13 to 18 frames), so an exact-count eager run would differ."""
+    codes = generate_codes(small_model, 2, [230, 211], seed=30 + chunk)  # past the ring of 200 + C - 1
+    common = {"chunk_size": chunk, "graph_unroll": unroll, "batch_size": 2, "verify": False}
+    eager = _evaluate(small_model, codes, cuda_graphs="off", **common)
+    rehearsed = _evaluate(small_model, codes, cuda_graphs="rehearse", verify_graph=10_000, **common)
+    calls = -(-230 // (chunk * unroll))
+    assert rehearsed.report["cuda_graphs"]["rehearsed"] and rehearsed.report["cuda_graphs"]["verified_calls"] == calls
+    for name in ("losses", "text_losses"):
+        assert torch.equal(getattr(eager, name).view(torch.int32), getattr(rehearsed, name).view(torch.int32)), name
+    _assert_equals_batch_path(small_model, codes, eager)
+
+
+def test_every_bucket_is_exercised_by_a_batch_that_wraps(tiny_model):
+    from fused_stream.core.ring_attention import RingSteps
+
+    codes = generate_codes(tiny_model, 1, 40, seed=40)
+    with inference_mode(tiny_model):
+        stream = Stream(tiny_model, 1, 4, 40, "torch")
+        try:
+            stream.load(codes, torch.tensor([40]))
+            steps = RingSteps(stream, None)
+            for _ in range(stream.n_calls):
+                steps()
+        finally:
+            stream.close()
+    assert steps.buckets == [4, 8, 12, 16, None] and steps.bucket_calls == [1, 1, 1, 1, 6]
+
 
 
 # ------------------------------------------------------------------------------------------------ install, restore

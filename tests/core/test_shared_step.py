@@ -125,3 +125,20 @@ def test_fewer_ops_per_step(moshi_7b_structure, monkeypatch):
             finally:
                 stream.close()
     assert counts[True] <= counts[False] - 31 * 40  # ~49 ops saved per follower layer (31 of 32)
+
+
+def test_a_follower_that_runs_before_its_leader_is_refused(tiny_model):
+    """A temporal attention called before the leader in a step would read the previous step's RoPE angles, ring
+    indices and mask (same shapes, so the shape key alone cannot tell): refused by name."""
+    codes = generate_codes(tiny_model, 1, 8, seed=12)
+    with inference_mode(tiny_model):
+        stream = Stream(tiny_model, 1, 1, 8, "torch")
+        try:
+            stream.load(codes, torch.tensor([8]))
+            stream.step()  # the leader and its follower, in order: fine
+            follower = stream.attention.modules[1]
+            x = torch.zeros(1, 1, follower.embed_dim)
+            with pytest.raises(RuntimeError, match="layer 1 ran before its leader"):
+                follower(x, x, x)
+        finally:
+            stream.close()

@@ -102,3 +102,42 @@ def test_the_driver_report_carries_the_headline(tiny_model, make_codes):
     throughput = result.report["throughput"]
     assert {"headline_frames_per_second", "headline", "overall_frames_per_second"} <= set(throughput)
     assert throughput["overall_frames_per_second"] == pytest.approx(result.report["frames_per_second"])
+
+
+def test_the_roofline_counts_the_kv_slots_a_step_reads(tiny_model, monkeypatch):
+    """The step reads the filled ring slots, not the whole ring: a run that attends a quarter of the ring on average
+    has a quarter of the KV bytes per frame (by hand: 16e9 of weights at B = 8, 1.6e9 of KV per sequence)."""
+    import fused_stream.measure.throughput as throughput
+
+    monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    preflight = {"estimate": {"weights": 16e9, "kv_cache": 8 * 1.6e9}, "batch_size": 8}
+    memory = {"frames": 8000, "steady_frames_per_second": 1000.0}
+    quarter = throughput_report(tiny_model, 1, preflight, memory, torch.device("cuda"), steps=1000, seconds=10.0,
+                                kv_read_fraction=0.25)
+    assert quarter["bytes_per_frame"] == pytest.approx(2e9 + 0.4e9)
+    assert quarter["roofline_frames_per_second"] == pytest.approx(4.8e12 / 2.4e9)
+    assert quarter["roofline_ratio"] == pytest.approx(1000.0 / 2000.0)
+    whole = throughput_report(tiny_model, 1, preflight, memory, torch.device("cuda"), steps=1000, seconds=10.0)
+    assert whole["kv_read_fraction"] == 1.0 and whole["bytes_per_frame"] == pytest.approx(3.6e9)
+
+
+def test_the_driver_reports_the_fraction_of_the_ring_its_steps_read(tiny_model, make_codes, monkeypatch):
+    """tiny (ring 16 in frame mode, buckets 1..15 then the whole ring), T = 40: the steps attend 1, 2, ..., 15, then
+    16 for the 25 others: (120 + 25 * 16) / (40 * 16)."""
+    from fused_stream.core.config import EvalConfig
+    from fused_stream.core.driver import StreamingEvaluator
+
+    codes = make_codes(tiny_model, [40], seed=3)
+    evaluator = StreamingEvaluator(tiny_model, EvalConfig(verify=False))
+    seen = {}
+    real = throughput_report
+
+    def spy(*args, **kwargs):
+        seen["fraction"] = kwargs.get("kv_read_fraction")
+        return real(*args, **kwargs)
+
+    import fused_stream.core.driver as driver
+
+    monkeypatch.setattr(driver, "throughput_report", spy)
+    evaluator.evaluate(codes)
+    assert seen["fraction"] == pytest.approx((sum(range(1, 16)) + 25 * 16) / (40 * 16))
