@@ -55,6 +55,10 @@ def cli_flat(tmp_path, librilight, mimi_ckpt, *options: str) -> dict:
 
 
 def assert_same_flat(ours: dict, cli: dict) -> None:
+    # The `_stderr` companions depend on the units: the drop-in resamples its sequences, the CLI books by default
+    # (two files of one book are one unit there, two here), so only the numbers themselves must agree.
+    ours = {k: v for k, v in ours.items() if not k.endswith("_stderr")}
+    cli = {k: v for k, v in cli.items() if not k.endswith("_stderr")}
     assert set(ours) == set(cli), sorted(set(ours) ^ set(cli))
     for key, value in cli.items():
         assert type(ours[key]) is type(value) or isinstance(value, float), key
