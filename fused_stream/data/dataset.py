@@ -110,7 +110,7 @@ def load_dataset(
         raise DataError(f"invalid_tokens must be one of {', '.join(INVALID_TOKEN_POLICIES)}, got {invalid_tokens!r}")
     fill = {"text_fill": text_fill, "other_fill": other_fill}
     if generate is None:  # a probe raises bad fill options here, so "collect" never blames a file
-        layout_codes(model, torch.zeros(model.dep_q, model.dep_q, dtype=torch.int64), **fill)
+        layout_codes(model, torch.zeros(model.dep_q, model.dep_q + 1, dtype=torch.int64), **fill)
     load: _Loader
     if generate is not None:
         if frames is None:
@@ -129,7 +129,8 @@ def load_dataset(
 
         def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
             file = item.files[0]
-            return layout_codes(model, load_codes_file(file), source=str(file), **fill), [str(file)]
+            laid = layout_codes(model, load_codes_file(file), source=str(file), invalid_tokens=invalid_tokens, **fill)
+            return laid, [str(file)]
     else:
         if mimi is None:
             raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")

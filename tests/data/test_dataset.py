@@ -327,6 +327,25 @@ def test_an_invalid_token_fails_its_file_not_the_run(tmp_path, tiny_model):
         load_dataset(tiny_model, codes=tmp_path, invalid_tokens="drop", on_error="collect")
 
 
+def test_mask_applies_to_audio_tokens_of_audio_only_files_and_nothing_blames_mimi(tmp_path, tiny_model):
+    """An audio-only codes file [8, T] with a token >= card: "raise" fails that file naming the token and the
+    --invalid-tokens mask fix (a codes file is not Mimi's output, so Mimi is not blamed); "mask" loads it and the
+    evaluator masks and counts that token like any other."""
+    from fused_stream.core.inputs import check_codes
+
+    audio = audio_codes(T=30, seed=4)
+    audio[2, 7] = CARD + 5
+    save_codes(tmp_path / "a.pt", audio, "pt")
+    strict = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    reason = strict.failed[0]["reason"]
+    assert "audio token 69 at row 2, frame 7" in reason and "--invalid-tokens mask" in reason
+    assert "Mimi" not in reason
+    masked = load_dataset(tiny_model, codes=tmp_path, invalid_tokens="mask", on_error="collect")
+    assert masked.failed == [] and int(masked.sequences[0].codes[3, 7]) == CARD + 5  # stream 1 + row 2
+    checked = check_codes(tiny_model, [masked.sequences[0].codes], invalid_tokens="mask")
+    assert checked.n_masked_tokens == 1 and int(checked.sequences[0][3, 7]) == tiny_model.zero_token_id
+
+
 def test_cli_records_the_file_with_an_invalid_token_and_evaluates_the_others(tmp_path, tiny_model, capsys):
     from fused_stream.cli.main import main
 
