@@ -30,7 +30,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from .alignment import scored_delays, valid_masks
-from .parity import ParityReport, compare, nan_max, select_rows
+from .parity import ParityReport, compare, float32_reference, half_precision, nan_max, select_rows
 from .reference import batch_losses
 from .result import empty_result, fill_rows
 from .stream import Stream
@@ -127,6 +127,15 @@ class Verification:
         same = len({p.shape[1] for p in prefixes}) == 1
         # Equal prefixes: one [n, K, P] forward; otherwise one forward per sequence (no padding to reason about).
         self.reference = batch_losses(model, torch.stack(prefixes) if same else prefixes)
+        # Half precision: the same forward in float32 too, so that rounding is told from a defect (`parity.compare`).
+        self.exact = None
+        if half_precision(model):
+            try:
+                self.exact = float32_reference(model, torch.stack(prefixes) if same else prefixes)
+            except (torch.cuda.OutOfMemoryError, MemoryError):
+                log.warning("the float32 copy of the model for verification does not fit: the streamed losses are "
+                            "compared with the %s forward alone, where rounding may show as a difference",
+                            next(model.parameters()).dtype)
         self.reference_seconds = time.perf_counter() - start
         self.compare_seconds = 0.0
         self.reports: list[ParityReport] = []
@@ -160,8 +169,10 @@ class Verification:
         valid, text_valid = valid_masks(self.model, codes, own_lengths)  # the full sequence's masks, cropped
         streamed = empty_result(len(positions), self.model.dep_q, width)
         fill_rows(streamed, list(range(len(positions))), host[:, 1:], host[:, :1], valid, text_valid, own_lengths)
-        reference = select_rows(self.reference, [self.order.index(i) for i in sequences])
-        report, error = compare(self.model, streamed, reference, sequences, frames)
+        rows_of_reference = [self.order.index(i) for i in sequences]
+        reference = select_rows(self.reference, rows_of_reference)
+        exact = None if self.exact is None else select_rows(self.exact, rows_of_reference)
+        report, error = compare(self.model, streamed, reference, sequences, frames, exact=exact)
         self.reports.append(report)
         for i in sequences:
             del self.pending[i]
@@ -186,10 +197,17 @@ class Verification:
 
 
 def merge(reports: list[ParityReport]) -> ParityReport:
-    """One report over the checks of a run (one per batch that held verified sequences)."""
+    """One report over the checks of a run (one per batch that held verified sequences). Half-precision checks each
+    have their own tolerance: the difference and tolerance shown are the check's closest to failing."""
+    closest = max(reports, key=lambda r: math.inf if math.isnan(r.max_abs_diff) else r.max_abs_diff / r.tolerance)
+    half_errors = [r.half_error for r in reports if r.half_error is not None]
+    excess = [r.excess_z for r in reports if r.excess_z is not None]
     return ParityReport(
         passed=all(r.passed for r in reports), sequences=[i for r in reports for i in r.sequences],
         frames=[f for r in reports for f in r.frames], positions=sum(r.positions for r in reports),
-        max_abs_diff=functools.reduce(nan_max, (r.max_abs_diff for r in reports)), tolerance=reports[0].tolerance,
-        masks_identical=all(r.masks_identical for r in reports),
+        max_abs_diff=functools.reduce(nan_max, (r.max_abs_diff for r in reports)) if closest.half_error is None
+        else closest.max_abs_diff, tolerance=closest.tolerance,
+        masks_identical=all(r.masks_identical for r in reports), reference=closest.reference,
+        half_error=functools.reduce(nan_max, half_errors) if half_errors else None,
+        excess_z=max(excess) if excess else None,
     )
