@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-files", type=int, metavar="N", help="evaluate only the first N sequences")
     data.add_argument("--concat-chapters", action="store_true", default=None,
                       help="join each LibriLight book's chapters in order into one long sequence")
+    data.add_argument("--allow-duplicates", action="store_true", default=None, help="evaluate every path even when "
+                      "several hold identical content (a copy, a hard link); by default such a sequence counts once, "
+                      "with a warning naming both")
     data.add_argument("--cache-dir", metavar="DIR", help="where Mimi codes are cached, keyed by file content, Mimi "
                       "checkpoint and codebook count (default OUT/cache); reruns skip encoding")
     run = p.add_argument_group("evaluation")
