@@ -11,6 +11,7 @@ on. Reading codes files is `codes`, listing audio and grouping books `librilight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -157,12 +158,16 @@ def load_dataset(
         lengths = [min(it.estimate, max_frames or it.estimate) for it in owned]
         owned = [owned[i] for i in assign_shards(lengths, [it.name for it in owned], shard[1])[shard[0]]]
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     dataset, done = Dataset([], [], len(items)), 0
     dataset.duplicates = [{"index": item.index, "name": item.name, "sources": [str(f) for f in item.files],
                            "same_as": first.name} for item, first in duplicates]
     desc = "encoding audio" if audio is not None else "loading codes"
-    with tqdm(total=sum(len(it.files) for it in owned), desc=desc, unit="file", disable=not progress) as bar:
+    files = sum(len(it.files) for it in owned)
+    show = progress and files > 0  # generated codes read no file: no empty "0file" bar
+    with tqdm(total=files, desc=desc, unit="file", disable=not show) as bar, \
+            (logging_redirect_tqdm() if show else contextlib.nullcontext()):  # warnings on lines of their own
         for item in owned:
             try:
                 seq, used = load(item, bar)
