@@ -353,7 +353,10 @@ def float32_reference(model: LMModel, codes: torch.Tensor | list[torch.Tensor]) 
     """`batch_losses` of a half-precision model computed in float32 (its weights upcast, exactly representable):
     what both half-precision paths approximate. Holds a float32 copy of the half tensors while it runs."""
     with _upcast(model):
-        return batch_losses(model, codes)
+        result = batch_losses(model, codes)
+    if next(model.parameters()).is_cuda:  # hand the float32 copy's blocks back before streams and graphs allocate
+        torch.cuda.empty_cache()
+    return result
 
 
 def nan_max(a: float, b: float) -> float:
