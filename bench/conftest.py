@@ -185,6 +185,21 @@ def watch_cpu_contention(request):
         _contended.append(benchmark.extra_info.get("path") or request.node.name)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Ctrl-C during a benchmark leaves it with no timed round: pytest-benchmark would then fail on its empty
+    statistics (`min() arg is an empty sequence`) and write no --benchmark-json at all. Before it writes anything,
+    the benchmarks without a round are dropped (and named), so that what finished is written."""
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is not None:
+        unfinished = [b for b in bench_session.benchmarks if not b.stats.data]  # Metadata: .stats is Stats
+        if unfinished:
+            bench_session.benchmarks[:] = [b for b in bench_session.benchmarks if b not in unfinished]
+            names = ", ".join(b.name for b in unfinished)
+            session.config.get_terminal_writer().line(f"interrupted before any round of: {names} (left out)")
+    yield
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if _contended:
         terminalreporter.write_sep("-", "contended benchmarks (other processes took CPU; left out of bench_report)")

@@ -223,7 +223,7 @@ def prepare_codes(model: LMModel, codes_list: Sequence[torch.Tensor], config: Ev
                              f"(or [1, n_codebooks, T]) with T >= 1")
         # The CPU, like the CLI's loaded files: layout and checks are host work, the driver moves each batch once.
         laid = layout_codes(model, codes.detach().cpu(), text_fill=config.text_fill, other_fill=config.other_fill,
-                            source=f"codes_list[{i}]")
+                            source=f"codes_list[{i}]", invalid_tokens=config.invalid_tokens)
         out.append(crop_frames(laid, config.max_frames))
     return out
 

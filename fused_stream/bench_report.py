@@ -10,6 +10,10 @@ A benchmark that other processes slowed down (`extra_info["contended"]`, set by 
 more than a threshold of its CPUs even after repeats) is left out of the table and named below it, and is never
 the reference of a ratio: on a shared 2-core machine such a row is 5-15x off. `--include-contended` keeps them in
 the table, marked. A contended row none of whose cells depend on time (the memory suite's peaks) stays in.
+
+Benchmarks that record a share of their run against a goal (`extra_info["fraction_of_run"]` and `"goal_fraction"`:
+the verification's cost, bench/test_verify_bench.py) are listed under the table with the goal, met or missed: a
+goal is reported, never asserted, so a noisy timing never fails a run.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ def markdown(results_list: list[dict[str, Any]], include_contended: bool = False
         lines += ["", f"Ratios compare rows of this file only (the same run on the same machine): speed-ups vs "
                   f"`{NAIVE_PATH}` and `{LMGEN_PREFIX}*`, memory vs `{BATCH_PATH}` at the same T. "
                   f"{MISSING} = not recorded in the JSON (or its reference row is absent)."]
+        lines += _goal_lines(results)
         if contended:
             verb = "Marked (contended)" if include_contended else "Left out"
             lines += ["", f"{verb}: other processes took CPU time from these benchmarks even after repeats, so "
@@ -213,6 +218,21 @@ def markdown(results_list: list[dict[str, Any]], include_contended: bool = False
                       + ", ".join(_contention(row) for row in contended) + "."]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def _goal_lines(results: dict[str, Any]) -> list[str]:
+    """"Share of the run" benchmarks against their goal: one line each, met or missed (contended ones marked)."""
+    lines = []
+    for bench in results.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        fraction, goal = _num(info.get("fraction_of_run")), _num(info.get("goal_fraction"))
+        if fraction is None or goal is None:
+            continue
+        path = info.get("path") if isinstance(info.get("path"), str) else bench["name"]
+        verdict = "met" if fraction < goal else "missed"
+        busy = " (contended: other processes took CPU)" if info.get("contended") is True else ""
+        lines.append(f"- `{path}`: {100 * fraction:.2f} % of the run (goal < {100 * goal:g} %: {verdict}){busy}")
+    return ["", "Share of the run against its goal:", *lines] if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,13 +196,13 @@ def test_state_is_restored_when_the_run_fails(restore_model, monkeypatch):
 
     monkeypatch.setattr(api.StreamingEvaluator, "evaluate", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate_long_context_loss(model, [torch.zeros(DEP_Q, 8, dtype=torch.long)])
+        evaluate_long_context_loss(model, [torch.zeros(DEP_Q, 9, dtype=torch.long)])  # [8, 8] is ambiguous
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     assert not api.is_streaming(model)
 
 
 def test_bad_input_is_refused_before_the_run(tiny_model):
-    codes = torch.zeros(DEP_Q, 8, dtype=torch.long)
+    codes = torch.zeros(DEP_Q, 9, dtype=torch.long)  # 9 > 8 rows: [8, 8] is refused as ambiguous
     with pytest.raises(ValueError, match="empty"):
         evaluate_long_context_loss(tiny_model, [])
     with pytest.raises(ValueError, match="expected \\[n_codebooks, T\\]"):

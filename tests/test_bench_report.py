@@ -187,3 +187,20 @@ def test_include_contended_marks_them(tmp_path, capsys):
     assert main([str(write(tmp_path, "quiet.json", cpu_run()))]) == 0
     quiet = capsys.readouterr().out  # a clean run says nothing about contention
     assert "(contended)" not in quiet and "Left out" not in quiet and "Marked" not in quiet
+
+
+def test_verification_share_is_shown_against_its_goal_not_asserted():
+    """bench/test_verify_bench.py records the verification's share of the run and the 5 % goal; the report lists each
+    against the goal (met / missed), and a benchmark without a goal (the smoke size) is not listed."""
+    verify = {"device": CPU, "B": 2, "T": 1000, "frames": 2000}
+    text = markdown([results([
+        bench("test_verification_fraction_of_run[chunk_C64]", 2.0, path="verify_chunk_C64", C=64,
+              fraction_of_run=0.0321, goal_fraction=0.05, **verify),
+        bench("test_verification_fraction_of_run[frame]", 9.0, path="verify_frame", C=1, fraction_of_run=0.0576,
+              goal_fraction=0.05, contended=True, **verify),
+        bench("test_verification_fraction_of_run[smoke]", 0.1, path="verify_smoke", fraction_of_run=0.2),
+    ])])
+    assert "- `verify_chunk_C64`: 3.21 % of the run (goal < 5 %: met)" in text
+    assert "- `verify_frame`: 5.76 % of the run (goal < 5 %: missed) (contended: other processes took CPU)" in text
+    assert "verify_smoke`: " not in text
+    assert "Share of the run" not in markdown([cpu_run()])

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-files", type=int, metavar="N", help="evaluate only the first N sequences")
     data.add_argument("--concat-chapters", action="store_true", default=None,
                       help="join each LibriLight book's chapters in order into one long sequence")
+    data.add_argument("--allow-duplicates", action="store_true", default=None, help="evaluate every path even when "
+                      "several hold identical content (a copy, a hard link); by default such a sequence counts once, "
+                      "with a warning naming both")
     data.add_argument("--cache-dir", metavar="DIR", help="where Mimi codes are cached, keyed by file content, Mimi "
                       "checkpoint and codebook count (default OUT/cache); reruns skip encoding")
     run = p.add_argument_group("evaluation")
@@ -257,8 +260,15 @@ def _interruptible() -> Iterator[None]:
 
 
 def set_threads(requested: int | None) -> int:
-    """Size torch's CPU thread pool once, at start-up: `requested`, or `auto_threads()`."""
+    """Size torch's CPU thread pool once, at start-up: `requested`, or `auto_threads()`. More threads than the CPUs
+    this process may use are warned about (kept: the thread count changes the last bits of the losses): they wait
+    on each other, 6.7x slower measured."""
     threads = requested if requested is not None else auto_threads()
+    usable = available_cpus()
+    if threads > usable:
+        log.warning("--threads %d is more than the %d CPU(s) this process may use (its affinity and cgroup quota): "
+                    "torch's threads will wait on each other and may run several times slower; --threads %d avoids "
+                    "that", threads, usable, usable)
     torch.set_num_threads(threads)
     return threads
 

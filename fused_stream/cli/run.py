@@ -167,7 +167,7 @@ def _load_data(s: Settings, model: Any, world: World, mimi: Any) -> Dataset:
         max_frames=s.eval.max_frames, max_files=s.max_files, concat_chapters=s.concat_chapters,
         text_fill=s.eval.text_fill, other_fill=s.eval.other_fill, cache_dir=cache_dir, seed=s.seed, device=model.device,
         progress=s.progress and s.verbosity >= 0, on_error="collect", min_frames=s.min_frames, shard=world.shard,
-        selection=s.selection(),
+        selection=s.selection(), allow_duplicates=s.allow_duplicates,
     )
     good = sum(gather(len(dataset.sequences), world))
     if good == 0:  # nothing at all to evaluate: that is bad input, not a partial failure

@@ -58,6 +58,7 @@ class Settings:
     frames: int = 200
     max_files: int | None = None
     concat_chapters: bool = False
+    allow_duplicates: bool = False  # evaluate files of identical content under several paths each time
     cache_dir: str | None = None
     min_frames: int = 1
     seed: int = 0

@@ -142,7 +142,7 @@ def _describe_bad_token(model: LMModel, value: int, k: int, where: str) -> str:
 
 def layout_codes(
     model: LMModel, codes: torch.Tensor, *, text_fill: str = "zero", other_fill: str = "zero", source: str = "",
-    from_mimi: bool = False,
+    from_mimi: bool = False, invalid_tokens: str = "raise",
 ) -> torch.Tensor:
     """Codes [K, T] in the model's layout from the full layout (as is) or from n >= dep_q audio codebooks.
 
@@ -157,7 +157,10 @@ def layout_codes(
     transposed one) - and values that are not integers: bool or complex dtypes, NaN or infinite floats, floats
     with a fraction, and floats too large to hold an integer exactly in their dtype. Whole-valued floats (3.0) are
     accepted, as by the codes-file reader. `from_mimi=True` marks codes this tool has just encoded with Mimi
-    ([dep_q, T] by construction): a short file (T < dep_q) is then not taken for a transposed one.
+    ([dep_q, T] by construction): a short file (T <= dep_q) is then not taken for a transposed one.
+
+    An audio token outside [0, card) is refused, unless `invalid_tokens="mask"`: then it is kept as it is, and
+    `check_codes` masks and counts it like every other invalid token (as in the full layout).
     """
     src = source or "codes"
     if text_fill not in TEXT_FILLS:
@@ -171,15 +174,18 @@ def layout_codes(
     if not from_mimi:
         check_codes_shape(model, tuple(codes.shape), src)
     codes = integer_codes(codes, src)
+    check_range = invalid_tokens != "mask"  # masked later by check_codes, counted in n_masked_tokens
     if n == K:  # already the full layout: text and user streams are the caller's
-        _check_audio_range(model, codes[1:], src, first_stream=1)
+        if check_range:
+            _check_audio_range(model, codes[1:], src, first_stream=1, from_mimi=from_mimi)
         return codes.clone()
     if n < dep_q:
         raise DataError(f"model expects dep_q={dep_q} audio codebooks (or all K={K} streams), {src} has {n}")
     if n > dep_q:
         log.warning("%s: %d audio codebooks, using the first dep_q=%d (the model's own audio streams)", src, n, dep_q)
     audio = codes[:dep_q]
-    _check_audio_range(model, audio, src, first_stream=0)
+    if check_range:
+        _check_audio_range(model, audio, src, first_stream=0, from_mimi=from_mimi)
     out = torch.full((K, T), zero, dtype=torch.int64)
     out[1 : 1 + dep_q] = audio
     if text_fill == "pad":
@@ -195,17 +201,23 @@ def layout_codes(
 
 
 def check_codes_shape(model: LMModel, shape: tuple[int, ...], src: str) -> None:
-    """Refuse a [rows, T] shape that cannot be codes [n_codebooks, T]: too many rows, or more rows than frames."""
+    """Refuse a [rows, T] shape that cannot be codes [n_codebooks, T]: too many rows, or no more frames than rows.
+
+    One rule for every shape that cannot be told from its transpose: a real sequence has far more frames than
+    codebooks, so the longer side is time; when rows >= frames ([8, 1], [8, 8], [17, 17]) nothing tells which side
+    is time, and the file is refused rather than read one way at random.
+    """
     n, T = shape
     if n > MIMI_MAX_CODEBOOKS and n != model.num_codebooks:
         raise DataError(
             f"{src} has shape {shape}: {n} rows, more codebooks than any Mimi has ({MIMI_MAX_CODEBOOKS}) and not the "
             f"model's K={model.num_codebooks} streams; codes are [n_codebooks, T] (transposed?)"
         )
-    if n > T:
+    if n >= T:
         raise DataError(
-            f"{src} has shape {shape}: more rows (codebooks) than frames; codes are [n_codebooks, T] (transposed?); "
-            f"a sequence shorter than its number of codebooks is refused as it cannot be told from a transposed one"
+            f"{src} has shape {shape}: more rows (codebooks) than frames, or as many; codes are [n_codebooks, T] "
+            f"(transposed?); a sequence no longer than its number of codebooks is refused as it cannot be told from a "
+            f"transposed one"
         )
 
 
@@ -230,13 +242,18 @@ def integer_codes(codes: torch.Tensor, src: str) -> torch.Tensor:
     return codes.to(torch.int64)
 
 
-def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int) -> None:
+def _check_audio_range(model: LMModel, audio: torch.Tensor, src: str, first_stream: int, from_mimi: bool) -> None:
     bad = ((audio < 0) | (audio >= model.card)) & (audio != model.zero_token_id)
     if bool(bad.any()):
         row, t = (int(i) for i in bad.nonzero()[0])
+        # Only codes this tool encoded itself come from a Mimi it chose; a file's tokens may come from anywhere.
+        why = ("the Mimi codebooks and the model's card do not match" if from_mimi else
+               f"tokens must lie in [0, card={model.card}) or be the zero token {model.zero_token_id}; to mask such "
+               "tokens instead (never scored, counted) pass --invalid-tokens mask (CLI) or invalid_tokens='mask' "
+               "(Python)")
         raise DataError(
             f"{src} has audio token {int(audio[row, t])} at row {first_stream + row}, frame {t}, outside the "
-            f"model's card [0, {model.card}): the Mimi codebooks and the model's card do not match"
+            f"model's card [0, {model.card}): {why}"
         )
 
 

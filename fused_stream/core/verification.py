@@ -31,7 +31,7 @@ from moshi.models.lm import LMModel
 
 from .alignment import scored_delays, valid_masks
 from .foreign import ForeignLayer, foreign_layers
-from .parity import ParityReport, compare, nan_max, select_rows
+from .parity import ParityReport, compare, float32_reference, half_precision, nan_max, select_rows
 from .reference import batch_losses
 from .restore import ModelRestorer
 from .result import empty_result, fill_rows
@@ -160,11 +160,23 @@ class Verification:
         # Equal prefixes: one [n, K, P] forward, unless the run streams one sequence at a time (a layer may support
         # nothing else); otherwise one forward per sequence (no padding to reason about).
         stacked = len({p.shape[1] for p in prefixes}) == 1 and len(prefixes) <= max(len(rows) for rows in batches)
-        # The reference starts from the state the model came in with, and so does the run after it: a foreign layer
-        # that adapts in its forward would otherwise hand its adapted weights to the streamed run.
+        codes = torch.stack(prefixes) if stacked else prefixes
+        # The references start from the state the model came in with, and so does the run after them: a foreign
+        # layer that adapts in its forward would otherwise hand its adapted weights to the streamed run.
         restorer = ModelRestorer(model)
         try:
-            self.reference = batch_losses(model, torch.stack(prefixes) if stacked else prefixes)
+            self.reference = batch_losses(model, codes)
+            # Half precision: the same forward in float32 too, so that rounding is told from a defect
+            # (`parity.compare`).
+            self.exact = None
+            if half_precision(model):
+                restorer.restore()
+                try:
+                    self.exact = float32_reference(model, codes)
+                except (torch.cuda.OutOfMemoryError, MemoryError):
+                    log.warning("the float32 copy of the model for verification does not fit: the streamed losses "
+                                "are compared with the %s forward alone, where rounding may show as a difference",
+                                next(model.parameters()).dtype)
         finally:
             restorer.restore()
         self.reference_seconds = time.perf_counter() - start
@@ -200,8 +212,10 @@ class Verification:
         valid, text_valid = valid_masks(self.model, codes, own_lengths)  # the full sequence's masks, cropped
         streamed = empty_result(len(positions), self.model.dep_q, width)
         fill_rows(streamed, list(range(len(positions))), host[:, 1:], host[:, :1], valid, text_valid, own_lengths)
-        reference = select_rows(self.reference, [self.order.index(i) for i in sequences])
-        report, error = compare(self.model, streamed, reference, sequences, frames)
+        rows_of_reference = [self.order.index(i) for i in sequences]
+        reference = select_rows(self.reference, rows_of_reference)
+        exact = None if self.exact is None else select_rows(self.exact, rows_of_reference)
+        report, error = compare(self.model, streamed, reference, sequences, frames, exact=exact)
         self.reports.append(report)
         for i in sequences:
             del self.pending[i]
@@ -231,10 +245,17 @@ class Verification:
 
 
 def merge(reports: list[ParityReport]) -> ParityReport:
-    """One report over the checks of a run (one per batch that held verified sequences)."""
+    """One report over the checks of a run (one per batch that held verified sequences). Half-precision checks each
+    have their own tolerance: the difference and tolerance shown are the check's closest to failing."""
+    closest = max(reports, key=lambda r: math.inf if math.isnan(r.max_abs_diff) else r.max_abs_diff / r.tolerance)
+    half_errors = [r.half_error for r in reports if r.half_error is not None]
+    excess = [r.excess_z for r in reports if r.excess_z is not None]
     return ParityReport(
         passed=all(r.passed for r in reports), sequences=[i for r in reports for i in r.sequences],
         frames=[f for r in reports for f in r.frames], positions=sum(r.positions for r in reports),
-        max_abs_diff=functools.reduce(nan_max, (r.max_abs_diff for r in reports)), tolerance=reports[0].tolerance,
-        masks_identical=all(r.masks_identical for r in reports),
+        max_abs_diff=functools.reduce(nan_max, (r.max_abs_diff for r in reports)) if closest.half_error is None
+        else closest.max_abs_diff, tolerance=closest.tolerance,
+        masks_identical=all(r.masks_identical for r in reports), reference=closest.reference,
+        half_error=functools.reduce(nan_max, half_errors) if half_errors else None,
+        excess_z=max(excess) if excess else None,
     )

@@ -19,6 +19,9 @@ module adds what an evaluator needs around it, each failure one line (`Checkpoin
 - moshi reads a repository whose config.json it cannot get as a legacy Moshi 7B. Offline that is only true when
   the cache recorded that the hub has no config.json; otherwise the config is merely not cached, and the model
   would be built with the wrong architecture: refused;
+- without `HF_HUB_OFFLINE=1` and without network, the hub library retries every file for about a minute: the hub
+  is probed first (a connection within `HUB_PROBE_SECONDS`), and an unreachable hub stops at once, saying to set
+  `HF_HUB_OFFLINE=1` when the cache holds the repository, or how to fetch it when it does not;
 - a config with `lora: true` and no LoRA weights (moshi would run the base model with zero adapters), LoRA weights
   for a config without `lora: true` (moshi's bare assertion), and local files that do not exist are refused
   before any weight is read.
@@ -28,10 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import huggingface_hub
 from huggingface_hub import errors as hub_errors
@@ -45,6 +51,10 @@ HUB_PREFIX = "hf:"
 # The keys of the hf: form -> HubCheckpoint's fields (moshi's flag names without the dashes).
 HUB_KEYS = {"moshi": "moshi_weight", "mimi": "mimi_weight", "tokenizer": "tokenizer", "config": "config_path",
             "lora": "lora_weight", "fuse_lora": "fuse_lora"}
+
+
+HUB_PROBE_SECONDS = 3.0  # a hub that does not accept a connection this fast is taken as unreachable
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # the hub may be reachable only through one
 
 
 class CheckpointError(ValueError):
@@ -121,6 +131,7 @@ class HubCheckpoint:
             value = getattr(self, name)
             if value is not None and not value.startswith("hf://") and not Path(value.removeprefix("file://")).is_file():
                 raise CheckpointError(f"{self._what(name)} {value} is not a file")
+        self._check_reachable()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -141,6 +152,25 @@ class HubCheckpoint:
         resolved = ResolvedHub(self, info)
         resolved.check_lora()
         return resolved
+
+    def _check_reachable(self) -> None:
+        """Online (no HF_HUB_OFFLINE), a hub that cannot be reached stops here in seconds, rather than after the hub
+        library's retries of every file (48 s and 48 warnings measured): with the repository in the cache, say to
+        set HF_HUB_OFFLINE=1; without, how to fetch it."""
+        if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+            return  # offline: the cache alone answers; behind a proxy a direct probe proves nothing
+        reason = hub_unreachable()
+        if reason is None:
+            return
+        endpoint = huggingface_hub.constants.ENDPOINT
+        cached = huggingface_hub.try_to_load_from_cache(self.repo, "config.json", revision=self.revision)
+        if cached is not None:  # a path, or the record that the hub has none: the repository was fetched before
+            raise CheckpointError(f"{self.repo}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}); the "
+                                  "cache holds this repository: set HF_HUB_OFFLINE=1 to use it without network")
+        at = f" --revision {self.revision}" if self.revision else ""
+        raise CheckpointError(f"{self.repo}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}) and the "
+                              f"cache does not hold this repository: fetch it with `huggingface-cli download "
+                              f"{self.repo}{at}` on a machine with network access, or give local paths")
 
     def _check_legacy(self) -> None:
         """moshi read the repository as a legacy Moshi 7B because config.json could not be fetched: accept that only
@@ -233,6 +263,18 @@ def hub_failure(exc: BaseException, repo: str) -> str:
     if isinstance(exc, hub_errors.EntryNotFoundError):
         return f"{repo}{at} has no file {file!r}"
     return f"{repo}: {one_line(exc)}" + (f" (while fetching {file})" if file else "")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the hub's endpoint does not accept a TCP connection within `timeout` seconds (no route, no name
+    resolution, a timeout), or None when it does."""
+    url = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as exc:  # socket.gaierror (no DNS), TimeoutError, ConnectionRefusedError, no route to host
+        return f"{type(exc).__name__}: {one_line(exc)}" if str(exc) else type(exc).__name__
 
 
 def _offline_note() -> str:

@@ -11,6 +11,7 @@ on. Reading codes files is `codes`, listing audio and grouping books `librilight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -21,13 +22,14 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
+from ..core.alignment import valid_masks
 from ..core.config import EvalConfig
 from ..core.inputs import INVALID_TOKEN_POLICIES, check_tokens, crop_frames, layout_codes
 from ..errors import DataError, one_line
 from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
 from .librilight import audio_files, group_chapters, natural_key, relative_name
-from .mimi import MimiCheckpoint, load_mimi, mimi_checkpoint
+from .mimi import MimiCheckpoint, file_sha256, load_mimi, mimi_checkpoint
 from .selection import BookSelection
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class Dataset:
     sequences: list[EvalSequence]
     failed: list[dict[str, Any]] = field(default_factory=list)  # {"index", "name", "sources", "reason"}, data order
     total: int = 0  # sequences in the full list (max_files applied, not sharded): indices lie in [0, total)
+    # {"index", "name", "sources", "same_as"}: sequences left out because their files hold the same content as an
+    # earlier one's (a copy or a hard link); empty with allow_duplicates=True
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +91,7 @@ def load_dataset(
     other_fill: str = _LAYOUT.other_fill, invalid_tokens: str = _LAYOUT.invalid_tokens,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
     max_files: int | None = None, on_error: str = "raise", min_frames: int = 1, shard: tuple[int, int] | None = None,
-    selection: BookSelection | None = None,
+    selection: BookSelection | None = None, allow_duplicates: bool = False,
 ) -> Dataset:
     """The sequences to evaluate, in the model's layout, from exactly one of `codes`, `audio` (+ `mimi`), `generate`.
 
@@ -99,6 +104,11 @@ def load_dataset(
     later); with "mask" the sequence loads as it is and the evaluator masks and counts those tokens.
     `shard=(rank, world_size)` loads this rank's share only (`assign_shards` over lengths estimated without
     encoding). Configuration errors raise in both modes.
+
+    A sequence whose files hold the same content as an earlier sequence's (a copy, or a hard link, under another
+    path) would count one unit twice in every mean and interval: it is left out with a warning naming both and
+    listed in `Dataset.duplicates`, unless `allow_duplicates`. A sequence with no position to score (every token of
+    the text and the model's audio streams the zero token, or masked) fails with "nothing to score".
     """
     if sum(x is not None for x in (codes, audio, generate)) != 1:
         raise DataError("give exactly one of --codes, --audio, --generate")
@@ -113,7 +123,7 @@ def load_dataset(
         raise DataError(f"invalid_tokens must be one of {', '.join(INVALID_TOKEN_POLICIES)}, got {invalid_tokens!r}")
     fill = {"text_fill": text_fill, "other_fill": other_fill}
     if generate is None:  # a probe raises bad fill options here, so "collect" never blames a file
-        layout_codes(model, torch.zeros(model.dep_q, model.dep_q, dtype=torch.int64), **fill)
+        layout_codes(model, torch.zeros(model.dep_q, model.dep_q + 1, dtype=torch.int64), **fill)
     load: _Loader
     if generate is not None:
         if frames is None:
@@ -132,21 +142,34 @@ def load_dataset(
 
         def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
             file = item.files[0]
-            return layout_codes(model, load_codes_file(file), source=str(file), **fill), [str(file)]
+            laid = layout_codes(model, load_codes_file(file), source=str(file), invalid_tokens=invalid_tokens, **fill)
+            return laid, [str(file)]
     else:
         if mimi is None:
             raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
         items, load = _audio_items(model, Path(audio), mimi, max_frames, min_frames, max_files, concat_chapters,
                                    cache_dir, device, fill, selection)
-    owned = items
+    duplicates = [] if allow_duplicates else same_content(items)
+    for item, first in duplicates:
+        log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; --allow-duplicates "
+                    "evaluates both", item.name, first.name, ", ".join(map(str, item.files)),
+                    ", ".join(map(str, first.files)))
+    left_out = {item.index for item, _ in duplicates}
+    owned = [it for it in items if it.index not in left_out]
     if shard is not None:  # balance what evaluation will cost: the lengths after the max_frames crop
-        lengths = [min(it.estimate, max_frames or it.estimate) for it in items]
-        owned = [items[i] for i in assign_shards(lengths, [it.name for it in items], shard[1])[shard[0]]]
+        lengths = [min(it.estimate, max_frames or it.estimate) for it in owned]
+        owned = [owned[i] for i in assign_shards(lengths, [it.name for it in owned], shard[1])[shard[0]]]
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     dataset, done = Dataset([], [], len(items)), 0
+    dataset.duplicates = [{"index": item.index, "name": item.name, "sources": [str(f) for f in item.files],
+                           "same_as": first.name} for item, first in duplicates]
     desc = "encoding audio" if audio is not None else "loading codes"
-    with tqdm(total=sum(len(it.files) for it in owned), desc=desc, unit="file", disable=not progress) as bar:
+    files = sum(len(it.files) for it in owned)
+    show = progress and files > 0  # generated codes read no file: no empty "0file" bar
+    with tqdm(total=files, desc=desc, unit="file", disable=not show) as bar, \
+            (logging_redirect_tqdm() if show else contextlib.nullcontext()):  # warnings on lines of their own
         for item in owned:
             try:
                 seq, used = load(item, bar)
@@ -154,6 +177,9 @@ def load_dataset(
                     check_tokens(model, seq, ", ".join(map(str, item.files)) or item.name)
                 short = seq.shape[1] < min_frames
                 reason = f"{seq.shape[1]} frames, shorter than --min-frames {min_frames}" if short else None
+                if reason is None and not scores_anything(model, crop_frames(seq, max_frames)):
+                    reason = (f"nothing to score: every token of the text and the model's audio streams "
+                              f"(1..{model.dep_q}) is the zero token {model.zero_token_id} or out of range")
             except DataError as exc:
                 if on_error == "raise":
                     raise
@@ -169,6 +195,47 @@ def load_dataset(
             done += len(item.files)
             bar.update(done - bar.n)  # a book that failed or was cut short still counts all its chapters
     return dataset
+
+
+def scores_anything(model: LMModel, codes: torch.Tensor) -> bool:
+    """Whether codes [K, T] have a position `LMModel.forward` scores: a text or own-audio token in its vocabulary
+    whose prediction step lies inside the sequence (an out-of-range token would be masked)."""
+    audio, text = valid_masks(model, codes.unsqueeze(0), torch.tensor([codes.shape[1]]))
+    audio_codes = codes[model.audio_offset : model.audio_offset + model.dep_q].unsqueeze(0)
+    audio &= (audio_codes >= 0) & (audio_codes < model.card)
+    text &= (codes[:1] >= 0).unsqueeze(0) & (codes[:1] < model.text_card).unsqueeze(0)
+    return bool(audio.any()) or bool(text.any())
+
+
+def same_content(items: list[_Item]) -> list[tuple[_Item, _Item]]:
+    """(item, the first earlier item whose files hold identical content) for every such item.
+
+    Files are compared by size first, and hashed (sha256) only where sizes coincide, so a data set without copies
+    costs one stat per file; both paths of a hard link are the same file and hash alike.
+    """
+    with_files = [it for it in items if it.files]
+    by_sizes: dict[tuple[int, ...], list[_Item]] = {}
+    for item in with_files:
+        try:
+            sizes = tuple(f.stat().st_size for f in item.files)
+        except OSError:  # unreadable: its load fails and says why
+            continue
+        by_sizes.setdefault(sizes, []).append(item)
+    found: list[tuple[_Item, _Item]] = []
+    for group in by_sizes.values():
+        if len(group) < 2:
+            continue
+        seen: dict[tuple[str, ...], _Item] = {}
+        for item in group:
+            try:
+                digest = tuple(file_sha256(f) for f in item.files)
+            except OSError:
+                continue
+            if digest in seen:
+                found.append((item, seen[digest]))
+            else:
+                seen[digest] = item
+    return sorted(found, key=lambda pair: pair[0].index)
 
 
 def _audio_items(

@@ -519,6 +519,21 @@ def test_threads_on_busy_cpus_are_warned_about_not_changed(keep_torch_threads, m
     assert caplog.text == ""
 
 
+def test_more_threads_than_usable_cpus_are_warned_about(keep_torch_threads, monkeypatch, caplog):
+    import logging
+
+    import fused_stream.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "available_cpus", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="fused_stream.eval"):
+        assert cli_main.set_threads(8) == 8 and torch.get_num_threads() == 8  # kept: it decides the last bits
+    assert "--threads 8 is more than the 2 CPU(s)" in caplog.text and "--threads 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fused_stream.eval"):
+        cli_main.set_threads(2)
+    assert caplog.text == ""
+
+
 def test_bad_input_is_one_line_even_on_busy_cpus(tmp_path, capsys, monkeypatch):
     import fused_stream.cli.main as cli_main
 

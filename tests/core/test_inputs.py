@@ -450,7 +450,11 @@ def test_transposed_codes_are_refused(tiny_model):
         assert "\n" not in str(info.value)
     with pytest.raises(DataError, match=r"\(17, 12\): more rows .*than frames.*transposed\?"):
         layout_codes(tiny_model, full_codes(T=12))  # the full layout's rows count too: 17 streams, 12 frames
-    assert layout_codes(tiny_model, full_codes(T=17)).shape == (K, 17)  # as many frames as rows: accepted
+    # As many frames as rows cannot be told from its transpose either: refused by the same rule (issue 23, item 8;
+    # this used to be accepted). One frame more is accepted.
+    with pytest.raises(DataError, match=r"\(17, 17\): more rows \(codebooks\) than frames, or as many.*transposed\?"):
+        layout_codes(tiny_model, full_codes(T=17))
+    assert layout_codes(tiny_model, full_codes(T=18)).shape == (K, 18)
     assert torch.equal(layout_codes(tiny_model, audio)[1:9], audio)
     short = audio_codes(T=3)  # a short file this tool encoded itself: Mimi's [dep_q, T], whatever T
     assert torch.equal(layout_codes(tiny_model, short, from_mimi=True)[1:9], short)

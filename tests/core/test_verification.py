@@ -152,3 +152,43 @@ def test_the_report_says_whether_the_prefix_reached_a_second_call(tiny_model, ma
     assert run(tiny_model, sequences, chunk_size=1).report["verification"]["crosses_calls"] is True
     explicit = run(tiny_model, sequences, chunk_size=150, verify_frames=159).report["verification"]
     assert explicit["frames"] == [159] and explicit["crosses_calls"] is True
+
+
+def half_tiny_with(toy, dtype, *args, index: int = 1, **kwargs):
+    model = load_model("tiny", device="cpu", dtype=dtype, seed=0)
+    model.transformer.layers[index] = toy(model.transformer.layers[index], *args, **kwargs)
+    return model.to(dtype)  # the toy's own buffers too, as a layer built into a half-precision model has them
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_every_defect_is_still_caught_in_half_precision(make_codes, dtype, one_torch_thread):
+    """The defects the float32 tests above plant, in a half-precision model: compared with the float32 forward, none
+    hides in the rounding (issue 23 item 4). A layer with state outside moshi's streaming state (frame and chunk
+    mode) and one right frame by frame but wrong across chunks are caught at the position where they first differ; a
+    one-frame misalignment is `test_parity.py::test_bf16_tolerance_passes_a_deep_proxy_and_fails_a_one_frame_shift`."""
+    sequences = make_codes(fresh_tiny(), [60, 40, 30], seed=1)
+    for chunk in (1, 4):
+        model = half_tiny_with(ForwardOnlyTTT, dtype)
+        with pytest.raises(ParityError) as info:
+            run(model, sequences, chunk_size=chunk, batch_size=2)
+        position, stream = expected_first_difference(model, first_step=chunk)
+        assert (info.value.sequence, info.value.stream, info.value.position) == (0, stream, position)
+        assert info.value.report.reference == "float32 forward" and "precision" not in info.value.cause
+    dim = fresh_tiny().dim
+    assert run(half_tiny_with(FirstFrameCarryTTT, dtype, dim), sequences, chunk_size=1).report["verification"]["passed"]
+    with pytest.raises(ParityError) as info:
+        run(half_tiny_with(FirstFrameCarryTTT, dtype, dim), sequences, chunk_size=8)
+    assert (info.value.stream, info.value.position) == expected_first_difference(model, first_step=8)[::-1]
+
+
+@pytest.mark.parametrize("seed", [6, 7, 8])
+def test_a_state_leaking_into_the_next_batch_is_caught_in_float16(make_codes, seed, one_torch_thread):
+    """The leak adds little to each loss (no larger than fp16 rounding at any one position), but at most positions
+    of the second batch the streamed loss is farther from the float32 forward than the fp16 forward is: the excess
+    statistic catches it, in the second batch, after one batch."""
+    model = half_tiny_with(LeakyAcrossBatches, torch.float16, fresh_tiny().dim, index=0)
+    sequences = make_codes(model, [40, 30], seed=seed)
+    reported = []
+    with pytest.raises(ParityError) as info:
+        run(model, sequences, on_batch=lambda rows, result: reported.append(rows), batch_size=1, cuda_graphs="off")
+    assert reported == [[0]] and info.value.sequence == 1 and info.value.report.excess_z > 5

@@ -302,3 +302,63 @@ def test_lora_weights_that_do_not_fit_raise_one_line(hub, tmp_path, damage):
     assert needle in message and str(bad) in message
     if damage == "missing_adapter":
         assert dropped in message
+
+
+# ------------------------------------------------------------------------------------------------ no network, online
+@pytest.fixture
+def no_network(hub, monkeypatch):
+    """The fake cache, but HF_HUB_OFFLINE unset and the hub unreachable (every connection refused at once); moshi's
+    resolution must not be reached (online without network it retries every file for about a minute)."""
+    import huggingface_hub.constants
+
+    from fused_stream.data import checkpoints
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in checkpoints.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    attempts = []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub library was asked although the hub is unreachable")
+
+    monkeypatch.setattr(checkpoints.socket, "create_connection", refuse)
+    monkeypatch.setattr(checkpoints.loaders.CheckpointInfo, "from_hf_repo", never)
+    return attempts
+
+
+def test_no_network_without_offline_mode_stops_at_once_and_says_how(no_network):
+    with pytest.raises(CheckpointError) as exc_info:
+        HubCheckpoint.parse(f"hf:{REPO}").resolve()
+    message = _one_line_error(exc_info)
+    assert "cannot be reached" in message and "Network is unreachable" in message
+    assert "the cache holds this repository: set HF_HUB_OFFLINE=1" in message
+    assert no_network == [(("huggingface.co", 443), 3.0)]  # one probe, bounded by HUB_PROBE_SECONDS
+    with pytest.raises(CheckpointError) as exc_info:
+        HubCheckpoint.parse("hf:kyutai/not-cached").resolve()
+    message = _one_line_error(exc_info)
+    assert "does not hold this repository" in message and "huggingface-cli download kyutai/not-cached" in message
+    assert "HF_HUB_OFFLINE=1" not in message
+
+
+def test_a_reachable_hub_or_a_proxy_goes_on_to_moshis_resolution(no_network, monkeypatch):
+    from fused_stream.data import checkpoints
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(checkpoints.socket, "create_connection", lambda address, timeout=None: Connection())
+    with pytest.raises(CheckpointError, match="the hub library was asked"):  # past the probe, into moshi's call
+        HubCheckpoint.parse(f"hf:{REPO}").resolve()
+    monkeypatch.setattr(checkpoints.socket, "create_connection", lambda address, timeout=None: 1 / 0)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # not probed: a direct connection proves nothing
+    with pytest.raises(CheckpointError, match="the hub library was asked"):
+        HubCheckpoint.parse(f"hf:{REPO}").resolve()

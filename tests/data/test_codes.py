@@ -137,6 +137,18 @@ def test_transposed_codes_file_is_refused_and_collected(tmp_path, tiny_model):
     assert [f["name"] for f in data.failed] == ["b", "c"] and all("transposed?" in f["reason"] for f in data.failed)
 
 
+@pytest.mark.parametrize("frames", [1, 8])
+def test_a_square_codes_file_is_refused_like_a_short_one(tmp_path, tiny_model, frames):
+    """[8, 8] reads the same either way round, as [8, 1] cannot be told from a transposed file: one rule refuses
+    both (rows >= frames); [8, 9] is read."""
+    save_codes(tmp_path / "a.pt", audio_codes(T=frames), "pt")
+    save_codes(tmp_path / "ok.pt", audio_codes(T=9), "pt")
+    data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    assert [s.name for s in data.sequences] == ["ok"] and [f["name"] for f in data.failed] == ["a"]
+    reason = data.failed[0]["reason"]
+    assert f"shape (8, {frames}): more rows (codebooks) than frames, or as many" in reason and "transposed?" in reason
+
+
 def test_codes_sub_directories_are_listed_not_read(tmp_path, caplog):
     """Not recursive (an output folder inside must never be data), but never silent: a warning names them."""
     root, elsewhere = tmp_path / "codes", tmp_path / "elsewhere"

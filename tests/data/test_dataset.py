@@ -327,6 +327,25 @@ def test_an_invalid_token_fails_its_file_not_the_run(tmp_path, tiny_model):
         load_dataset(tiny_model, codes=tmp_path, invalid_tokens="drop", on_error="collect")
 
 
+def test_mask_applies_to_audio_tokens_of_audio_only_files_and_nothing_blames_mimi(tmp_path, tiny_model):
+    """An audio-only codes file [8, T] with a token >= card: "raise" fails that file naming the token and the
+    --invalid-tokens mask fix (a codes file is not Mimi's output, so Mimi is not blamed); "mask" loads it and the
+    evaluator masks and counts that token like any other."""
+    from fused_stream.core.inputs import check_codes
+
+    audio = audio_codes(T=30, seed=4)
+    audio[2, 7] = CARD + 5
+    save_codes(tmp_path / "a.pt", audio, "pt")
+    strict = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    reason = strict.failed[0]["reason"]
+    assert "audio token 69 at row 2, frame 7" in reason and "--invalid-tokens mask" in reason
+    assert "Mimi" not in reason
+    masked = load_dataset(tiny_model, codes=tmp_path, invalid_tokens="mask", on_error="collect")
+    assert masked.failed == [] and int(masked.sequences[0].codes[3, 7]) == CARD + 5  # stream 1 + row 2
+    checked = check_codes(tiny_model, [masked.sequences[0].codes], invalid_tokens="mask")
+    assert checked.n_masked_tokens == 1 and int(checked.sequences[0][3, 7]) == tiny_model.zero_token_id
+
+
 def test_cli_records_the_file_with_an_invalid_token_and_evaluates_the_others(tmp_path, tiny_model, capsys):
     from fused_stream.cli.main import main
 
@@ -365,3 +384,56 @@ def test_concat_chapters_from_a_speaker_folder_and_a_book_folder(tiny_model, mim
     (single,) = load_sequences(tiny_model, audio=root / "7/bk/ch_2.wav", mimi=mimi_ckpt, concat_chapters=True,
                                cache_dir=cache)
     assert single.name == "ch_2" and single.frames == 5  # one file: itself
+
+
+# ------------------------------------------------------------------------------------ duplicates, nothing to score
+
+
+def test_identical_content_under_two_paths_counts_once_unless_allowed(tmp_path, tiny_model, caplog):
+    """A copy and a hard link of a.pt hold a's content: left out with a warning naming both, listed as duplicates;
+    a different file of the same size is read. --allow-duplicates (allow_duplicates=True) reads every path."""
+    import os
+
+    save_codes(tmp_path / "a.pt", audio_codes(T=30, seed=1), "pt")
+    (tmp_path / "b.pt").write_bytes((tmp_path / "a.pt").read_bytes())  # a copy
+    os.link(tmp_path / "a.pt", tmp_path / "c.pt")  # a hard link
+    save_codes(tmp_path / "d.pt", audio_codes(T=30, seed=2), "pt")  # same size, other content
+    assert (tmp_path / "d.pt").stat().st_size == (tmp_path / "a.pt").stat().st_size
+    with caplog.at_level("WARNING", logger="fused_stream.data.dataset"):
+        data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    assert [s.name for s in data.sequences] == ["a", "d"] and data.failed == []
+    assert [(d["name"], d["same_as"]) for d in data.duplicates] == [("b", "a"), ("c", "a")]
+    assert "b has the same content as a" in caplog.text and "--allow-duplicates" in caplog.text
+    every = load_dataset(tiny_model, codes=tmp_path, on_error="collect", allow_duplicates=True)
+    assert [s.name for s in every.sequences] == ["a", "b", "c", "d"] and every.duplicates == []
+
+
+def test_the_cli_counts_a_copied_file_once(tmp_path, tiny_model):
+    from fused_stream.cli.main import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    save_codes(data / "a.pt", audio_codes(T=30, seed=1), "pt")
+    (data / "copy.pt").write_bytes((data / "a.pt").read_bytes())
+    common = ["--codes", str(data), "-q", "--no-verify", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "once")]) == 0
+    assert [d["name"] for d in json.loads((tmp_path / "once" / "results.json").read_text())["data"]] == ["a"]
+    assert main([*common, "--out", str(tmp_path / "both"), "--allow-duplicates"]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())["data"]
+    assert [d["name"] for d in both] == ["a", "copy"]
+
+
+def test_a_sequence_with_nothing_to_score_fails_with_that_reason(tmp_path, tiny_model):
+    """Audio rows all the zero token (and the text stream filled with it): no position is scored, so the sequence is
+    a failed file ("nothing to score"), not a unit counted in n_sequences with no loss; with the text stream filled
+    with the padding id (scored as text) it is evaluated."""
+    save_codes(tmp_path / "a.pt", audio_codes(T=30, seed=1), "pt")
+    save_codes(tmp_path / "silent.pt", torch.full((8, 30), -1, dtype=torch.long), "pt")
+    data = load_dataset(tiny_model, codes=tmp_path, on_error="collect")
+    assert [s.name for s in data.sequences] == ["a"]
+    (failure,) = data.failed
+    assert failure["name"] == "silent" and failure["reason"].startswith("nothing to score")
+    with pytest.raises(DataError, match="silent .*nothing to score"):
+        load_dataset(tiny_model, codes=tmp_path)
+    padded = load_dataset(tiny_model, codes=tmp_path, on_error="collect", text_fill="pad")
+    assert [s.name for s in padded.sequences] == ["a", "silent"]
