@@ -8,8 +8,8 @@ chunk mode C=64 (B=1) >= 15x the naive loop, frame mode at B=8 >= 2.5x.
 from __future__ import annotations
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.core.reference import batch_losses, naive_streaming_losses
+from fused_stream.engine.driver import StreamingEvaluator
+from fused_stream.verify.reference import batch_losses, naive_streaming_losses
 
 
 def test_naive_streaming(run_case, bench_model):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.engine.driver import StreamingEvaluator
 
 CASES = [(1, 1), (1, 8), (1, 32), (64, 1)]  # (chunk, batch)
 

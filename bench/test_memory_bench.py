@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.core.reference import batch_losses
+from fused_stream.engine.driver import StreamingEvaluator
+from fused_stream.verify.reference import batch_losses
 
 PRESET = os.environ.get("FUSED_STREAM_BENCH_PRESET", "small")  # as in bench/conftest.py
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
@@ -32,9 +32,9 @@ _CHILD = r"""
 import json, sys, torch
 from fused_stream.data.codes import generate_codes
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.data.models import load_model
-from fused_stream.core.reference import batch_losses
+from fused_stream.verify.reference import batch_losses
 preset, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = load_model(preset, device="cpu", seed=0)
 codes = generate_codes(model, 1, T, seed=0)

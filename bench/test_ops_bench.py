@@ -3,7 +3,7 @@
 Cases: `small` at B=1 in frame mode (C=1) and chunk mode (C=64), and Moshi 7B's structure (`loaders._lm_kwargs`:
 32 layers, a 6-layer depformer with weights per step, dep_q 8, n_q 16, its delays) at tiny dims, where the count
 is that of the real 7B (op counts do not depend on the widths). Each case runs with the Stream's depformer
-(`core/depformer.py`, stacked weights) and with moshi's `forward_depformer_training`, so one run shows both.
+(`patches/depformer.py`, stacked weights) and with moshi's `forward_depformer_training`, so one run shows both.
 
 Counting: a `TorchDispatchMode` sees every aten op once, at the level the backend kernels run (after composite ops
 such as `linear` or `matmul` decompose into `t` + `mm`), so `aten_ops` is the number of kernel calls dispatched and
@@ -25,9 +25,9 @@ from moshi.models.lm import LMModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_stream.core.runtime import inference_mode
-from fused_stream.core.stream import Stream
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import default_device, default_dtype, load_model
+from fused_stream.engine.stream import Stream
 from fused_stream.kernels.cross_entropy import check_backend
 
 DEVICE = torch.device(os.environ.get("FUSED_STREAM_BENCH_DEVICE") or default_device())
@@ -90,7 +90,7 @@ def test_ops_per_step(benchmark, name, C, depformer):
         stream = Stream(model, 1, C, frames, backend)
         try:
             if depformer == "moshi":
-                stream.depformer = model.forward_depformer_training  # the path before core/depformer.py
+                stream.depformer = model.forward_depformer_training  # the path before patches/depformer.py
             stream.load(codes, torch.tensor([frames], device=DEVICE))
             stream.step()  # warm-up: allocator, lazy init, kernel compilation
             with OpCounter() as counter:

@@ -11,7 +11,7 @@ import copy
 import pytest
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.ttt.layer import attach_ttt
 from fused_stream.ttt.tracker import ttt_hooks
 

@@ -16,8 +16,8 @@ import os
 import pytest
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.data.codes import generate_codes
+from fused_stream.engine.driver import StreamingEvaluator
 
 SEQUENCES = 2
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES") or 1000)  # per sequence

@@ -5,7 +5,7 @@ streams it with `StreamingEvaluator` on the model *as it is* (no move, no cast: 
 device and dtype) and returns the CLI's numbers: the flat `librilight_*` keys at the top level, plus the
 per-position curves, the full metrics dict and the driver's report. Its options are `EvalConfig`'s, by name or as
 a config, with EvalConfig's defaults: the call and the CLI cannot drift apart. Like every run, it first checks a
-prefix of the data against the batch path (`LMModel.forward`) and raises `core.parity.ParityError` on a mismatch
+prefix of the data against the batch path (`LMModel.forward`) and raises `verify.parity.ParityError` on a mismatch
 (`verify=False` skips that).
 
 The model is handed back as it came: every module's train/eval flag, every parameter's `requires_grad`, out of
@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.streaming import StreamingModule
 
 from .core.config import ConfigError, EvalConfig
-from .core.driver import StreamingEvaluator
 from .core.inputs import crop_frames, layout_codes
 from .core.restore import ModelRestorer
 from .data.dataset import assign_shards
 from .distributed import World, all_reduce_sums, current_world, gather
+from .engine.driver import StreamingEvaluator
 from .metrics import TEXT, PositionSums, metrics_of
+from .patches.streaming import is_streaming, stop_streaming
 from .stats.analysis import flat_stderr
 from .ttt.tracker import ttt_hooks
 
@@ -265,8 +265,7 @@ class preserved_model_state:  # noqa: N801 - used as a context manager, named li
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        if is_streaming(self.model) and isinstance(self.model, StreamingModule):
-            self.model._stop_streaming()
+        stop_streaming(self.model)
         self.restorer.restore()
         if kind is None:  # a moshi weight written in place cannot be put back: say so (not over another error)
             self.restorer.check_untouched()
@@ -275,8 +274,3 @@ class preserved_model_state:  # noqa: N801 - used as a context manager, named li
         for param, flag in self.requires_grad:
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
-
-
-def is_streaming(model: torch.nn.Module) -> bool:
-    """Whether any streaming module of `model` holds a streaming state."""
-    return any(isinstance(m, StreamingModule) and m._streaming_state is not None for m in model.modules())

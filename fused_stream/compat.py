@@ -22,7 +22,7 @@ evaluates legacy code's default book (single_book: speaker 100, Emerald City, 3 
 argument) weights codebook 0 in the flat keys, as training weighs it.
 
 Every evaluation first checks a prefix of the data against the batch path (`LMModel.forward`) and raises
-`core.parity.ParityError` if the model streams differently (e.g. a TTT layer that updates its fast weights only in
+`verify.parity.ParityError` if the model streams differently (e.g. a TTT layer that updates its fast weights only in
 `forward`), and hands the model back exactly as it came either way. With a process group initialised every rank
 must call; each encodes and evaluates its share of the books, and all get the same metrics.
 """

@@ -59,8 +59,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core.result import EvalResult
-
 __all__ = [
     "FLAT_DEFINITIONS", "FLAT_SLOPE_KEYS", "FLAT_VERSION", "PositionSums", "TEXT", "compute_metrics",
     "flat_loss_windows", "log_slope", "metrics_of", "position_means", "slope_windows", "window_bounds", "window_means",
@@ -146,7 +144,7 @@ class PositionSums:
         return int(self.sums.shape[1])
 
     @classmethod
-    def from_result(cls, result: EvalResult) -> PositionSums:
+    def from_result(cls, result: Any) -> PositionSums:  # a core.result.EvalResult (read by attribute)
         """Sums of one result: audio codebooks `codebook_{k}` then `text`; NaN losses are not counted."""
         if result.losses.dim() != 3 or result.text_losses.dim() != 3:
             raise ValueError(

@@ -13,12 +13,12 @@ import fused_stream.api as api
 from fused_stream import evaluate_long_context_loss
 from fused_stream.cli.main import main
 from fused_stream.core.config import ConfigError, EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.core.parity import ParityError
-from fused_stream.core.reference import batch_losses
 from fused_stream.data.codes import generate_codes
+from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.errors import DataError
 from fused_stream.metrics import PositionSums, compute_metrics, position_means
+from fused_stream.verify.parity import ParityError
+from fused_stream.verify.reference import batch_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -249,11 +249,11 @@ def test_options_are_eval_configs(tiny_model, monkeypatch):
 
 
 def _toy_layers():
-    """tests/core/toy_layers.py (shared toy layers), loaded by path: tests/core is not on sys.path from here."""
+    """tests/toy_layers.py (shared toy layers), loaded by path."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("api_toy_layers", Path(__file__).parent / "core" / "toy_layers.py")
+    spec = importlib.util.spec_from_file_location("api_toy_layers", Path(__file__).parent / "toy_layers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

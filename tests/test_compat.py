@@ -14,8 +14,8 @@ from fused_stream import PaperMetricsLibriLight
 from fused_stream.cli.main import main
 from fused_stream.compat import mimi_state_hash
 from fused_stream.core.config import ConfigError
-from fused_stream.core.parity import ParityError
 from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+from fused_stream.verify.parity import ParityError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -165,14 +165,14 @@ def test_mimi_hash_is_stable_and_tracks_the_weights(mimi_setup):
 
 
 def _forward_only_tiny():
-    """A tiny model whose layer 1 updates its state in `forward` only (tests/core/toy_layers.py, loaded by path)."""
+    """A tiny model whose layer 1 updates its state in `forward` only (tests/toy_layers.py)."""
     import importlib.util
     from pathlib import Path
 
     from fused_stream.data.models import load_model
 
     spec = importlib.util.spec_from_file_location("compat_toy_layers",
-                                                  Path(__file__).parent / "core" / "toy_layers.py")
+                                                  Path(__file__).parent / "toy_layers.py")
     toys = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toys)
     model = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)

@@ -22,9 +22,9 @@ from fused_stream import EvalConfig, ParityError, StreamingEvaluator, evaluate_l
 from fused_stream.cli.main import main
 from fused_stream.compat import PaperMetricsEvaluator
 from fused_stream.core.config import ConfigError
-from fused_stream.core.reference import batch_losses
 from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.metrics import PositionSums, compute_metrics
+from fused_stream.verify.reference import batch_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

@@ -32,7 +32,7 @@ from ..data.librilight import audio_files
 from ..data.mimi import MimiCheckpoint, hub_mimi, mimi_checkpoint
 from ..data.models import PRESETS, count_parameters, default_device, default_dtype, preset_config, resolve_checkpoint
 from ..errors import DataError, one_line
-from ..measure.preflight import available_bytes
+from ..plan.preflight import available_bytes
 from .distributed import World
 from .fingerprints import file_fingerprint
 from .partials import check_resume, partial_dir

@@ -37,16 +37,16 @@ import torch
 from moshi.models.loaders import DEFAULT_REPO
 
 from ..core.config import ConfigError
-from ..core.graphs import GraphCaptureError
-from ..core.parity import ParityError
 from ..data.models import PRESETS
+from ..engine.graphs import GraphCaptureError
 from ..errors import DataError, one_line
-from ..measure.preflight import PreflightError
+from ..plan.preflight import PreflightError
 from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
 from ..report.summary import summary_table
 from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
 from ..stats.units import CLUSTERS
+from ..verify.parity import ParityError
 from .checks import check_run
 from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock

@@ -14,7 +14,7 @@ Final metrics are always computed from these per-sequence files, added in data o
 interrupted or not: an interrupted-and-resumed run therefore gives bit-identical sums to an uninterrupted one.
 
 Beside them: `batch_in_progress.torch` (+ `.json`: what it holds, for the interrupt message), the batch in progress
-saved mid-stream by the driver (`core.checkpoint`), removed when that batch is saved whole; and `sessions/<n>.json`,
+saved mid-stream by the driver (`engine.checkpoint`), removed when that batch is saved whole; and `sessions/<n>.json`,
 the report of each run that streamed here (throughput, verification, memory, ...), so that a resumed run's report
 still holds what the earlier runs measured. Each sequence's entry keeps its own part of the report (its TTT
 statistics, the session that computed it). """
@@ -144,7 +144,7 @@ class PartialStore:
     def _path(self, name: str) -> Path:
         return entry_path(self.dir, name)
 
-    # --- the batch in progress (core.checkpoint.StreamCheckpoints)
+    # --- the batch in progress (engine.checkpoint.StreamCheckpoints)
     def load_stream(self) -> dict[str, Any] | None:
         path = self._own(STREAM_FILE)
         if not path.exists():

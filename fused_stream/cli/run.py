@@ -16,18 +16,18 @@ from typing import Any
 
 from ..api import warn_memory_growth
 from ..core.config import ConfigError
-from ..core.driver import StreamingEvaluator
-from ..core.parity import ParityError
 from ..data.checkpoints import ResolvedHub
 from ..data.codes import EvalSequence
 from ..data.dataset import Dataset, load_dataset
 from ..data.librilight import sequence_meta
 from ..data.models import count_parameters, open_model
+from ..engine.driver import StreamingEvaluator
 from ..errors import DataError
 from ..metrics import TEXT, PositionSums, compute_metrics, metrics_of
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
+from ..verify.parity import ParityError
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore, partial_dir
 from .resumed_report import resumed_report, row_ttt

@@ -15,6 +15,7 @@ the evaluator is built.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import torch
 
 from ..kernels.cross_entropy import LOSS_BACKENDS, check_backend
-from .graphs import GRAPH_MODES, graphs_wanted
 from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
 
 
@@ -57,6 +57,28 @@ def parse_weights(text: str) -> list[float]:
         raise ConfigError(f"codebook_weights must be comma-separated numbers, got {text!r}") from None
 
 
+# CUDA graphs: the modes of EvalConfig.cuda_graphs, and the environment switch that turns them off.
+GRAPH_MODES = ("auto", "on", "off", "rehearse")
+DISABLE_ENV = "FUSED_STREAM_NO_CUDA_GRAPH"
+
+def graphs_wanted(setting: str, device: torch.device) -> tuple[bool, str]:
+    """Whether to capture (or rehearse capturing), and why (the reason lands in the report): `setting` is one of
+    GRAPH_MODES; "rehearse" works on any device."""
+    if setting not in GRAPH_MODES:
+        raise ValueError(f"cuda_graphs must be one of {GRAPH_MODES}, got {setting!r}")
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False, f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    if setting == "off":
+        return False, "cuda_graphs='off'"
+    if setting == "rehearse":
+        return True, f"rehearsed on {device.type}"
+    if device.type != "cuda":
+        if setting == "on":
+            raise ValueError(f"cuda_graphs='on' needs a CUDA device; the model is on {device}")
+        return False, f"device is {device.type}"
+    return True, "captured"
+
+
 def _option(default: Any, help: str, *, cli: bool = True, parse: Callable[[str], Any] | None = None,
             choices: Sequence[str] | None = None) -> Any:
     """A field with its command-line description: `cli=False` keeps it out of `python -m fused_stream.eval`."""
@@ -66,7 +88,7 @@ def _option(default: Any, help: str, *, cli: bool = True, parse: Callable[[str],
 @dataclass
 class EvalConfig:
     # --- the run (read by the driver)
-    # "auto": resolved by the driver once the lengths are known (measure/chunk_choice.py).
+    # "auto": resolved by the driver once the lengths are known (plan/chunk_choice.py).
     chunk_size: int | str = _option(1, "frames per step: 1 = frame mode, the deployment semantics (default); C > 1 "
                                        "= exact chunk mode, faster; auto = chunk mode with the C that is fastest "
                                        "and fits in memory (at most 256, or the longest sequence)",
@@ -90,11 +112,11 @@ class EvalConfig:
     assert_constant_memory: bool = _option(False, "fail when the memory monitor sees memory grow with frames")
     verify: bool = _option(True, "check a prefix of the data against the batch path (LMModel.forward) before the "
                                  "run goes on; a mismatch stops the run (--no-verify skips it)")
-    # None: automatic, a prefix costing < 5% of the run (core.verification.verification_prefix).
+    # None: automatic, a prefix costing < 5% of the run (verify.verification.verification_prefix).
     verify_frames: int | None = _option(None, "frames of each verified sequence (default: automatic, a few percent "
                                               "of the run; N: min(N, the sequence's length), at least one "
                                               "compared frame)", parse=int)
-    # Read only with a store to save into (`evaluate(..., checkpoints=)`; the CLI's OUT/partial): core/checkpoint.py.
+    # Read only with a store to save into (`evaluate(..., checkpoints=)`; the CLI's OUT/partial): engine/checkpoint.py.
     checkpoint_every: float = _option(300.0, "seconds of streaming between two saves of the batch in progress "
                                              "(its whole streaming state), so that an interrupt or a crash loses at "
                                              "most that much (default 300; at least 10x the time a save takes; 0: "

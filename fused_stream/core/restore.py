@@ -1,7 +1,7 @@
 """The model handed back exactly as it came: host copies of what an evaluation may change, put back bit for bit.
 
 A training loop calls the evaluation every N steps and goes on training the same model. A foreign layer
-(`core.foreign`: a TTT layer, an adapter) may write its trainable weights while streaming, keep inputs in plain
+(`patches.foreign`: a TTT layer, an adapter) may write its trainable weights while streaming, keep inputs in plain
 tensor attributes, or reset a trained weight to a pretrained one in its `reset_streaming`. `ModelRestorer` copies
 every parameter, buffer and plain tensor attribute of the foreign layers to host memory when it is made, and
 `restore()` puts them back: the same `Parameter` and buffer objects (an optimizer's references stay valid) with
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .foreign import foreign_modules, foreign_tensors
+from ..patches.foreign import foreign_modules, foreign_tensors
 
 __all__ = ["ModelChangedError", "ModelRestorer"]
 

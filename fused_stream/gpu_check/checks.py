@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from ..core.config import EvalConfig
-from ..core.driver import StreamingEvaluator
-from ..core.ring_attention import fill_buckets
 from ..data.codes import generate_codes
 from ..data.models import load_model
+from ..engine.driver import StreamingEvaluator
 from ..kernels import cross_entropy as ce
 from ..measure.throughput import flops_per_frame, gpu_spec
+from ..patches.ring_attention import fill_buckets
 from .kernel_timing import loss_step_inputs, plain_torch_step, time_per_call  # noqa: F401 - the bench imports them here
 
 SKIP_NO_CUDA = "skipped: no CUDA"

@@ -58,7 +58,7 @@ class _TTTState(State):
 class TTTLinear(StreamingModule[_TTTState]):
     """x [B, T, D] -> x + tanh(alpha) · o_proj(post_norm(TTT-Linear(norm(x)))); streaming or over a whole sequence."""
 
-    chunk_exact = True  # any chunk size streams it exactly (module docstring); read by core.foreign
+    chunk_exact = True  # any chunk size streams it exactly (module docstring); read by patches.foreign
 
     def __init__(
         self, dim: int, num_heads: int, mini_batch: int = 16, base_lr: float = 1.0, alpha: float = 0.1,

@@ -5,7 +5,7 @@ model has TTT layers) and the driver calls `begin_batch()` / `end_batch()` aroun
 in the run's report under that key.
 
 Which layers: ours and any layer with `fast_weight_tensors()`; a streaming module named *ttt*; and every stateful
-layer the package does not know (`core.foreign`), whatever its name: a layer that writes its parameters or buffers
+layer the package does not know (`patches.foreign`), whatever its name: a layer that writes its parameters or buffers
 while streaming is reported with how much they changed per batch (one value for the whole batch, repeated per row,
 since a parameter has no batch dimension).
 """
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.foreign import foreign_layers
+from ..patches.foreign import foreign_layers
 from .layer import _TTTState
 
 __all__ = ["TTTTracker", "ttt_hooks", "ttt_modules", "ttt_report"]
@@ -30,7 +30,7 @@ def ttt_hooks(model: nn.Module) -> dict[str, TTTTracker]:
 
 def ttt_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """TTT layers: ours, any module with `fast_weight_tensors()`, a streaming module named *ttt*, or a foreign
-    stateful layer (`core.foreign`) of any name."""
+    stateful layer (`patches.foreign`) of any name."""
     found = []
     for name, module in model.named_modules():
         own = callable(getattr(module, "fast_weight_tensors", None))

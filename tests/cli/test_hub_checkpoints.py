@@ -16,11 +16,11 @@ from moshi.models import loaders
 
 from fused_stream.cli.fingerprints import file_fingerprint
 from fused_stream.cli.main import main
-from fused_stream.core.reference import batch_losses
 from fused_stream.data.checkpoints import HubCheckpoint
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.mimi import MIMI_WEIGHTS, hub_mimi
 from fused_stream.data.models import load_model
+from fused_stream.verify.reference import batch_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

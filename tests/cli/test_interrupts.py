@@ -20,9 +20,9 @@ import fused_stream.cli.main as cli_main
 import fused_stream.cli.run as cli_run
 import fused_stream.data.audio as audio
 from fused_stream.cli.main import main
-from fused_stream.core.stream import Stream
-from fused_stream.core.verification import Verification
 from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+from fused_stream.engine.stream import Stream
+from fused_stream.verify.verification import Verification
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

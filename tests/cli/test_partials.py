@@ -7,7 +7,7 @@ import torch
 
 from fused_stream.cli.partials import PartialStore, ResumeMismatchError
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.metrics import PositionSums
 
 

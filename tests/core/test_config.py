@@ -87,7 +87,7 @@ def test_plan_resolves_once_for_the_device():
 def test_auto_chunk_is_allowed_and_planned_as_frame_mode_until_the_lengths_are_known():
     config = EvalConfig(chunk_size="auto")
     assert config.chunk_size == "auto" and EvalConfig().chunk_size == 1  # frame mode stays the default
-    assert make_plan(config, torch.device("cpu")).chunk_size == 1  # the driver resolves it (measure.chunk_choice)
+    assert make_plan(config, torch.device("cpu")).chunk_size == 1  # the driver resolves it (plan.chunk_choice)
 
 
 def test_rehearse_plans_graphs_on_any_device():

@@ -21,11 +21,11 @@ from moshi.modules.lora import LoRALinear
 from safetensors.torch import load_file, save_file
 
 from fused_stream import EvalConfig, StreamingEvaluator
-from fused_stream.core.reference import batch_losses
 from fused_stream.data.checkpoints import CheckpointError, HubCheckpoint
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.mimi import MIMI_WEIGHTS
 from fused_stream.data.models import load_model, load_model_and_mimi
+from fused_stream.verify.reference import batch_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

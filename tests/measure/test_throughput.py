@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.measure.throughput import (
     chunk_mfu,
     flops_per_frame,
@@ -125,7 +125,7 @@ def test_the_driver_reports_the_fraction_of_the_ring_its_steps_read(tiny_model, 
     """tiny (ring 16 in frame mode, buckets 1..15 then the whole ring), T = 40: the steps attend 1, 2, ..., 15, then
     16 for the 25 others: (120 + 25 * 16) / (40 * 16)."""
     from fused_stream.core.config import EvalConfig
-    from fused_stream.core.driver import StreamingEvaluator
+    from fused_stream.engine.driver import StreamingEvaluator
 
     codes = make_codes(tiny_model, [40], seed=3)
     evaluator = StreamingEvaluator(tiny_model, EvalConfig(verify=False))
@@ -136,7 +136,7 @@ def test_the_driver_reports_the_fraction_of_the_ring_its_steps_read(tiny_model, 
         seen["fraction"] = kwargs.get("kv_read_fraction")
         return real(*args, **kwargs)
 
-    import fused_stream.core.driver as driver
+    import fused_stream.engine.driver as driver
 
     monkeypatch.setattr(driver, "throughput_report", spy)
     evaluator.evaluate(codes)

@@ -7,11 +7,11 @@ import torch
 from reference_ce import assert_losses_close, forward_losses
 
 from fused_stream.core.config import EvalConfig
-from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.runtime import inference_mode
-from fused_stream.core.stream import Stream
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
+from fused_stream.engine.driver import StreamingEvaluator
+from fused_stream.engine.stream import Stream
 from fused_stream.ttt.layer import TTTLinear, attach_ttt
 from fused_stream.ttt.tracker import TTTTracker, ttt_modules, ttt_report
 
