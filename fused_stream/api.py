@@ -42,7 +42,7 @@ from .stats.analysis import flat_stderr
 from .ttt.tracker import ttt_hooks
 
 __all__ = ["check_config", "curves_as_lists", "evaluate_long_context_loss", "evaluate_share", "is_streaming",
-           "prepare_codes", "preserved_model_state", "unwrap_model", "warn_memory_growth"]
+           "prepare_codes", "preserved_model_state", "unwrap_model"]
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,6 @@ def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalCo
         METRICS: metrics,
         REPORT: report if world.size == 1 else {**report, "rank": world.rank, "world_size": world.size},
     }
-
-
-def warn_memory_growth(report: dict[str, Any], label: str, memory_check: bool) -> None:
-    """A paper-metrics config's `memory_check`: a warning (its meaning there), never a failure, when memory grew."""
-    if memory_check and report.get("constant_memory") is False:
-        memory = report.get("memory", {})
-        log.warning("model %s: memory grew with the frames streamed (by %.1f MiB, %s): memory_check", label,
-                    (memory.get("implied_growth_bytes") or 0) / 2**20, memory.get("memory_source"))
 
 
 def unwrap_model(model: torch.nn.Module) -> LMModel:

@@ -40,13 +40,14 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
-from .api import check_config, evaluate_share, prepare_codes, unwrap_model, warn_memory_growth
+from .api import check_config, evaluate_share, prepare_codes, unwrap_model
 from .cli.settings import EVAL_OPTIONS, ConfigError, Settings, make_settings, read_finetune_config
 from .data.audio import encode_audio_file
 from .data.dataset import assign_shards
 from .data.librilight import audio_files, group_chapters, relative_name
 from .data.selection import CLIENT_DEFAULTS
 from .distributed import current_world
+from .measure.monitor import warn_memory_growth
 
 __all__ = ["PaperMetricsEvaluator", "PaperMetricsLibriLight", "mimi_state_hash"]
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..api import warn_memory_growth
 from ..core.config import ConfigError
 from ..data.checkpoints import ResolvedHub
 from ..data.codes import EvalSequence
@@ -23,6 +22,7 @@ from ..data.librilight import sequence_meta
 from ..data.models import count_parameters, open_model
 from ..engine.driver import StreamingEvaluator
 from ..errors import DataError
+from ..measure.monitor import warn_memory_growth
 from ..metrics import TEXT, PositionSums, compute_metrics, metrics_of
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt

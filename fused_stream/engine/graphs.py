@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from ..core.config import DISABLE_ENV, GRAPH_MODES, graphs_wanted  # noqa: F401 - re-exported
 from ..patches.state_snapshot import Finding, compare, format_findings, harmless_reason, leaf_of, snapshot
 
 log = logging.getLogger(__name__)

@@ -370,3 +370,11 @@ def _rate(frames: int, seconds: float | None) -> float | None:
 def _max_or_none(values: Any) -> int | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
+
+
+def warn_memory_growth(report: dict[str, Any], label: str, memory_check: bool) -> None:
+    """A paper-metrics config's `memory_check`: a warning (its meaning there), never a failure, when memory grew."""
+    if memory_check and report.get("constant_memory") is False:
+        memory = report.get("memory", {})
+        log.warning("model %s: memory grew with the frames streamed (by %.1f MiB, %s): memory_check", label,
+                    (memory.get("implied_growth_bytes") or 0) / 2**20, memory.get("memory_source"))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import FLAT_SLOPE_KEYS, flat_curve, flat_loss_windows, slope_windows, window_bounds
-from .units import UnitArrays
+from .paired import percentile_interval
 
 __all__ = ["Plan", "resample_matrix", "statistics", "point_values", "unit_values", "summarize", "window_key"]
 
@@ -70,7 +70,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _curves(units: UnitArrays, W: np.ndarray) -> dict[str, np.ndarray]:
+def _curves(units: Any, W: np.ndarray) -> dict[str, np.ndarray]:
     """Per-resample `combined` (and `weighted`) curves, [b, T]; NaN where a resample has nothing."""
     K = len(units.audio)
     count = W @ units.count
@@ -116,7 +116,7 @@ def log_slopes(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def statistics(units: UnitArrays, W: np.ndarray, plan: Plan, *, chunk_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
+def statistics(units: Any, W: np.ndarray, plan: Plan, *, chunk_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
     """Every statistic (module docstring) for each row of W [B, N]: {key: [B] float64}, NaN where undefined."""
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2 or W.shape[1] != units.n_units:
@@ -156,7 +156,7 @@ def statistics(units: UnitArrays, W: np.ndarray, plan: Plan, *, chunk_bytes: int
     return out
 
 
-def unit_values(units: UnitArrays, plan: Plan) -> dict[str, np.ndarray]:
+def unit_values(units: Any, plan: Plan) -> dict[str, np.ndarray]:
     """Each unit's own value of every statistic, {key: [N]}: the statistic on that unit alone, and for slopes the
     unit's own slope as `compute_metrics` gives it on the unit alone (its own windows)."""
     N, parts = units.n_units, []
@@ -171,7 +171,7 @@ def unit_values(units: UnitArrays, plan: Plan) -> dict[str, np.ndarray]:
     return values
 
 
-def point_values(metrics: dict[str, Any], units: UnitArrays, plan: Plan) -> dict[str, float]:
+def point_values(metrics: dict[str, Any], units: Any, plan: Plan) -> dict[str, float]:
     """The reported value of every statistic key, read from `compute_metrics`' dict (NaN where it has none), and
     the per-unit slope estimator's mean over units."""
     nan = math.nan
@@ -194,14 +194,6 @@ def point_values(metrics: dict[str, Any], units: UnitArrays, plan: Plan) -> dict
         has = np.isfinite(slopes)
         out[f"per_unit_{key}"] = float(slopes[has].mean()) if has.any() else nan
     return out
-
-
-def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
-    """sacrebleu's 95 % interval: the sorted values at B//40 and B - B//40 - 1 (None with fewer than 2)."""
-    v = np.sort(values[np.isfinite(values)])
-    if len(v) < 2:
-        return None
-    return float(v[len(v) // 40]), float(v[len(v) - len(v) // 40 - 1])
 
 
 def summarize(point: float, replicates: np.ndarray) -> dict[str, Any]:

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from .bootstrap import percentile_interval
+__all__ = ["paired_test", "percentile_interval"]
 
-__all__ = ["paired_test"]
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float] | None:
+    """sacrebleu's 95 % interval: the sorted values at B//40 and B - B//40 - 1 (None with fewer than 2)."""
+    v = np.sort(values[np.isfinite(values)])
+    if len(v) < 2:
+        return None
+    return float(v[len(v) // 40]), float(v[len(v) - len(v) // 40 - 1])
 
 
 def paired_test(

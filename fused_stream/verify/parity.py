@@ -51,10 +51,7 @@ copy does not fit in memory, the verification falls back to the former rule, wit
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,9 +59,8 @@ from moshi.models.lm import LMModel
 
 from ..core.alignment import scored_delays
 from ..core.result import EvalResult
-from .reference import batch_losses
 
-__all__ = ["ParityError", "ParityReport", "check_parity", "compare", "float32_reference", "half_precision",
+__all__ = ["ParityError", "ParityReport", "compare", "half_precision",
            "likely_cause", "parity_tolerance", "stream_name"]
 
 
@@ -334,31 +330,6 @@ def _error(model: LMModel, first: tuple[int, int, int, float, float, bool] | Non
     return ParityError(sequence, stream_name(channel), t, ours_t, theirs_t, tolerance, cause, report)
 
 
-@contextlib.contextmanager
-def _upcast(model: LMModel) -> Iterator[None]:
-    """The model's half-precision parameters and buffers as float32 copies, and the very same storage back after
-    (bit for bit, same addresses: captured graphs and optimizers holding them see nothing)."""
-    held = [(t, t.data) for t in itertools.chain(model.parameters(), model.buffers())
-            if t.dtype in (torch.float16, torch.bfloat16)]
-    try:
-        for tensor, data in held:
-            tensor.data = data.float()
-        yield
-    finally:
-        for tensor, data in held:
-            tensor.data = data
-
-
-def float32_reference(model: LMModel, codes: torch.Tensor | list[torch.Tensor]) -> EvalResult:
-    """`batch_losses` of a half-precision model computed in float32 (its weights upcast, exactly representable):
-    what both half-precision paths approximate. Holds a float32 copy of the half tensors while it runs."""
-    with _upcast(model):
-        result = batch_losses(model, codes)
-    if next(model.parameters()).is_cuda:  # hand the float32 copy's blocks back before streams and graphs allocate
-        torch.cuda.empty_cache()
-    return result
-
-
 def nan_max(a: float, b: float) -> float:
     """max() that keeps a NaN (Python's max(0.0, nan) is 0.0)."""
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
@@ -376,19 +347,3 @@ def select_rows(result: EvalResult, rows: list[int]) -> EvalResult:
     index = torch.tensor(rows, dtype=torch.long)
     return EvalResult(losses=result.losses[index], valid=result.valid[index], text_losses=result.text_losses[index],
                       text_valid=result.text_valid[index], lengths=result.lengths[index])
-
-
-def check_parity(
-    model: LMModel, sequences: list[torch.Tensor], result: EvalResult, *, frames: int = 256, max_sequences: int = 4
-) -> ParityReport:
-    """After the fact: `result` (streamed over `sequences`, each [K, T_i]) against `batch_losses` on the first
-    `frames` frames of the first `max_sequences` sequences."""
-    if frames < 1:
-        raise ValueError(f"the parity prefix must be >= 1 frame, got {frames}")
-    chosen = list(range(min(max_sequences, len(sequences))))
-    prefixes = [sequences[i][:, :frames] for i in chosen]
-    reference = batch_losses(model, prefixes)
-    exact = float32_reference(model, prefixes) if half_precision(model) else None
-    report, _ = compare(model, select_rows(result, chosen), reference, chosen, [p.shape[1] for p in prefixes],
-                        exact=exact)
-    return report

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,28 @@ def _naive_stream(
                 text[t] = F.cross_entropy(text_logits[:, 0, 0].float(), tok).item()
     audio_losses, text_losses = torch.tensor(audio).unsqueeze(0), torch.tensor([text]).unsqueeze(0)
     return audio_losses, text_losses, ~audio_losses.isnan(), ~text_losses.isnan()
+
+
+@contextlib.contextmanager
+def _upcast(model: LMModel) -> Iterator[None]:
+    """The model's half-precision parameters and buffers as float32 copies, and the very same storage back after
+    (bit for bit, same addresses: captured graphs and optimizers holding them see nothing)."""
+    held = [(t, t.data) for t in itertools.chain(model.parameters(), model.buffers())
+            if t.dtype in (torch.float16, torch.bfloat16)]
+    try:
+        for tensor, data in held:
+            tensor.data = data.float()
+        yield
+    finally:
+        for tensor, data in held:
+            tensor.data = data
+
+
+def float32_reference(model: LMModel, codes: torch.Tensor | list[torch.Tensor]) -> EvalResult:
+    """`batch_losses` of a half-precision model computed in float32 (its weights upcast, exactly representable):
+    what both half-precision paths approximate. Holds a float32 copy of the half tensors while it runs."""
+    with _upcast(model):
+        result = batch_losses(model, codes)
+    if next(model.parameters()).is_cuda:  # hand the float32 copy's blocks back before streams and graphs allocate
+        torch.cuda.empty_cache()
+    return result

@@ -34,8 +34,8 @@ from ..core.alignment import scored_delays, valid_masks
 from ..core.restore import ModelRestorer
 from ..core.result import empty_result, fill_rows
 from ..patches.foreign import ForeignLayer, foreign_layers
-from .parity import ParityReport, compare, float32_reference, half_precision, nan_max, select_rows
-from .reference import batch_losses
+from .parity import ParityReport, compare, half_precision, nan_max, select_rows
+from .reference import batch_losses, float32_reference
 
 __all__ = ["Verification", "candidates", "verification_prefix"]
 

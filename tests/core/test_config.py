@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from fused_stream.core import graphs, inputs
+from fused_stream.core import config, inputs
 from fused_stream.core.config import (
     ConfigError,
     EvalConfig,
@@ -25,7 +25,7 @@ def _choices(name: str):
 
 def test_choice_lists_are_the_consumers_own():
     assert _choices("loss_backend") is cross_entropy.LOSS_BACKENDS
-    assert _choices("cuda_graphs") is graphs.GRAPH_MODES
+    assert _choices("cuda_graphs") is config.GRAPH_MODES
     assert _choices("invalid_tokens") is inputs.INVALID_TOKEN_POLICIES
     assert _choices("text_fill") is inputs.TEXT_FILLS and _choices("other_fill") is inputs.OTHER_FILLS
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
-from fused_stream.core import stream as stream_module
 from fused_stream.core.config import EvalConfig
+from fused_stream.engine import stream as stream_module
 from fused_stream.engine.driver import ConstantMemoryError, StreamingEvaluator
 from fused_stream.kernels.cross_entropy import triton_interpreted
 from fused_stream.verify.parity import ParityError
@@ -478,7 +478,7 @@ def test_an_oom_frees_the_failed_stream_outside_the_except_block(tiny_model, mak
     import sys
     import weakref
 
-    from fused_stream.core import driver
+    from fused_stream.engine import driver
     from fused_stream.engine.stream import Stream
 
     sequences = make_codes(tiny_model, [30, 28, 20, 12], seed=43)

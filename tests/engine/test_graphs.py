@@ -435,8 +435,8 @@ def test_rehearsal_catches_a_tensor_rebound_by_reset(fresh_model, make_codes, mo
 
 def test_rehearsal_costs_normal_runs_nothing(tiny_model, make_codes, monkeypatch):
     """Only rehearse mode takes snapshots: an "auto" run on a CPU never does."""
-    from fused_stream.core import graphs as graphs_module
-    from fused_stream.core import graphsafe
+    from fused_stream.engine import graphs as graphs_module
+    from fused_stream.engine import graphsafe
 
     sequences = make_codes(tiny_model, [20], seed=67)
     taken = []

@@ -6,8 +6,8 @@ import pytest
 import torch
 from moshi.modules.transformer import StreamingMultiheadAttention
 
-from fused_stream.core import stream as stream_module
 from fused_stream.core.runtime import inference_mode
+from fused_stream.engine import stream as stream_module
 from fused_stream.engine.stream import Stream, ring_caches
 
 

@@ -194,7 +194,7 @@ def test_attention_batches_past_the_cuda_grid_limit_are_split(models, one_torch_
     """The depformer attends with one batch element per frame (B * C); past MAX_ATTENTION_BATCH (CUDA's grid limit of
     65,535, lowered here to 5) the stacked depformer splits its attention and moshi's function is called on slices of
     the batch: the same logits (stacked: bit for bit), and no attention call ever sees more than the limit."""
-    from fused_stream.core import depformer as depformer_module
+    from fused_stream.patches import depformer as depformer_module
 
     model = models["moshi-7b-structure"]
     sequence, transformer_out = _inputs(model, 3, 4, seed=5)  # 12 frames

@@ -10,13 +10,13 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
 from reference_ce import assert_losses_close
 
-from fused_stream.core import shared_step
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.runtime import inference_mode
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model, preset_config
 from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.engine.stream import Stream
+from fused_stream.patches import shared_step
 from fused_stream.patches.ring_attention import MAX_BUCKETS, RingAttention, fill_buckets
 from fused_stream.verify.reference import batch_losses
 

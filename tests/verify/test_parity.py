@@ -8,9 +8,32 @@ import pytest
 
 from fused_stream.core.config import EvalConfig
 from fused_stream.engine.driver import StreamingEvaluator
-from fused_stream.verify.parity import ParityError, ParityReport, check_parity, compare, likely_cause, select_rows
-from fused_stream.verify.reference import batch_losses
+from fused_stream.verify.parity import (
+    ParityError,
+    ParityReport,
+    compare,
+    half_precision,
+    likely_cause,
+    select_rows,
+)
+from fused_stream.verify.reference import batch_losses, float32_reference
 from fused_stream.verify.verification import verification_prefix
+
+
+def check_parity(  # the comparison the verification makes, after the fact (a test helper)
+    model, sequences, result, *, frames: int = 256, max_sequences: int = 4
+) -> ParityReport:
+    """After the fact: `result` (streamed over `sequences`, each [K, T_i]) against `batch_losses` on the first
+    `frames` frames of the first `max_sequences` sequences."""
+    if frames < 1:
+        raise ValueError(f"the parity prefix must be >= 1 frame, got {frames}")
+    chosen = list(range(min(max_sequences, len(sequences))))
+    prefixes = [sequences[i][:, :frames] for i in chosen]
+    reference = batch_losses(model, prefixes)
+    exact = float32_reference(model, prefixes) if half_precision(model) else None
+    report, _ = compare(model, select_rows(result, chosen), reference, chosen, [p.shape[1] for p in prefixes],
+                        exact=exact)
+    return report
 
 
 def test_parity_passes_on_whole_and_cropped_sequences(tiny_model, make_codes):
@@ -157,9 +180,9 @@ def test_a_correct_half_precision_model_passes_where_rounding_used_to_fail_it(dt
     same losses, fails on the seeds listed as its false alarms (so the sample does exercise rounding)."""
     import torch
 
-    from fused_stream.core import verification
     from fused_stream.data.codes import generate_codes
     from fused_stream.data.models import load_model
+    from fused_stream.verify import verification
 
     model = load_model("tiny", device="cpu", dtype=getattr(torch, dtype), seed=seed)
     codes = generate_codes(model, 4, [200] * 4, seed=seed)

@@ -104,7 +104,7 @@ def test_a_layer_right_frame_by_frame_but_wrong_across_chunks(make_codes):
 
 
 def test_the_pending_check_follows_its_sequences_after_an_out_of_memory_retry(tiny_model, make_codes, monkeypatch):
-    from fused_stream.core import stream as stream_module
+    from fused_stream.engine import stream as stream_module
 
     sequences = make_codes(tiny_model, [40, 30, 20], seed=4)
     real_init = stream_module.Stream.__init__
