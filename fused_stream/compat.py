@@ -13,7 +13,7 @@ dict of `api.evaluate_long_context_loss`: the numbers `python -m fused_stream.ev
 TRAIN.yaml` writes under `metrics.flat`. It computes the LibriLight keys only (it says so once), never the short
 benchmarks (sBLIMP, sWUGGY, ...) of the legacy evaluator.
 
-The config is read by the CLI's own reader (`cli.finetune_config`): a whole training config (mapping or object:
+The config is read by the CLI's own reader (`options.finetune_config`): a whole training config (mapping or object:
 only its `paper_metrics` block is read) or the block itself, every key with the legacy meaning or refused by name,
 the same `ConfigError` for a bad value. The data: `librilight_audio_dir`, or the books `librilight_evaluation_mode`
 names (`data.selection`: single_book, multi_book, pre_concatenated); `PaperMetricsEvaluator` without a mode
@@ -41,13 +41,13 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from .api import check_config, evaluate_share, prepare_codes, unwrap_model
-from .cli.settings import EVAL_OPTIONS, ConfigError, Settings, make_settings, read_finetune_config
 from .data.audio import encode_audio_file
 from .data.dataset import assign_shards
 from .data.librilight import audio_files, group_chapters, relative_name
 from .data.selection import CLIENT_DEFAULTS
 from .distributed import current_world
 from .measure.monitor import warn_memory_growth
+from .options.settings import EVAL_OPTIONS, ConfigError, Settings, make_settings, read_finetune_config
 
 __all__ = ["PaperMetricsEvaluator", "PaperMetricsLibriLight", "mimi_state_hash"]
 

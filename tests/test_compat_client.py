@@ -124,7 +124,7 @@ def test_moshi_finetunes_own_example_config_on_the_command_line(tmp_path, capsys
     assert "training config without a paper_metrics block" in err and "unknown key" not in err
     # with a paper_metrics block, its batch_size: 16 stays the training's
     config = yaml.safe_load(MOSHI_FINETUNE_EXAMPLE) | {"paper_metrics": {"librilight_window": 50}}
-    from fused_stream.cli.settings import read_config
+    from fused_stream.options.settings import read_config
 
     path.write_text(yaml.safe_dump(config))
     assert read_config(path) == {"window": 50}

@@ -32,11 +32,11 @@ from ..data.librilight import audio_files
 from ..data.mimi import MimiCheckpoint, hub_mimi, mimi_checkpoint
 from ..data.models import PRESETS, count_parameters, default_device, default_dtype, preset_config, resolve_checkpoint
 from ..errors import DataError, one_line
+from ..options.settings import Settings, model_label, model_spec, parse_ttt
 from ..plan.preflight import available_bytes
 from .distributed import World
 from .fingerprints import file_fingerprint
 from .partials import check_resume, partial_dir
-from .settings import Settings, model_label, model_spec, parse_ttt
 
 # LMModel's defaults for what a checkpoint's config.json may leave out.
 _LM_DEFAULTS = {"dep_q": 8, "card": 1024}

@@ -40,6 +40,7 @@ from ..core.config import ConfigError
 from ..data.models import PRESETS
 from ..engine.graphs import GraphCaptureError
 from ..errors import DataError, one_line
+from ..options.settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 from ..plan.preflight import PreflightError
 from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
@@ -52,7 +53,6 @@ from .distributed import World, gather, init_world
 from .outlock import OutputLockedError, output_lock
 from .partials import describe_saved
 from .run import evaluate_run
-from .settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
 
 log = logging.getLogger("fused_stream.eval")
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (CLI options win): options by "
                      "name, and a finetune config's LibriLight keys (paper_metrics.librilight_audio_dir, "
                      "librilight_streaming: enabled, memory_check, max_sequence_length, ...; see "
-                     "fused_stream.cli.settings)")
+                     "fused_stream.options.settings)")
     out.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only errors and paths")
     out.add_argument("-v", "--verbose", dest="verbosity", action="count", help="more log lines (-vv: debug)")
     return p

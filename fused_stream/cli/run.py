@@ -24,6 +24,7 @@ from ..engine.driver import StreamingEvaluator
 from ..errors import DataError
 from ..measure.monitor import warn_memory_growth
 from ..metrics import TEXT, PositionSums, compute_metrics, metrics_of
+from ..options.settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
 from ..report.model_run import ModelRun
 from ..ttt.layer import attach_ttt
 from ..ttt.tracker import ttt_hooks
@@ -31,7 +32,6 @@ from ..verify.parity import ParityError
 from .distributed import World, all_reduce_sums, gather
 from .partials import PartialStore, partial_dir
 from .resumed_report import resumed_report, row_ttt
-from .settings import DEMO_SEQUENCES, Settings, model_label, model_spec, parse_ttt
 from .uncertainty import BootstrapSettings, ModelSequences, bootstrap_models, sequence_tables, unit_ids
 
 log = logging.getLogger(__name__)

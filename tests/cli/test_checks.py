@@ -10,9 +10,9 @@ import pytest
 from fused_stream.cli.checks import check_run, writable_folder
 from fused_stream.cli.distributed import World
 from fused_stream.cli.main import build_parser, main
-from fused_stream.cli.settings import resolve
 from fused_stream.core.config import ConfigError
 from fused_stream.data.models import load_model, preset_config, save_checkpoint
+from fused_stream.options.settings import resolve
 
 
 def _refused(tmp_path, capsys, argv, *needles, out=None):

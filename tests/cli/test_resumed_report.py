@@ -73,11 +73,11 @@ def test_an_uninterrupted_runs_ttt_statistics_are_the_trackers_labelled_by_seque
     """The per-sequence lists are the TTTTracker's own numbers (same run, streaming order = data order here)."""
     import torch
 
-    from fused_stream.cli.settings import parse_ttt
     from fused_stream.core.config import EvalConfig
     from fused_stream.data.codes import generate_codes
     from fused_stream.data.models import load_model
     from fused_stream.engine.driver import StreamingEvaluator
+    from fused_stream.options.settings import parse_ttt
     from fused_stream.ttt.layer import attach_ttt
     from fused_stream.ttt.tracker import ttt_hooks
 

@@ -5,7 +5,7 @@ the options of the command-line tool itself: models, data source, output, resume
 `check_option`, so a config file and the command line accept the same values and fail with the same `ConfigError`.
 
 A config file is a fused_stream config (options by name) or a moshi-finetune training config, of which only the
-`paper_metrics` block is read: `cli/finetune_config.py` tells them apart and holds every key of that block with its
+`paper_metrics` block is read: `options/finetune_config.py` tells them apart and holds every key of that block with its
 meaning. `read_finetune_config` is the one reader, used by `--config` and by `compat`.
 """
 
@@ -211,7 +211,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def read_finetune_config(config: Mapping[str, Any] | Any, *, strict: bool, source: str) -> dict[str, Any]:
-    """Checked option values from a config (a mapping, or an object with attributes); `cli.finetune_config` says
+    """Checked option values from a config (a mapping, or an object with attributes); `options.finetune_config` says
     how. `strict`: `config` is a `--config` file (a fused_stream config unless it is a training config)."""
     return read_config_values(config, fused_stream_file=strict, source=source, check=check_option,
                               options=_FILE_OPTIONS)

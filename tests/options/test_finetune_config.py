@@ -1,4 +1,4 @@
-"""`cli.finetune_config`: a fused_stream config vs a moshi-finetune training config, and the paper_metrics keys."""
+"""`options.finetune_config`: a fused_stream config vs a moshi-finetune training config, and the paper_metrics keys."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import types
 import pytest
 import yaml
 
-from fused_stream.cli.settings import read_config, read_finetune_config
 from fused_stream.core.config import ConfigError
+from fused_stream.options.settings import read_config, read_finetune_config
 
 
 def _read(config, strict=False):

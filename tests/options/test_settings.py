@@ -11,8 +11,8 @@ import pytest
 
 from fused_stream import PaperMetricsLibriLight
 from fused_stream.cli.main import build_parser
-from fused_stream.cli.settings import SettingsError, model_label, model_spec, read_config, resolve
 from fused_stream.core.config import ConfigError, EvalConfig
+from fused_stream.options.settings import SettingsError, model_label, model_spec, read_config, resolve
 
 
 def settings_for(argv):
