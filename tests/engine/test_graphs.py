@@ -8,19 +8,17 @@ from reference_ce import assert_losses_close, forward_losses
 from toy_layers import PythonSideTTT, RebindingTTT, Wrapped
 
 from fused_stream.core.alignment import valid_masks
-from fused_stream.core.config import EvalConfig, make_plan
+from fused_stream.core.config import DISABLE_ENV, EvalConfig, graphs_wanted, make_plan
 from fused_stream.core.inputs import pad_batch
 from fused_stream.core.runtime import inference_mode
 from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.engine.graphs import (
-    DISABLE_ENV,
     WARMUP_CALLS,
     CUDAGraphed,
     GraphCaptureError,
     GraphMismatchError,
     GraphPool,
     first_difference,
-    graphs_wanted,
     verify_replay,
 )
 from fused_stream.engine.stream import Stream
