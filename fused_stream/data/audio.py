@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from moshi.models.compression import MimiModel
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
 from ..core.inputs import crop_frames
 from ..core.runtime import inference_mode
 from ..errors import DataError, one_line
+from ..patches.streaming import enlarge_rings_in
 from .mimi import file_sha256
 
 log = logging.getLogger(__name__)
@@ -143,17 +143,7 @@ def _enlarge_encoder_caches(mimi: MimiModel, chunk_samples: int) -> None:
     equals encoding the whole file in one call (the mask still limits each query to the context).
     """
     steps = round(chunk_samples * mimi.encoder_frame_rate / mimi.sample_rate)
-    for module in (mimi.encoder_transformer.modules() if mimi.encoder_transformer is not None else ()):
-        state = getattr(module, "_streaming_state", None)
-        if not isinstance(module, StreamingMultiheadAttention) or state is None or state.kv_cache is None:
-            continue
-        if module.context is None:
-            continue
-        old = state.kv_cache
-        _, batch, heads, _, dim = old.cache.shape
-        state.kv_cache = RingKVCache(batch, heads, dim, module.context + steps - 1,
-                                     respect_exec_mask=old.respect_exec_mask, device=old.cache.device,
-                                     dtype=old.cache.dtype)
+    enlarge_rings_in(mimi.encoder_transformer, steps - 1)
 
 
 def _decode_mono(path: Path, whole: bool, tolerance_s: float) -> Iterator[tuple[torch.Tensor, int]]:

@@ -15,8 +15,8 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention, StreamingTransformer
 
-__all__ = ["enlarge_rings", "is_streaming", "predicted_state_bytes", "ring_caches", "stop_streaming",
-           "held_state_bytes"]
+__all__ = ["enlarge_rings", "enlarge_rings_in", "held_state_bytes", "is_streaming", "predicted_state_bytes",
+           "ring_caches", "stop_streaming"]
 
 
 def ring_caches(model: LMModel) -> list[RingKVCache]:
@@ -38,7 +38,12 @@ def enlarge_rings(model: LMModel, context_extra: int) -> None:
     overwritten. With `context + C - 1` slots every needed key is still there; the attention mask
     (delta < context) still limits each query to exactly `context` keys, so results equal frame mode.
     """
-    for module in model.transformer.modules():
+    enlarge_rings_in(model.transformer, context_extra)
+
+
+def enlarge_rings_in(transformer: torch.nn.Module | None, context_extra: int) -> None:
+    """`enlarge_rings` for the attentions of any streaming transformer (Mimi's encoder's too; None: nothing)."""
+    for module in (transformer.modules() if transformer is not None else ()):
         if not isinstance(module, StreamingMultiheadAttention):
             continue
         state = module._streaming_state
