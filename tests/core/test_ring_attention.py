@@ -10,7 +10,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
 from reference_ce import assert_losses_close
 
-from fused_stream.core import shared_step
+from fused_stream.core import attention_step
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.core.reference import batch_losses
@@ -210,8 +210,8 @@ def test_closing_the_stream_restores_moshis_modules(make_codes):
         stream = Stream(model, 2, 4, 20, "torch")
         assert len(stream.attention.modules) == len(attentions)  # every temporal attention, no depformer one
         assert all("_complete_kv" in m.__dict__ for m in attentions)
-        # core/shared_step.py's per-step sharing shadows the same instances' forward, and only theirs
-        assert all(isinstance(m.__dict__.get("forward"), shared_step._SharedForward) for m in attentions)
+        # core/attention_step.py's step shadows the same instances' forward, and only theirs
+        assert all(isinstance(m.__dict__.get("forward"), attention_step._LayerStep) for m in attentions)
         assert not any("_complete_kv" in m.__dict__ or "forward" in m.__dict__ for m in model.depformer.modules())
         stream.close()
     assert not any("_complete_kv" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
