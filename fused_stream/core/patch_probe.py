@@ -100,12 +100,17 @@ def _decide(patch: str, key: tuple[Any, ...], probe: Callable[[], str | None]) -
     return verdict
 
 
+def _ring_tensor(module: StreamingMultiheadAttention) -> torch.Tensor:
+    """The module's ring: its dtype and device are the attention's (whatever its linears are: LoRA, quantized)."""
+    return module._streaming_state.kv_cache.cache
+
+
 def _geometry(module: StreamingMultiheadAttention, chunk: int) -> tuple[Any, ...]:
-    weight = module.in_projs[0].weight
+    ring = _ring_tensor(module)
     rope = (module.rope.max_period, module.rope.interleave) if module.rope is not None else None
     return (type(module), chunk, module.context is None, rope, module.kv_repeat, module.embed_dim // module.num_heads,
             module.weights_per_step, tuple(module.weights_per_step_schedule or ()),
-            module._streaming_state.kv_cache.respect_exec_mask, weight.dtype, weight.device)
+            module._streaming_state.kv_cache.respect_exec_mask, ring.dtype, ring.device)
 
 
 def accept_ring_cut(modules: list[StreamingMultiheadAttention], chunk: int) -> Verdict:
@@ -139,11 +144,11 @@ def _mismatch(got: torch.Tensor, expected: torch.Tensor, exact: bool) -> str | N
     the probe runs when a Stream opens, outside any step loop)."""
     got, expected = got.float().nan_to_num(0.0), expected.float().nan_to_num(0.0)
     if exact:
-        return None if torch.equal(got, expected) else f"differs by up to {(got - expected).abs().max().item():.3g}"
+        return None if torch.equal(got, expected) else f"differ by up to {(got - expected).abs().max().item():.3g}"
     scale = max(1.0, expected.abs().max().item())
     error = (got - expected).abs().max().item()
     tolerance = ROUNDING_EPS * torch.finfo(expected.dtype).eps * scale
-    return None if error <= tolerance else f"differs by up to {error:.3g} (rounding allows {tolerance:.3g})"
+    return None if error <= tolerance else f"differ by up to {error:.3g} (rounding allows {tolerance:.3g})"
 
 
 class _ProbeModel(nn.Module):
@@ -156,14 +161,14 @@ class _ProbeModel(nn.Module):
 
 
 def _probe_layers(like: StreamingMultiheadAttention) -> list[StreamingMultiheadAttention]:
-    weight = like.in_projs[0].weight
+    ring = _ring_tensor(like)
     heads = 2 * like.kv_repeat
     head_dim = like.embed_dim // like.num_heads
     return [type(like)(heads * head_dim, heads, causal=True,
                        context=None if like.context is None else PROBE_CONTEXT, rope=like.rope,
                        kv_repeat=like.kv_repeat, weights_per_step=like.weights_per_step,
                        weights_per_step_schedule=like.weights_per_step_schedule,
-                       device=weight.device, dtype=weight.dtype).eval() for _ in range(2)]
+                       device=ring.device, dtype=ring.dtype).eval() for _ in range(2)]
 
 
 @contextlib.contextmanager
@@ -177,7 +182,7 @@ def _seeded(device: torch.device):
 
 def _probe_attention(like: StreamingMultiheadAttention, chunk: int, patch: str, cut: bool = False) -> str | None:
     """Stream two probe attentions with moshi's forward and with the patch; None when the patch reproduces it."""
-    device = like.in_projs[0].weight.device
+    device = _ring_tensor(like).device
     for frames_per_step in sorted({1, chunk}):
         with _seeded(device):
             layers = _probe_layers(like)
@@ -185,7 +190,7 @@ def _probe_attention(like: StreamingMultiheadAttention, chunk: int, patch: str, 
             capacity = _ring_capacity(model, frames_per_step)
             steps = math.ceil((2 * capacity + 1) / frames_per_step) + 1  # past two wraps of the ring
             inputs = torch.randn(steps, PROBE_BATCH, frames_per_step, layers[0].embed_dim, device=device,
-                                 dtype=like.in_projs[0].weight.dtype)
+                                 dtype=_ring_tensor(like).dtype)
         # The cut of each step, as `RingSteps` chooses it: its fill rounded up to a bucket (None: the whole ring).
         buckets = fill_buckets(capacity, steps * frames_per_step, frames_per_step, max_buckets=2)
         cuts = [buckets[min(bisect_left(buckets, (s + 1) * frames_per_step,
