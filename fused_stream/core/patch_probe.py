@@ -93,6 +93,8 @@ def _decide(patch: str, key: tuple[Any, ...], probe: Callable[[], str | None]) -
     try:
         with torch.no_grad():
             reason = probe()
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        raise  # not a verdict: the driver's out-of-memory handling retries smaller, and nothing is cached
     except Exception as exc:  # noqa: BLE001 - a patch that cannot even run on the probe is not used
         reason = f"probe failed: {type(exc).__name__}: {exc}"
     verdict = Verdict(patch, reason is None, reason, time.perf_counter() - start)
