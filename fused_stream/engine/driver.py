@@ -225,6 +225,7 @@ class StreamingEvaluator:
             bad_targets=int(counts[2]),
             context_utilization=_context_utilization(model, lengths),
             cuda_graphs=streams.report(cfg.cuda_graphs),
+            patches=streams.patches,  # per patch of moshi's code: installed, or why not (patches/patch_probe.py)
             verification=verification.report(elapsed) if verification else {"skipped": "verify=False"},
             **{name: hook.report() for name, hook in self.hooks.items()},
             memory=memory,
@@ -338,6 +339,7 @@ class _Streams:
         self.opened = self.captures = self.verified_calls = self.max_state_bytes = 0
         self.capture_seconds = self.graphed_seconds = self.eager_seconds = 0.0
         self.slots_read = self.steps_read = self.ring_slots = 0  # ring slots attended per sequence and step
+        self.patches: dict[str, dict[str, Any]] = {}  # the last stream's patch verdicts, probe seconds summed
 
     def load(self, batch: torch.Tensor, lengths: torch.Tensor) -> tuple[Stream, RingSteps]:
         """The stream holding `batch` (opened and captured if its shape is new) and the step to call."""
@@ -349,6 +351,7 @@ class _Streams:
         plan = self.plan
         self.stream = stream = Stream(self.model, B, plan.chunk_size, T, plan.loss_backend, unroll=plan.unroll)
         self.max_state_bytes = max(self.max_state_bytes, stream.state_bytes())
+        self._add_patches(stream.patches)
         stream.load(batch.to(stream.losses.device), lengths)
         if self.graphs and not self.safety_checked:
             self._refuse_unsafe_modules(stream)
@@ -382,6 +385,12 @@ class _Streams:
         self.reason = f"not captured: graph-unsafe modules ({names}), running eagerly"
         log.warning("CUDA graphs off: %s\n%s", self.reason, format_findings(bad))
         self.graphs = False
+
+    def _add_patches(self, patches: dict[str, dict[str, Any]]) -> None:
+        """Each patch's verdict on the newest stream (patches/patch_probe.py), with the run's probe seconds summed."""
+        for name, verdict in patches.items():
+            spent = self.patches.get(name, {}).get("probe_seconds", 0.0)
+            self.patches[name] = verdict | {"probe_seconds": spent + verdict["probe_seconds"]}
 
     def add_time(self, graphed: bool, seconds: float) -> None:
         if graphed:

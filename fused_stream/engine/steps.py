@@ -36,7 +36,8 @@ class RingSteps:
         self.stream, self.pool, self.reason = stream, pool, reason
         ring = stream.attention.capacity
         self.ring_capacity = ring
-        self.buckets = fill_buckets(ring, stream.capacity, stream.frames_per_call, chunk=stream.chunk)
+        self.buckets = (fill_buckets(ring, stream.capacity, stream.frames_per_call, chunk=stream.chunk)
+                        if stream.attention.cutting else [None])  # no cut: one whole-ring step
         self.graphs: list[CUDAGraphed] = [] if pool is None else [
             CUDAGraphed(stream.step, stream.reset, pool, strict=strict, reason=reason, watch=stream)
             for _ in self.buckets]

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 from moshi.models.lm import LMModel
 
 from ..core.alignment import delayed_sequence, scored_delays
 from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
-from ..patches.depformer import prepare_depformer, stacked_bytes
+from ..patches.attention_step import AttentionStep
+from ..patches.depformer import StackedDepformer, prepare_depformer, stacked_bytes, unsupported_reason
+from ..patches.patch_probe import PATCHES, Verdict, accept_attention_step, accept_ring_cut, accept_stacked_depformer
 from ..patches.ring_attention import RingAttention
-from ..patches.shared_step import SharedStep
 from ..patches.streaming import enlarge_rings, held_state_bytes, ring_caches
 
 
@@ -33,10 +35,13 @@ class Stream:
 
     `capacity` (frames) bounds the longest batch it can hold; `load()` copies a batch in and resets everything in
     place; `step()` is the unit a CUDA graph captures (U steps of C frames); `close()` leaves streaming mode.
+    `patches`: the patches of moshi's code it may install (`patch_probe.PATCHES`, each installed only if its probe
+    reproduces moshi on this instance); `self.patches` says, per patch, whether it was installed and why not.
     """
 
     def __init__(
-        self, model: LMModel, batch_size: int, chunk: int, capacity: int, backend: str, unroll: int = 1
+        self, model: LMModel, batch_size: int, chunk: int, capacity: int, backend: str, unroll: int = 1,
+        patches: frozenset[str] = PATCHES,
     ) -> None:
         self.model, self.batch_size, self.chunk, self.unroll, self.backend = model, batch_size, chunk, unroll, backend
         self.frames_per_call = chunk * unroll  # frames of one sequence covered by one `step()` call
@@ -58,7 +63,17 @@ class Stream:
         # moshi's forward_depformer_training with its per-codebook weights stacked (one bmm per projection instead
         # of dep_q linears), or moshi's own for configurations it does not reproduce: decided once, here, before
         # any capture, since the stacked weights must keep their addresses (patches/depformer.py).
-        self.depformer = prepare_depformer(model, frames=batch_size * chunk)  # B * C: see MAX_ATTENTION_BATCH
+        self.depformer = prepare_depformer(model, frames=batch_size * chunk,  # B * C: see MAX_ATTENTION_BATCH
+                                           stack="stacked_depformer" in patches)
+        self.patches: dict[str, dict[str, Any]] = {}  # per patch: installed, reason, probe_seconds, cached
+        if isinstance(self.depformer, StackedDepformer):
+            verdict = accept_stacked_depformer(model, self.depformer, chunk)
+            if not verdict.accepted:
+                self.depformer = prepare_depformer(model, frames=batch_size * chunk, stack=False)
+        else:
+            verdict = _not_installed("stacked_depformer", patches,
+                                     unsupported_reason(model) or "gradients enabled: moshi's function is kept")
+        self._record(verdict)
         # Calls past the loaded batch (the warm-up before a CUDA graph capture runs three, whatever the batch's
         # length) must not gather past the buffer: on CUDA that is a device-side assert that kills the process.
         # Clamped columns read the fill; every loss they produce falls past each length and is masked.
@@ -72,15 +87,27 @@ class Stream:
             self._exit.enter_context(model.streaming(batch_size))
             if chunk > 1:
                 enlarge_rings(model, context_extra=chunk - 1)
-            self.attention = self._exit.enter_context(RingAttention(model))  # left (after SharedStep) first on close()
-            # The per-step RoPE angles, ring indices and mask built once for all its layers (patches/shared_step.py).
-            self._exit.enter_context(SharedStep(self.attention))
+            attention = RingAttention(model)
+            cut = (accept_ring_cut(attention.modules, chunk) if "ring_cut" in patches
+                   else _not_installed("ring_cut", patches, ""))
+            attention.cutting = cut.accepted
+            self._record(cut)
+            self.attention = self._exit.enter_context(attention)  # left (after AttentionStep) first on close()
+            # The step's geometry (RoPE angles, ring indices, mask) built once for all its layers (attention_step.py).
+            step = (accept_attention_step(attention.modules, chunk, cut=cut.accepted) if "attention_step" in patches
+                    else _not_installed("attention_step", patches, ""))
+            if step.accepted and not self._exit.enter_context(AttentionStep(attention)).installed:
+                step = Verdict("attention_step", False, "temporal attention layers differ in ring, RoPE or heads")
+            self._record(step)
         except BaseException:
             # The ring caches are the largest allocations: an out-of-memory error here must leave the model as it
             # was (out of streaming mode, no cache referenced) so the caller can free memory and retry smaller.
             self._exit.close()
             model._stop_streaming()  # moshi leaves the modules opened before a failure in streaming mode
             raise
+
+    def _record(self, verdict: Verdict) -> None:
+        self.patches[verdict.patch] = verdict.as_dict()
 
     def fits(self, batch_size: int, frames: int) -> bool:
         return batch_size == self.batch_size and frames <= self.capacity
@@ -144,6 +171,10 @@ class Stream:
 
     def close(self) -> None:
         self._exit.close()
+
+
+def _not_installed(patch: str, allowed: frozenset[str], reason: str) -> Verdict:
+    return Verdict(patch, False, reason if patch in allowed else "turned off by the caller (Stream(patches=...))")
 
 
 def _round_up(n: int, multiple: int) -> int:

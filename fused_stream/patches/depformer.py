@@ -43,14 +43,14 @@ DepformerFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sequence 
 MAX_ATTENTION_BATCH = 65_535
 
 
-def prepare_depformer(model: LMModel, frames: int | None = None) -> DepformerFn:
-    """The depformer a Stream of `model` calls: stacked when `model` is a configuration it reproduces, else moshi's
-    (called in slices of at most MAX_ATTENTION_BATCH frames when a step's `frames`, B * C, exceed it).
+def prepare_depformer(model: LMModel, frames: int | None = None, stack: bool = True) -> DepformerFn:
+    """The depformer a Stream of `model` calls: stacked when `stack` and `model` is a configuration it reproduces,
+    else moshi's (called in slices of at most MAX_ATTENTION_BATCH frames when a step's `frames`, B * C, exceed it).
 
     The stacked weights are detached copies taken now: a Stream opened with gradients enabled gets moshi's function
     (gradients must reach the parameters), and weights changed while a Stream is open are not seen by it.
     """
-    if torch.is_grad_enabled() or unsupported_reason(model) is not None:
+    if not stack or torch.is_grad_enabled() or unsupported_reason(model) is not None:
         if frames is not None and frames > MAX_ATTENTION_BATCH:
             return _FrameBounded(model.forward_depformer_training)
         return model.forward_depformer_training

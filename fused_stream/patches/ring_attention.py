@@ -56,6 +56,9 @@ class RingAttention:
     def __init__(self, model: torch.nn.Module) -> None:
         self.modules = [m for m in model.transformer.modules() if _has_ring(m)]
         self.frames: int | None = None  # slots kept during the current call; None = the whole ring
+        # False: the cut is off (`patches/patch_probe.py` found it does not reproduce moshi on these modules):
+        # nothing is installed and `attending` keeps the whole ring.
+        self.cutting = True
         self._shadows = InstanceShadows("_complete_kv")
 
     @property
@@ -66,6 +69,8 @@ class RingAttention:
     def install(self) -> None:
         if self._shadows:
             raise RuntimeError("RingAttention is already installed")
+        if not self.cutting:
+            return
         self._shadows.install({module: _Truncated(self, module, module._complete_kv) for module in self.modules})
 
     def uninstall(self) -> None:
@@ -82,7 +87,7 @@ class RingAttention:
     def attending(self, frames: int | None) -> Iterator[None]:
         """Attend over the first `frames` slots inside the block (an upper bound of the slots written, counting the
         block's own writes); None: the whole ring. Restored afterwards, so nothing outside a call depends on it."""
-        previous, self.frames = self.frames, frames
+        previous, self.frames = self.frames, frames if self.cutting else None
         try:
             yield
         finally:

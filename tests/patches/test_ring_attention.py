@@ -16,7 +16,7 @@ from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model, preset_config
 from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.engine.stream import Stream
-from fused_stream.patches import shared_step
+from fused_stream.patches import attention_step
 from fused_stream.patches.ring_attention import MAX_BUCKETS, RingAttention, fill_buckets
 from fused_stream.verify.reference import batch_losses
 
@@ -210,8 +210,8 @@ def test_closing_the_stream_restores_moshis_modules(make_codes):
         stream = Stream(model, 2, 4, 20, "torch")
         assert len(stream.attention.modules) == len(attentions)  # every temporal attention, no depformer one
         assert all("_complete_kv" in m.__dict__ for m in attentions)
-        # patches/shared_step.py's per-step sharing shadows the same instances' forward, and only theirs
-        assert all(isinstance(m.__dict__.get("forward"), shared_step._SharedForward) for m in attentions)
+        # patches/attention_step.py's step shadows the same instances' forward, and only theirs
+        assert all(isinstance(m.__dict__.get("forward"), attention_step._LayerStep) for m in attentions)
         assert not any("_complete_kv" in m.__dict__ or "forward" in m.__dict__ for m in model.depformer.modules())
         stream.close()
     assert not any("_complete_kv" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
