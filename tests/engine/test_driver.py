@@ -485,7 +485,7 @@ def test_an_oom_frees_the_failed_stream_outside_the_except_block(tiny_model, mak
     from fused_stream.engine.stream import Stream
 
     sequences = make_codes(tiny_model, [30, 28, 20, 12], seed=43)
-    real_step, real_recover = Stream.step, driver._Streams.recover
+    real_step, real_recover = Stream.step, driver.RunStreams.recover
     failed: list[weakref.ref] = []
     seen = {}
 
@@ -501,7 +501,7 @@ def test_an_oom_frees_the_failed_stream_outside_the_except_block(tiny_model, mak
         seen["stream alive"] = failed[0]() is not None
 
     monkeypatch.setattr(Stream, "step", step)
-    monkeypatch.setattr(driver._Streams, "recover", recover)
+    monkeypatch.setattr(driver.RunStreams, "recover", recover)
     result = evaluate(tiny_model, sequences, batch_size=4)
     assert result.report["out_of_memory"] == [{"batch_size": 4, "action": "retry at batch size 2"}]
     assert seen == {"exception": None, "stream alive": False}
