@@ -6,7 +6,8 @@ lay codes out before the driver sees them); `metrics` reads `window` and `codebo
 evaluation options from these fields (`metadata`: help text and how to parse the command line), the drop-in API
 passes its keyword arguments through, and the finetune-config reader maps its keys onto these names; none of them
 repeats a default.
-Every choice list of an option is declared here, beside the option (the code that applies it imports it).
+Choice lists belong to the code that consumes them and are only imported here (the graph modes are declared
+here: the plan resolves them).
 
 `Plan` is the resolved form the rest of a run reads: device, dtype, loss backend and graph mode, decided once when
 the evaluator is built.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ..kernels.cross_entropy import LOSS_BACKENDS, check_backend
+from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
 
 
 class ConfigError(ValueError):
@@ -55,11 +57,6 @@ def parse_weights(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"codebook_weights must be comma-separated numbers, got {text!r}") from None
 
-
-# How codes are laid out and checked (core/inputs.py applies them).
-INVALID_TOKEN_POLICIES = ("raise", "mask")  # what check_codes does with a token outside the model's vocabulary
-TEXT_FILLS = ("zero", "pad")  # the text stream of audio-only codes: the zero token (never scored) or text padding
-OTHER_FILLS = ("zero", "copy")  # the user's audio streams of audio-only codes: the zero token or a copy
 
 # CUDA graphs: the modes of EvalConfig.cuda_graphs, and the environment switch that turns them off.
 GRAPH_MODES = ("auto", "on", "off", "rehearse")

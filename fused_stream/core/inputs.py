@@ -17,7 +17,10 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..errors import DataError
-from .config import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
+
+INVALID_TOKEN_POLICIES = ("raise", "mask")  # what check_codes does with a token outside the model's vocabulary
+TEXT_FILLS = ("zero", "pad")  # the text stream of audio-only codes: the zero token (never scored) or text padding
+OTHER_FILLS = ("zero", "copy")  # the user's audio streams of audio-only codes: the zero token or a copy
 
 log = logging.getLogger(__name__)
 
