@@ -77,3 +77,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mimi_setup(tmp_path_factory):
+    """(a small random-weight Mimi of the tiny preset's card, as a training loop holds it; the same Mimi saved as a
+    checkpoint, as the CLI loads it)."""
+    from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+
+    config = small_mimi_config(card=64)  # the tiny preset's audio card
+    mimi = random_mimi(config, seed=0)
+    return mimi, save_mimi_checkpoint(mimi, tmp_path_factory.mktemp("mimi") / "ckpt", config)
+

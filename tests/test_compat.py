@@ -14,7 +14,7 @@ from fused_stream import PaperMetricsLibriLight
 from fused_stream.cli.main import main
 from fused_stream.compat import mimi_state_hash
 from fused_stream.core.config import ConfigError
-from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
+from fused_stream.data.mimi import random_mimi, small_mimi_config
 from fused_stream.verify.parity import ParityError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -27,14 +27,6 @@ CHAPTERS = [("100/book_a/chapter_2.flac", 45.0, 16000), ("100/book_a/chapter_1.f
             ("200/book_b/chapter_1.flac", 15.0, 24000)]
 
 
-
-
-@pytest.fixture(scope="module")
-def mimi_setup(tmp_path_factory):
-    """(the Mimi object a training loop holds, the same Mimi saved as a checkpoint for the CLI)."""
-    config = small_mimi_config(card=CARD)
-    mimi = random_mimi(config, seed=0)
-    return mimi, save_mimi_checkpoint(mimi, tmp_path_factory.mktemp("mimi") / "ckpt", config)
 
 
 @pytest.fixture(scope="module")

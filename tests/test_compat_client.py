@@ -22,7 +22,6 @@ from fused_stream import EvalConfig, ParityError, StreamingEvaluator, evaluate_l
 from fused_stream.cli.main import main
 from fused_stream.compat import PaperMetricsEvaluator
 from fused_stream.core.config import ConfigError
-from fused_stream.data.mimi import random_mimi, save_mimi_checkpoint, small_mimi_config
 from fused_stream.metrics import PositionSums, compute_metrics
 from fused_stream.verify.reference import batch_losses
 
@@ -31,13 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.p
 CARD = 64  # the tiny preset's audio card
 # The client's book (4 chapters, 6 s each = 75 frames) and another speaker's book.
 CHAPTERS = [f"{BOOK}/emerald_city_{i:02d}_baum_64kb.flac" for i in (1, 2, 3, 4)] + ["200/other_book/ch_01.flac"]
-
-
-@pytest.fixture(scope="module")
-def mimi_setup(tmp_path_factory):
-    config = small_mimi_config(card=CARD)
-    mimi = random_mimi(config, seed=0)
-    return mimi, save_mimi_checkpoint(mimi, tmp_path_factory.mktemp("mimi") / "ckpt", config)
 
 
 @pytest.fixture(scope="module")
