@@ -289,15 +289,17 @@ class StreamingEvaluator:
             log.warning("chunk_size=auto: %s", why)
         else:
             chunk, why = resolve_chunk_size(cfg.chunk_size, model, max(lengths), len(lengths), cfg.batch_size,
-                                            available, source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs)
+                                            available, source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs,
+                                            loss_backend=self.plan.loss_backend)
         self.plan = plan = dataclasses.replace(self.plan, chunk_size=chunk)
         frames = math.ceil(max(lengths) / plan.frames_per_call) * plan.frames_per_call
         if cfg.batch_size == "auto":
             batch_size = pick_batch_size(model, len(lengths), plan.chunk_size, frames, available,
-                                         cuda_graphs=plan.graphs)
+                                         cuda_graphs=plan.graphs, loss_backend=plan.loss_backend)
         else:
             batch_size = min(len(lengths), cfg.batch_size or len(lengths))
-        estimate = estimate_run_bytes(model, batch_size, plan.chunk_size, frames, cuda_graphs=plan.graphs)
+        estimate = estimate_run_bytes(model, batch_size, plan.chunk_size, frames, cuda_graphs=plan.graphs,
+                                      loss_backend=plan.loss_backend)
         check_fits(estimate, available, source)
         return {
             "batch_size": batch_size,

@@ -179,14 +179,13 @@ def step_cross_entropy_(
     lead: int,
     backend: str = "torch",
 ) -> None:
-    """Score one step in place (one launch). Never reads a device value on the host."""
+    """Score one step in place with the registered loss backend `backend` (kernels/backends). Never reads a device
+    value on the host."""
+    from .backends import loss_backend  # the registry imports this module: looked up here, not at import
+
+    step = loss_backend(backend).step  # before the checks: an unknown name is the first thing to say
     _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    if backend == "triton":
-        _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    elif backend == "torch":
-        step_cross_entropy_torch_(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    else:
-        raise ValueError(f"unknown loss backend {backend!r}: use 'torch' or 'triton'")
+    step(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
 
 
 def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
@@ -222,7 +221,7 @@ def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset
         raise ValueError(f"lead must be >= 0, got {lead}")
 
 
-def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+def launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
     B, K_audio, C, V_audio = audio_logits.shape
     V_text = text_logits.shape[-1]
     n_text_rows = B * C
@@ -240,29 +239,6 @@ def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, 
             ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
             num_warps=_warps(max(block_text, block_audio)),
         )
-
-
-LOSS_BACKENDS = ("auto", "torch", "triton")  # auto: the Triton kernel on CUDA, its torch twin elsewhere
-
-
-def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve `loss_backend` (one of LOSS_BACKENDS) for `device` to "torch" or "triton", or raise saying what to do."""
-    if backend not in LOSS_BACKENDS:
-        raise ValueError(f"loss_backend must be one of {', '.join(LOSS_BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "torch":
-        return backend
-    if not triton_available():
-        raise RuntimeError("loss_backend='triton' needs the triton package (it ships with torch on Linux)")
-    if device.type != "cuda" and not triton_interpreted():
-        raise RuntimeError(
-            "loss_backend='triton' on the CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "fused_stream is imported (it is slow; use loss_backend='torch' for CPU speed)"
-        )
-    if device.type == "cuda" and triton_interpreted():
-        raise RuntimeError("TRITON_INTERPRET=1 is set: unset it to run the Triton kernel on the GPU")
-    return backend
 
 
 def advance_(offset: torch.Tensor, frames: int) -> None:
