@@ -36,7 +36,7 @@ from ..measure.chunk_choice import resolve_chunk_size
 from ..measure.monitor import Monitor
 from ..measure.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
 from ..measure.progress import Progress, mib
-from ..measure.throughput import throughput_report
+from ..measure.throughput import format_throughput, throughput_report
 from .alignment import valid_masks
 from .checkpoint import Checkpointer, StreamCheckpoints, continue_saved, saved_batch_first, sequence_digest
 from .config import ConfigError, EvalConfig, Plan, make_plan
@@ -313,11 +313,9 @@ class StreamingEvaluator:
     def _log_done(self, report: dict) -> None:
         memory, graphs = report["memory"], report["cuda_graphs"]
         log.info(
-            "done: %d frames in %.1f s (%.1f frames/s, steady %s); peak memory %s (%s), constant memory: %s; "
-            "graphs: %s",
-            report["frames"], report["seconds"], report["frames_per_second"],
-            _steady(report["throughput"]), mib(memory.get("peak_bytes")), memory.get("memory_source"),
-            memory.get("constant_memory"),
+            "done: %d frames in %.1f s (%s); peak memory %s (%s), constant memory: %s; graphs: %s",
+            report["frames"], report["seconds"], format_throughput(report["throughput"]),
+            mib(memory.get("peak_bytes")), memory.get("memory_source"), memory.get("constant_memory"),
             graphs["reason"],
         )
 
@@ -464,8 +462,3 @@ def _context_utilization(model: LMModel, lengths: list[int]) -> float:
 def _peak_increase(memory: dict) -> int | None:
     peak, baseline = memory.get("peak_bytes"), memory.get("baseline_bytes")
     return None if peak is None or baseline is None else peak - baseline
-
-
-def _steady(throughput: dict) -> str:
-    value = throughput.get("steady_frames_per_second")
-    return "n/a" if value is None else f"{value:.1f}"

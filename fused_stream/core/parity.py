@@ -7,8 +7,7 @@ Those frames are left out; a sequence no longer than its prefix is compared whol
 
 `compare` is the one comparison (masks identical, |streamed - batch| <= `parity_tolerance`, and where they first
 differ); `ParityError` is what a failed comparison raises, naming the sequence, stream, frame, both values and a
-likely cause. The driver runs it on every run before anything is reported (`core/verification.py`);
-`check_parity` runs it after the fact on a finished result.
+likely cause. The driver runs it on every run before anything is reported (`core/verification.py`).
 
 Half precision (float16, bfloat16): why the rule cannot fail a correct model on rounding alone. Two half-precision
 computations of the same losses (streamed, and `LMModel.forward`) round differently, by errors that depend on the
@@ -64,7 +63,7 @@ from .alignment import scored_delays
 from .reference import batch_losses
 from .result import EvalResult
 
-__all__ = ["ParityError", "ParityReport", "check_parity", "compare", "float32_reference", "half_precision",
+__all__ = ["ParityError", "ParityReport", "compare", "float32_reference", "half_precision",
            "likely_cause", "parity_tolerance", "stream_name"]
 
 
@@ -85,18 +84,6 @@ class ParityReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Difference:
-    """The first position where the two paths disagree: first in time, then by stream (text, then audio)."""
-
-    sequence: int
-    stream: str
-    position: int
-    streamed: float  # NaN where that path does not score the position
-    batch: float
-    masks_differ: bool
 
 
 # fp32 (and wider): frame/chunk steps and one whole-sequence forward differ by reassociation only (~1e-6 measured);
@@ -376,19 +363,3 @@ def select_rows(result: EvalResult, rows: list[int]) -> EvalResult:
     index = torch.tensor(rows, dtype=torch.long)
     return EvalResult(losses=result.losses[index], valid=result.valid[index], text_losses=result.text_losses[index],
                       text_valid=result.text_valid[index], lengths=result.lengths[index])
-
-
-def check_parity(
-    model: LMModel, sequences: list[torch.Tensor], result: EvalResult, *, frames: int = 256, max_sequences: int = 4
-) -> ParityReport:
-    """After the fact: `result` (streamed over `sequences`, each [K, T_i]) against `batch_losses` on the first
-    `frames` frames of the first `max_sequences` sequences."""
-    if frames < 1:
-        raise ValueError(f"the parity prefix must be >= 1 frame, got {frames}")
-    chosen = list(range(min(max_sequences, len(sequences))))
-    prefixes = [sequences[i][:, :frames] for i in chosen]
-    reference = batch_losses(model, prefixes)
-    exact = float32_reference(model, prefixes) if half_precision(model) else None
-    report, _ = compare(model, select_rows(result, chosen), reference, chosen, [p.shape[1] for p in prefixes],
-                        exact=exact)
-    return report

@@ -5,12 +5,32 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import torch
 
 from fused_stream.core.config import EvalConfig
 from fused_stream.core.driver import StreamingEvaluator
-from fused_stream.core.parity import ParityError, ParityReport, check_parity, compare, likely_cause, select_rows
+from fused_stream.core.parity import (
+    ParityError,
+    ParityReport,
+    compare,
+    float32_reference,
+    half_precision,
+    likely_cause,
+    select_rows,
+)
 from fused_stream.core.reference import batch_losses
 from fused_stream.core.verification import verification_prefix
+
+
+def check_parity(model, sequences: list[torch.Tensor], result, *, frames: int, max_sequences: int = 4) -> ParityReport:
+    """After the fact, as the driver's verification does during a run: `result` against `batch_losses` on the first
+    `frames` frames of the first `max_sequences` sequences (against the float32 forward too in half precision)."""
+    chosen = list(range(min(max_sequences, len(sequences))))
+    prefixes = [sequences[i][:, :frames] for i in chosen]
+    exact = float32_reference(model, prefixes) if half_precision(model) else None
+    report, _ = compare(model, select_rows(result, chosen), batch_losses(model, prefixes), chosen,
+                        [p.shape[1] for p in prefixes], exact=exact)
+    return report
 
 
 def test_parity_passes_on_whole_and_cropped_sequences(tiny_model, make_codes):
