@@ -6,7 +6,7 @@ and the step needs no host input (CUDA-graph safe):
 
     out[b, ch, lead + t] = CE(logits row, targets[b, ch, j]),   t = offset + j - delays[ch]
 
-`ch` is the stream index (0 = text, 1 .. dep_q = audio codebooks, as in the codes), `j` the frame inside the
+`ch` is the loss channel (0 = text, 1 .. dep_q = audio codebooks, in the codes' order), `j` the frame inside the
 chunk, `offset` the delayed step index read from a device int64 tensor, `lead = max(delays)` columns in front of
 time 0 so the rows of the first steps (t < 0) land somewhere harmless instead of needing a branch. The last
 column of `out` is a trash column: a row whose column `lead + t` falls outside [0, T_out - 1) writes its NaN
@@ -170,7 +170,7 @@ def _warps(block: int) -> int:
 def step_cross_entropy_(
     text_logits: torch.Tensor,  # [B, 1, C, V_text]
     audio_logits: torch.Tensor,  # [B, dep_q, C, V_audio]
-    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, stream order (text first)
+    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, channel order (text first)
     delays: torch.Tensor,  # [1 + dep_q] int64, device
     lengths: torch.Tensor,  # [B] int64, device: frames of each sequence
     offset: torch.Tensor,  # [] int64, device: delayed step index of frame 0 of the chunk
