@@ -7,6 +7,7 @@ import pytest
 import torch
 from reference_ce import assert_losses_close, forward_losses
 
+from fused_stream.cli.main import build_parser
 from fused_stream.core.config import ConfigError, EvalConfig, make_plan
 from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.kernels import backends
@@ -54,6 +55,7 @@ def test_dummy_backend_is_accepted_everywhere(dummy, tiny_model, make_codes):
     cpu = torch.device("cpu")
     assert "dummy" in backends.LOSS_BACKENDS and backends.resolve_backend("auto", cpu) == "torch"  # never auto
     config = EvalConfig(loss_backend="dummy")  # the config's choices read the registry
+    assert build_parser().parse_args(["--loss-backend", "dummy"]).loss_backend == "dummy"  # and the CLI's
     assert make_plan(config, cpu).loss_backend == "dummy"
     with pytest.raises(RuntimeError, match="CPU only"):
         make_plan(config, torch.device("cuda"))
@@ -74,3 +76,5 @@ def test_dummy_backend_is_accepted_everywhere(dummy, tiny_model, make_codes):
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="loss_backend"):
         EvalConfig(loss_backend="dummy")  # not registered (the fixture is not used here)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--loss-backend", "dummy"])
