@@ -5,8 +5,9 @@ cropped and shared out between ranks.
 a rank's shard) meet the sources, so each applies the same way to every source: `max_files` to the full list, shards
 balanced by length estimated from file headers before anything is encoded (a rank encodes only its own audio), and a
 bad file either raising or, with on_error="collect", recorded in `Dataset.failed` with its reason while the run goes
-on. Reading codes files is `codes`, listing audio and grouping books `librilight`, encoding `audio`, Mimi checkpoints
-`mimi`; every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
+on. Each source is a registered `data.sources.DataSource` (listing its items and loading one); below them, reading
+codes files is `codes`, listing audio and grouping books `librilight`, encoding `audio`, Mimi checkpoints `mimi`;
+every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
