@@ -28,7 +28,7 @@ from fused_stream.core.runtime import inference_mode
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import default_device, default_dtype, load_model
 from fused_stream.engine.stream import Stream
-from fused_stream.kernels.cross_entropy import check_backend
+from fused_stream.kernels.backends import resolve_backend
 
 DEVICE = torch.device(os.environ.get("FUSED_STREAM_BENCH_DEVICE") or default_device())
 FRAMES = int(os.environ.get("FUSED_STREAM_BENCH_FRAMES", "600"))
@@ -85,7 +85,7 @@ def test_ops_per_step(benchmark, name, C, depformer):
     model = _model(name)
     frames = max(FRAMES, 2 * C)
     codes = generate_codes(model, 1, frames, seed=0).to(DEVICE)
-    backend = check_backend("auto", DEVICE)
+    backend = resolve_backend("auto", DEVICE)
     with inference_mode(model):
         stream = Stream(model, 1, C, frames, backend)
         try:

@@ -25,7 +25,7 @@ def text_delay(model: LMModel) -> int:
 
 
 def scored_delays(model: LMModel) -> list[int]:
-    """Delays of the scored streams in stream order: text, then the dep_q audio codebooks (the loss channels)."""
+    """Delays of the loss channels in their order: text, then the dep_q audio codebooks."""
     return [text_delay(model)] + audio_delays(model)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.cross_entropy import LOSS_BACKENDS, check_backend
+from ..kernels.backends import LOSS_BACKENDS, backends_help, resolve_backend
 from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
 
 
@@ -97,8 +97,7 @@ class EvalConfig:
     # None (Python only): all sequences at once.
     batch_size: int | str | None = _option("auto", "sequences per batch, or auto (default): the most that fit in "
                                                    "free memory", parse=parse_batch_size)
-    loss_backend: str = _option("auto", "auto (fused Triton kernel on CUDA, torch on CPU), torch, triton",
-                                choices=LOSS_BACKENDS)
+    loss_backend: str = _option("auto", backends_help(), choices=LOSS_BACKENDS)  # from kernels/backends' records
     cuda_graphs: str = _option("auto", "auto (on CUDA), on (fail if capture fails), off, rehearse (any device: the "
                                        "capture/replay control flow with eager calls, checking what a real capture "
                                        "needs; fails like on)", choices=GRAPH_MODES)
@@ -214,7 +213,7 @@ class Plan:
     """What a run does, resolved once from the config and the model's device; everything after reads only this."""
 
     device: torch.device
-    loss_backend: str  # "torch" | "triton"
+    loss_backend: str  # a registered loss backend's name (kernels/backends), never "auto"
     graphs: bool  # capture CUDA graphs (or rehearse capturing them)
     strict_graphs: bool  # cuda_graphs="on" or "rehearse": a capture that fails raises instead of running eagerly
     graph_reason: str  # why graphs are on or off, for the report
@@ -231,7 +230,7 @@ class Plan:
 def make_plan(config: EvalConfig, device: torch.device) -> Plan:
     """Resolve `config` for a model on `device`: raises now (not after a model ran) if the two do not go together."""
     graphs, reason = graphs_wanted(config.cuda_graphs, device)
-    return Plan(device=device, loss_backend=check_backend(config.loss_backend, device), graphs=graphs,
+    return Plan(device=device, loss_backend=resolve_backend(config.loss_backend, device), graphs=graphs,
                 strict_graphs=config.cuda_graphs in ("on", "rehearse"), graph_reason=reason,
                 chunk_size=1 if config.chunk_size == "auto" else config.chunk_size, unroll=config.graph_unroll,
                 rehearse=graphs and config.cuda_graphs == "rehearse")

@@ -5,16 +5,16 @@ cropped and shared out between ranks.
 a rank's shard) meet the sources, so each applies the same way to every source: `max_files` to the full list, shards
 balanced by length estimated from file headers before anything is encoded (a rank encodes only its own audio), and a
 bad file either raising or, with on_error="collect", recorded in `Dataset.failed` with its reason while the run goes
-on. Reading codes files is `codes`, listing audio and grouping books `librilight`, encoding `audio`, Mimi checkpoints
-`mimi`; every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
+on. Each source is a registered `data.sources.DataSource` (listing its items and loading one); below them, reading
+codes files is `codes`, listing audio and grouping books `librilight`, encoding `audio`, Mimi checkpoints `mimi`;
+every user-facing data problem raises `DataError` with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,11 @@ from ..core.alignment import valid_masks
 from ..core.config import EvalConfig
 from ..core.inputs import INVALID_TOKEN_POLICIES, check_tokens, crop_frames, layout_codes
 from ..errors import DataError, one_line
-from .audio import encode_audio_file
-from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
-from .librilight import audio_files, group_chapters, natural_key, relative_name
-from .mimi import MimiCheckpoint, file_sha256, load_mimi, mimi_checkpoint
+from .codes import EvalSequence
+from .librilight import natural_key
+from .mimi import MimiCheckpoint, file_sha256
 from .selection import BookSelection
+from .sources import SOURCES, Item, Request
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,6 @@ class Dataset:
     # {"index", "name", "sources", "same_as"}: sequences left out because their files hold the same content as an
     # earlier one's (a copy or a hard link); empty with allow_duplicates=True
     duplicates: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class _Item:
-    """One sequence to be: a generated tensor, a codes file, an audio file or a book of chapters."""
-
-    index: int
-    name: str
-    files: list[Path]
-    estimate: int  # frames, only to balance shards
-
-
-_Loader = Callable[[_Item, Any], tuple[torch.Tensor, list[str]]]  # (item, progress bar) -> (codes [K, T], sources)
 
 
 def assign_shards(lengths: Sequence[int], names: Sequence[str], world_size: int) -> list[list[int]]:
@@ -91,9 +78,10 @@ def load_dataset(
     other_fill: str = _LAYOUT.other_fill, invalid_tokens: str = _LAYOUT.invalid_tokens,
     cache_dir: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
     max_files: int | None = None, on_error: str = "raise", min_frames: int = 1, shard: tuple[int, int] | None = None,
-    selection: BookSelection | None = None, allow_duplicates: bool = False,
+    selection: BookSelection | None = None, allow_duplicates: bool = False, **sources: Any,
 ) -> Dataset:
-    """The sequences to evaluate, in the model's layout, from exactly one of `codes`, `audio` (+ `mimi`), `generate`.
+    """The sequences to evaluate, in the model's layout, from exactly one of `codes`, `audio` (+ `mimi`), `generate`
+    or another registered data source (`data.sources`: its name and its options are further keywords).
 
     `max_frames` crops every sequence; with `concat_chapters` each LibriLight book (speaker/book) is one sequence
     of its chapters in natural order, else each file is one; `selection` (audio only) picks the books a paper-metrics
@@ -110,8 +98,16 @@ def load_dataset(
     listed in `Dataset.duplicates`, unless `allow_duplicates`. A sequence with no position to score (every token of
     the text and the model's audio streams the zero token, or masked) fails with "nothing to score".
     """
-    if sum(x is not None for x in (codes, audio, generate)) != 1:
-        raise DataError("give exactly one of --codes, --audio, --generate")
+    given = {"codes": codes, "audio": audio, "generate": generate, "mimi": mimi, "frames": frames,
+             "concat_chapters": concat_chapters, "cache_dir": cache_dir, "seed": seed, "device": device,
+             "selection": selection, **sources}
+    unknown = set(sources) - set(SOURCES) - {o for source in SOURCES.values() for o in source.options}
+    if unknown:
+        raise TypeError(f"load_dataset() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    chosen = [source for name, source in SOURCES.items() if given.get(name) is not None]
+    if len(chosen) != 1:
+        raise DataError(f"give exactly one of {', '.join('--' + name for name in SOURCES)}")
+    (source,) = chosen
     for flag, value in (("--max-frames", max_frames), ("--max-files", max_files), ("--min-frames", min_frames)):
         if value is not None and value < 1:
             raise DataError(f"{flag} must be >= 1, got {value}")
@@ -122,33 +118,11 @@ def load_dataset(
     if invalid_tokens not in INVALID_TOKEN_POLICIES:
         raise DataError(f"invalid_tokens must be one of {', '.join(INVALID_TOKEN_POLICIES)}, got {invalid_tokens!r}")
     fill = {"text_fill": text_fill, "other_fill": other_fill}
-    if generate is None:  # a probe raises bad fill options here, so "collect" never blames a file
+    if source.lays_out:  # a probe raises bad fill options here, so "collect" never blames a file
         layout_codes(model, torch.zeros(model.dep_q, model.dep_q + 1, dtype=torch.int64), **fill)
-    load: _Loader
-    if generate is not None:
-        if frames is None:
-            raise DataError("--generate needs --frames: the length of each generated sequence")
-        if generate < 1 or frames < 1:
-            raise DataError(f"--generate needs >= 1 sequences of >= 1 frames, got {generate} x {frames}")
-        batch = generate_codes(model, generate, frames, seed=seed)[:max_files]  # all of it: identical on every rank
-        items = [_Item(i, f"generated_{i}", [], frames) for i in range(len(batch))]
-
-        def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
-            return batch[item.index].clone(), []
-    elif codes is not None:
-        root = Path(codes)
-        files = codes_files(root)[:max_files]
-        items = [_Item(i, relative_name(f, root), [f], codes_file_frames(f)) for i, f in enumerate(files)]
-
-        def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
-            file = item.files[0]
-            laid = layout_codes(model, load_codes_file(file), source=str(file), invalid_tokens=invalid_tokens, **fill)
-            return laid, [str(file)]
-    else:
-        if mimi is None:
-            raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
-        items, load = _audio_items(model, Path(audio), mimi, max_frames, min_frames, max_files, concat_chapters,
-                                   cache_dir, device, fill, selection)
+    request = Request(model, given[source.name], max_files, max_frames, min_frames, invalid_tokens, fill,
+                      {option: given.get(option) for option in source.options})
+    items, load = source.open(request)
     duplicates = [] if allow_duplicates else same_content(items)
     for item, first in duplicates:
         log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; --allow-duplicates "
@@ -165,7 +139,7 @@ def load_dataset(
     dataset, done = Dataset([], [], len(items)), 0
     dataset.duplicates = [{"index": item.index, "name": item.name, "sources": [str(f) for f in item.files],
                            "same_as": first.name} for item, first in duplicates]
-    desc = "encoding audio" if audio is not None else "loading codes"
+    desc = source.progress
     files = sum(len(it.files) for it in owned)
     show = progress and files > 0  # generated codes read no file: no empty "0file" bar
     with tqdm(total=files, desc=desc, unit="file", disable=not show) as bar, \
@@ -207,25 +181,25 @@ def scores_anything(model: LMModel, codes: torch.Tensor) -> bool:
     return bool(audio.any()) or bool(text.any())
 
 
-def same_content(items: list[_Item]) -> list[tuple[_Item, _Item]]:
+def same_content(items: list[Item]) -> list[tuple[Item, Item]]:
     """(item, the first earlier item whose files hold identical content) for every such item.
 
     Files are compared by size first, and hashed (sha256) only where sizes coincide, so a data set without copies
     costs one stat per file; both paths of a hard link are the same file and hash alike.
     """
     with_files = [it for it in items if it.files]
-    by_sizes: dict[tuple[int, ...], list[_Item]] = {}
+    by_sizes: dict[tuple[int, ...], list[Item]] = {}
     for item in with_files:
         try:
             sizes = tuple(f.stat().st_size for f in item.files)
         except OSError:  # unreadable: its load fails and says why
             continue
         by_sizes.setdefault(sizes, []).append(item)
-    found: list[tuple[_Item, _Item]] = []
+    found: list[tuple[Item, Item]] = []
     for group in by_sizes.values():
         if len(group) < 2:
             continue
-        seen: dict[tuple[str, ...], _Item] = {}
+        seen: dict[tuple[str, ...], Item] = {}
         for item in group:
             try:
                 digest = tuple(file_sha256(f) for f in item.files)
@@ -236,59 +210,3 @@ def same_content(items: list[_Item]) -> list[tuple[_Item, _Item]]:
             else:
                 seen[digest] = item
     return sorted(found, key=lambda pair: pair[0].index)
-
-
-def _audio_items(
-    model: LMModel, root: Path, mimi_path: str | Path | MimiCheckpoint, max_frames: int | None, min_frames: int,
-    max_files: int | None, concat_chapters: bool, cache_dir: str | Path | None, device: str | torch.device,
-    fill: dict[str, str], selection: BookSelection | None = None,
-) -> tuple[list[_Item], _Loader]:
-    """The audio sequences to be, with lengths from file headers (nothing encoded yet), and how to encode one."""
-    files = audio_files(root)
-    base = root if root.is_dir() else root.parent
-    if selection is not None:  # the books a paper-metrics config names (before any Mimi work)
-        groups = selection.groups(files, base)
-    elif concat_chapters and root.is_dir():  # a LibriLight root, a speaker's or a book's folder: books by chapters
-        groups = group_chapters(files, base)
-    else:
-        groups = [(relative_name(f, base), [f]) for f in files]
-    groups = groups[:max_files]
-    checkpoint = mimi_checkpoint(mimi_path)
-    n_q, card = checkpoint.config["quantizer"].get("n_q"), checkpoint.config["quantizer"].get("bins")
-    if card != model.card or not isinstance(n_q, int) or n_q < model.dep_q:
-        raise DataError(f"Mimi {checkpoint.name} has {n_q} codebooks of card {card}; the model expects "
-                        f"dep_q={model.dep_q} of card {model.card}")
-    mimi, mimi_hash = load_mimi(checkpoint, model.dep_q, device)
-    if mimi.channels != 1:  # else every file would fail alike in "collect" mode
-        raise DataError(f"Mimi with {mimi.channels} channels is not supported: audio is mixed down to mono")
-    import sphn
-
-    paths = [f for _, chapters in groups for f in chapters]
-    seconds = dict(zip(paths, sphn.durations([str(f) for f in paths]), strict=True))  # None: unreadable, fails later
-    items = [_Item(i, name, chapters, sum(math.ceil((seconds[f] or 0) * mimi.frame_rate) for f in chapters))
-             for i, (name, chapters) in enumerate(groups)]
-    # Encode far enough to tell whether a sequence reaches min_frames, which may lie past the max_frames crop.
-    limit = None if max_frames is None else max(max_frames, min_frames)
-
-    def load(item: _Item, bar: Any) -> tuple[torch.Tensor, list[str]]:
-        parts: list[torch.Tensor] = []
-        used: list[str] = []
-        for chapter in item.files:
-            done = sum(p.shape[1] for p in parts)
-            if limit is not None and done >= limit:
-                break  # the rest of the book would be cropped away (and is not needed for min_frames)
-            if max_frames is None or done < max_frames:
-                used.append(str(chapter))  # a chapter encoded only for the min_frames check is not a source
-            left = None if limit is None else limit - done
-            try:
-                parts.append(encode_audio_file(mimi, chapter, num_codebooks=model.dep_q, mimi_hash=mimi_hash,
-                                               cache_dir=cache_dir, max_frames=left))
-            except (DataError, OSError, MemoryError, torch.cuda.OutOfMemoryError):
-                raise  # memory, or a cache dir that cannot be written, is the run's problem, not this file's
-            except Exception as exc:  # Mimi failing on one file is that file's problem: named, and collectable
-                reason = f"{type(exc).__name__}: {one_line(exc)}"
-                raise DataError(f"audio file {chapter} cannot be encoded: {reason}") from exc
-            bar.update(1)
-        return layout_codes(model, torch.cat(parts, dim=1), source=item.name, from_mimi=True, **fill), used
-
-    return items, load

@@ -38,7 +38,7 @@ from ..core.runtime import inference_mode
 from ..kernels.cross_entropy import N_COUNTERS
 from ..measure.monitor import Monitor
 from ..measure.progress import Progress, mib
-from ..measure.throughput import throughput_report
+from ..measure.throughput import format_throughput, throughput_report
 from ..patches.foreign import chunk_refusal
 from ..plan.chunk_choice import resolve_chunk_size
 from ..plan.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
@@ -285,15 +285,17 @@ class StreamingEvaluator:
             log.warning("chunk_size=auto: %s", why)
         else:
             chunk, why = resolve_chunk_size(cfg.chunk_size, model, max(lengths), len(lengths), cfg.batch_size,
-                                            available, source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs)
+                                            available, source, unroll=self.plan.unroll, cuda_graphs=self.plan.graphs,
+                                            loss_backend=self.plan.loss_backend)
         self.plan = plan = dataclasses.replace(self.plan, chunk_size=chunk)
         frames = math.ceil(max(lengths) / plan.frames_per_call) * plan.frames_per_call
         if cfg.batch_size == "auto":
             batch_size = pick_batch_size(model, len(lengths), plan.chunk_size, frames, available,
-                                         cuda_graphs=plan.graphs)
+                                         cuda_graphs=plan.graphs, loss_backend=plan.loss_backend)
         else:
             batch_size = min(len(lengths), cfg.batch_size or len(lengths))
-        estimate = estimate_run_bytes(model, batch_size, plan.chunk_size, frames, cuda_graphs=plan.graphs)
+        estimate = estimate_run_bytes(model, batch_size, plan.chunk_size, frames, cuda_graphs=plan.graphs,
+                                      loss_backend=plan.loss_backend)
         check_fits(estimate, available, source)
         return {
             "batch_size": batch_size,
@@ -307,11 +309,9 @@ class StreamingEvaluator:
     def _log_done(self, report: dict) -> None:
         memory, graphs = report["memory"], report["cuda_graphs"]
         log.info(
-            "done: %d frames in %.1f s (%.1f frames/s, steady %s); peak memory %s (%s), constant memory: %s; "
-            "graphs: %s",
-            report["frames"], report["seconds"], report["frames_per_second"],
-            _steady(report["throughput"]), mib(memory.get("peak_bytes")), memory.get("memory_source"),
-            memory.get("constant_memory"),
+            "done: %d frames in %.1f s (%s); peak memory %s (%s), constant memory: %s; graphs: %s",
+            report["frames"], report["seconds"], format_throughput(report["throughput"]),
+            mib(memory.get("peak_bytes")), memory.get("memory_source"), memory.get("constant_memory"),
             graphs["reason"],
         )
 
@@ -344,8 +344,3 @@ def _context_utilization(model: LMModel, lengths: list[int]) -> float:
 def _peak_increase(memory: dict) -> int | None:
     peak, baseline = memory.get("peak_bytes"), memory.get("baseline_bytes")
     return None if peak is None or baseline is None else peak - baseline
-
-
-def _steady(throughput: dict) -> str:
-    value = throughput.get("steady_frames_per_second")
-    return "n/a" if value is None else f"{value:.1f}"

@@ -62,7 +62,7 @@ class GraphPool:
         self.device, self.rehearse = device, rehearse
         # A rehearsal touches no CUDA API: no memory pool, no capture stream.
         self.handle = None if rehearse else torch.cuda.graph_pool_handle()
-        self.stream = None if rehearse else torch.cuda.Stream(device=device)  # warm-up and capture stream
+        self.cuda_stream = None if rehearse else torch.cuda.Stream(device=device)  # warm-up and capture
         # CUDA graphs; for a rehearsal, a description of each rehearsed capture (its checks end with its Stream).
         self.graphs: list[Any] = []
         self.failure: str | None = None
@@ -147,10 +147,10 @@ class CUDAGraphed:
         began = ended = False
         try:
             with torch.cuda.device(device):
-                pool.stream.wait_stream(torch.cuda.current_stream(device))
-                # Warm up on the capture stream itself: per-stream library workspaces (cuBLAS) are then allocated
-                # now, outside the graph pool, instead of during capture.
-                with torch.cuda.stream(pool.stream):
+                pool.cuda_stream.wait_stream(torch.cuda.current_stream(device))
+                # Warm up on the capture CUDA stream itself: library workspaces (cuBLAS) are per CUDA stream, so they
+                # are allocated now, outside the graph pool, instead of during capture.
+                with torch.cuda.stream(pool.cuda_stream):
                     for _ in range(WARMUP_CALLS):
                         self.fn()
                     self.reset()
@@ -160,9 +160,9 @@ class CUDAGraphed:
                 gc.collect()
                 torch.cuda.empty_cache()
                 graph = torch.cuda.CUDAGraph()
-                # The outer stream context restores the current stream even if capture_end raises.
+                # The outer CUDA-stream context restores the current CUDA stream even if capture_end raises.
                 # thread_local: the memory monitor's thread may query NVML / torch while this one captures.
-                with torch.cuda.stream(pool.stream):
+                with torch.cuda.stream(pool.cuda_stream):
                     graph.capture_begin(pool.handle, capture_error_mode="thread_local")
                     began = True
                     try:

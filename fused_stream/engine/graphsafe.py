@@ -17,37 +17,10 @@ ring caches, and one level into containers: `patches/state_snapshot.py`). Every 
 
 from __future__ import annotations
 
-import torch
-from moshi.models.lm import LMModel
-
-from ..core.runtime import inference_mode
 from ..patches.state_snapshot import Finding, compare, harmless_reason, snapshot
 from .stream import Stream
 
 # ------------------------------------------------------------------------------------------------------ the check
-
-
-def check_graph_safety(
-    model: LMModel, codes: torch.Tensor, *, chunk_size: int = 1, steps: int = 3, backend: str = "torch"
-) -> list[Finding]:
-    """Open a Stream of `model` on `codes` [B, K, T] (or [K, T]), run `steps` steps, report what moves.
-
-    The model must not be streaming already; the Stream is closed afterwards. Runs on the model's device (no GPU
-    needed). Use `unsafe(findings)` for what would break a captured graph.
-    """
-    if steps < 1 or chunk_size < 1:
-        raise ValueError(f"steps and chunk_size must be >= 1, got steps={steps}, chunk_size={chunk_size}")
-    device = next(model.parameters()).device
-    codes = (codes[None] if codes.dim() == 2 else codes).to(device)
-    B, _, T = codes.shape
-    lengths = torch.full((B,), T, dtype=torch.long, device=device)
-    with inference_mode(model):
-        stream = Stream(model, B, chunk_size, T, backend=backend)
-        try:
-            stream.load(codes, lengths)
-            return check_stream(stream, steps)
-        finally:
-            stream.close()
 
 
 def check_stream(stream: Stream, steps: int = 3) -> list[Finding]:

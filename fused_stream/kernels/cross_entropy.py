@@ -6,7 +6,7 @@ and the step needs no host input (CUDA-graph safe):
 
     out[b, ch, lead + t] = CE(logits row, targets[b, ch, j]),   t = offset + j - delays[ch]
 
-`ch` is the stream index (0 = text, 1 .. dep_q = audio codebooks, as in the codes), `j` the frame inside the
+`ch` is the loss channel (0 = text, 1 .. dep_q = audio codebooks, in the codes' order), `j` the frame inside the
 chunk, `offset` the delayed step index read from a device int64 tensor, `lead = max(delays)` columns in front of
 time 0 so the rows of the first steps (t < 0) land somewhere harmless instead of needing a branch. The last
 column of `out` is a trash column: a row whose column `lead + t` falls outside [0, T_out - 1) writes its NaN
@@ -170,7 +170,7 @@ def _warps(block: int) -> int:
 def step_cross_entropy_(
     text_logits: torch.Tensor,  # [B, 1, C, V_text]
     audio_logits: torch.Tensor,  # [B, dep_q, C, V_audio]
-    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, stream order (text first)
+    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, channel order (text first)
     delays: torch.Tensor,  # [1 + dep_q] int64, device
     lengths: torch.Tensor,  # [B] int64, device: frames of each sequence
     offset: torch.Tensor,  # [] int64, device: delayed step index of frame 0 of the chunk
@@ -179,14 +179,13 @@ def step_cross_entropy_(
     lead: int,
     backend: str = "torch",
 ) -> None:
-    """Score one step in place (one launch). Never reads a device value on the host."""
+    """Score one step in place with the registered loss backend `backend` (kernels/backends). Never reads a device
+    value on the host."""
+    from .backends import loss_backend  # the registry imports this module: looked up here, not at import
+
+    step = loss_backend(backend).step  # before the checks: an unknown name is the first thing to say
     _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    if backend == "triton":
-        _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    elif backend == "torch":
-        step_cross_entropy_torch_(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    else:
-        raise ValueError(f"unknown loss backend {backend!r}: use 'torch' or 'triton'")
+    step(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
 
 
 def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
@@ -222,7 +221,7 @@ def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset
         raise ValueError(f"lead must be >= 0, got {lead}")
 
 
-def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+def launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
     B, K_audio, C, V_audio = audio_logits.shape
     V_text = text_logits.shape[-1]
     n_text_rows = B * C
@@ -240,29 +239,6 @@ def _launch_triton(text_logits, audio_logits, targets, delays, lengths, offset, 
             ZERO=ZERO_TOKEN, BLOCK_TEXT=block_text, BLOCK_AUDIO=block_audio,
             num_warps=_warps(max(block_text, block_audio)),
         )
-
-
-LOSS_BACKENDS = ("auto", "torch", "triton")  # auto: the Triton kernel on CUDA, its torch twin elsewhere
-
-
-def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve `loss_backend` (one of LOSS_BACKENDS) for `device` to "torch" or "triton", or raise saying what to do."""
-    if backend not in LOSS_BACKENDS:
-        raise ValueError(f"loss_backend must be one of {', '.join(LOSS_BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "torch":
-        return backend
-    if not triton_available():
-        raise RuntimeError("loss_backend='triton' needs the triton package (it ships with torch on Linux)")
-    if device.type != "cuda" and not triton_interpreted():
-        raise RuntimeError(
-            "loss_backend='triton' on the CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "fused_stream is imported (it is slow; use loss_backend='torch' for CPU speed)"
-        )
-    if device.type == "cuda" and triton_interpreted():
-        raise RuntimeError("TRITON_INTERPRET=1 is set: unset it to run the Triton kernel on the GPU")
-    return backend
 
 
 def advance_(offset: torch.Tensor, frames: int) -> None:

@@ -25,6 +25,7 @@ from ..core.config import ConfigError, EvalConfig
 from ..data.checkpoints import HubCheckpoint, is_hub_spec
 from ..data.models import MOSHI_FLAGS, model_source
 from ..data.selection import CLIENT_DEFAULTS, MODES, BookSelection
+from ..data.sources import SOURCES
 from ..errors import DataError
 from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
 from ..stats.units import CLUSTERS
@@ -219,9 +220,9 @@ def read_finetune_config(config: Mapping[str, Any] | Any, *, strict: bool, sourc
 
 def validate(s: Settings) -> None:
     """What no single option can check: the data source, and models, TTT and labels that go together."""
-    sources = [name for name in ("codes", "audio") if getattr(s, name) is not None]
-    if len(sources) > 1 or (sources and s.generate is not None):
-        raise ConfigError("give one data source: --codes, --audio or --generate")
+    given = [name for name in SOURCES if getattr(s, name, None) is not None]  # the registered sources' flags
+    if len(given) > 1:
+        raise ConfigError(f"give one data source: {', '.join('--' + name for name in SOURCES)}")
     if not s.model:
         raise ConfigError("--model needs at least one preset or checkpoint")
     if s.enabled and s.audio is not None and s.mimi is None and not is_hub_spec(model_spec(s.model[0])):

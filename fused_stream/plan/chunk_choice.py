@@ -48,7 +48,7 @@ def balanced_chunk(longest: int, cap: int, unroll: int = 1) -> int:
 
 def choose_chunk_size(
     model: LMModel, longest: int, batch_size: int, available: int, *, cap: int = AUTO_CAP, unroll: int = 1,
-    cuda_graphs: bool = False, safety: float = 0.85, source: str = "given limit",
+    cuda_graphs: bool = False, safety: float = 0.85, source: str = "given limit", loss_backend: str = "auto",
 ) -> tuple[int, str]:
     """(C, why) for `chunk_size="auto"`: the balanced C <= min(cap, longest) (see `balanced_chunk`) whose run of
     `batch_size` sequences of up to `longest` frames fits in `safety * available` bytes, else the largest smaller C
@@ -61,7 +61,7 @@ def choose_chunk_size(
 
     def estimate(C: int) -> MemoryEstimate:
         frames = math.ceil(longest / (C * unroll)) * C * unroll  # the stream's capacity: whole calls
-        return estimate_run_bytes(model, batch_size, C, frames, cuda_graphs=cuda_graphs)
+        return estimate_run_bytes(model, batch_size, C, frames, cuda_graphs=cuda_graphs, loss_backend=loss_backend)
 
     def fits(C: int) -> bool:
         return estimate(C).run_bytes <= safety * available
@@ -88,11 +88,12 @@ def _gib(n: int) -> str:
 
 def resolve_chunk_size(requested: int | str, model: LMModel, longest: int, n_sequences: int,
                        batch_size: int | str | None, available: int, source: str, *, unroll: int = 1,
-                       cuda_graphs: bool = False) -> tuple[int, str]:
+                       cuda_graphs: bool = False, loss_backend: str = "auto") -> tuple[int, str]:
     """(C, why) for EvalConfig.chunk_size `requested`: an int is kept as asked; "auto" is `choose_chunk_size` for
     the batch size the run will use (B = 1 for batch_size "auto": it fits itself to what C leaves)."""
     if requested != "auto":
         return int(requested), f"chunk_size={requested} as asked" + (" (frame mode)" if requested == 1 else "")
     B = 1 if batch_size == "auto" else min(n_sequences, batch_size or n_sequences)
-    return choose_chunk_size(model, longest, B, available, unroll=unroll, cuda_graphs=cuda_graphs, source=source)
+    return choose_chunk_size(model, longest, B, available, unroll=unroll, cuda_graphs=cuda_graphs, source=source,
+                             loss_backend=loss_backend)
 

@@ -17,6 +17,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..core.alignment import scored_delays
+from ..kernels import backends as loss_backends
 from ..patches.depformer import depformer_stack_bytes
 from ..patches.streaming import predicted_state_bytes
 
@@ -58,12 +59,13 @@ class PreflightError(MemoryError):
 
 def estimate_run_bytes(
     model: LMModel, batch_size: int, chunk_size: int, max_length: int, *, cuda_graphs: bool = False,
-    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None, loss_backend: str = "auto",
 ) -> MemoryEstimate:
     """Bytes a `StreamingEvaluator` run of `batch_size` sequences of up to `max_length` frames needs.
 
     `dtype` is the dtype the run casts the model to (EvalConfig.dtype; None = as it is). `device` is where the
-    run happens (default: the model's device; a `meta` model is taken to be planned for CUDA).
+    run happens (default: the model's device; a `meta` model is taken to be planned for CUDA). `loss_backend`: the
+    run's (Plan.loss_backend), whose record says what its step allocates; "auto" is resolved for the device.
     """
     if batch_size < 1 or chunk_size < 1 or max_length < 1:
         raise ValueError(f"batch_size, chunk_size and max_length must be >= 1, got {batch_size}, {chunk_size}, "
@@ -74,7 +76,8 @@ def estimate_run_bytes(
     es = _itemsize(dtype or model.text_emb.weight.dtype)  # not text_linear: unfused LoRA replaces it
     weights = sum(_tensor_bytes(t, dtype) for t in (*model.parameters(), *model.buffers()))
     kv, capacity, heads = predicted_state_bytes(model, B, C, dtype)
-    activations = _step_activations(model, B, C, es, capacity, heads, torch_loss=on_cpu, scores=not on_cpu)
+    loss = _loss_backend(loss_backend, run_device)
+    activations = _step_activations(model, B, C, es, capacity, heads, loss=loss, scores=not on_cpu)
     n_steps = math.ceil(max_length / C)
     L, K, channels = n_steps * C, model.num_codebooks, 1 + model.dep_q
     lead = max(scored_delays(model))
@@ -90,6 +93,12 @@ def estimate_run_bytes(
     # pool: about one more step's activations (library workspaces are shared, not doubled).
     graph_margin = activations - RUNTIME_OVERHEAD if cuda_graphs else 0
     return MemoryEstimate(weights, kv, activations, buffers, graph_margin, B, C, max_length)
+
+
+def _loss_backend(name: str, device: torch.device) -> loss_backends.LossBackend:
+    if device.type == "meta":  # planned for a GPU elsewhere: what this process can run does not decide
+        return loss_backends.loss_backend(loss_backends.resolve_backend(name, torch.device("cuda"), planned=True))
+    return loss_backends.loss_backend(loss_backends.resolve_backend(name, device))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -110,7 +119,7 @@ def _linear_outputs(layer: torch.nn.Module) -> int:
 
 
 def _step_activations(
-    model: LMModel, B: int, C: int, es: int, capacity: int, heads: int, *, torch_loss: bool, scores: bool
+    model: LMModel, B: int, C: int, es: int, capacity: int, heads: int, *, loss: loss_backends.LossBackend, scores: bool
 ) -> int:
     """Peak transient bytes of one step: the largest of its three phases, each counted as the *sum* of its
     tensors rather than their largest live set.
@@ -139,13 +148,10 @@ def _step_activations(
         tokens, dep_dim = N * model.dep_q, model.depformer_in[0].out_features
         dep_layer = max((_linear_outputs(x) for x in model.depformer.layers), default=0)
         depformer = text + N * model.dim * es + tokens * es * (4 * dep_dim + 2 * dep_layer)
-    # 3. Outputs and loss: audio logits twice (the per-codebook list and their torch.stack), and on the torch
-    # loss path F.cross_entropy's fp32 log-softmax of every row (plus an fp32 copy of bf16/fp16 logits). The
-    # Triton kernel on CUDA reads the logits in place: no extra bytes.
+    # 3. Outputs and loss: audio logits twice (the per-codebook list and their torch.stack), and what the loss
+    # backend allocates over them (its record says: the torch twin's fp32 log-softmax, none for the Triton kernel).
     audio_rows = N * model.dep_q * model.card
-    output = text + 2 * audio_rows * es
-    if torch_loss:
-        output += (N * model.text_linear.out_features + audio_rows) * (4 + (4 if es != 4 else 0))
+    output = text + 2 * audio_rows * es + loss.extra_bytes(N * model.text_linear.out_features + audio_rows, es)
     return max(layer, depformer, output) + RUNTIME_OVERHEAD
 
 
@@ -233,7 +239,7 @@ def check_fits(
 def pick_batch_size(
     model: LMModel, n_sequences: int, chunk_size: int, max_length: int, available: int, *, safety: float = 0.85,
     cuda_graphs: bool = False, weights_resident: bool = True, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None, source: str = "given limit",
+    device: torch.device | str | None = None, source: str = "given limit", loss_backend: str = "auto",
 ) -> int:
     """The largest B in [1, n_sequences] whose estimate fits in `safety * available`; PreflightError if B = 1
     does not fit (check_fits' message for B = 1; `source` says where `available` came from)."""
@@ -242,7 +248,7 @@ def pick_batch_size(
 
     def estimate(B: int) -> MemoryEstimate:
         return estimate_run_bytes(model, B, chunk_size, max_length, cuda_graphs=cuda_graphs, dtype=dtype,
-                                  device=device)
+                                  device=device, loss_backend=loss_backend)
 
     check_fits(estimate(1), available, source, safety=safety, weights_resident=weights_resident)
     # Every term grows with B, so bisect: the largest B that fits lies in [lo, hi].

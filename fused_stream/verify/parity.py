@@ -7,8 +7,7 @@ Those frames are left out; a sequence no longer than its prefix is compared whol
 
 `compare` is the one comparison (masks identical, |streamed - batch| <= `parity_tolerance`, and where they first
 differ); `ParityError` is what a failed comparison raises, naming the sequence, stream, frame, both values and a
-likely cause. The driver runs it on every run before anything is reported (`verify/verification.py`);
-`check_parity` runs it after the fact on a finished result.
+likely cause. The driver runs it on every run before anything is reported (`verify/verification.py`).
 
 Half precision (float16, bfloat16): why the rule cannot fail a correct model on rounding alone. Two half-precision
 computations of the same losses (streamed, and `LMModel.forward`) round differently, by errors that depend on the
@@ -81,18 +80,6 @@ class ParityReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Difference:
-    """The first position where the two paths disagree: first in time, then by stream (text, then audio)."""
-
-    sequence: int
-    stream: str
-    position: int
-    streamed: float  # NaN where that path does not score the position
-    batch: float
-    masks_differ: bool
 
 
 # fp32 (and wider): frame/chunk steps and one whole-sequence forward differ by reassociation only (~1e-6 measured);

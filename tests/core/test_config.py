@@ -16,7 +16,7 @@ from fused_stream.core.config import (
     parse_chunk_size,
     parse_weights,
 )
-from fused_stream.kernels import cross_entropy
+from fused_stream.kernels import backends
 
 
 def _choices(name: str):
@@ -24,7 +24,7 @@ def _choices(name: str):
 
 
 def test_choice_lists_are_the_consumers_own():
-    assert _choices("loss_backend") is cross_entropy.LOSS_BACKENDS
+    assert _choices("loss_backend") is backends.LOSS_BACKENDS  # the registry of kernels/backends
     assert _choices("cuda_graphs") is config.GRAPH_MODES
     assert _choices("invalid_tokens") is inputs.INVALID_TOKEN_POLICIES
     assert _choices("text_fill") is inputs.TEXT_FILLS and _choices("other_fill") is inputs.OTHER_FILLS

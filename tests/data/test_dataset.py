@@ -188,7 +188,7 @@ def test_collect_skips_bad_audio_and_fails_the_whole_book(tiny_model, mimi_ckpt,
     with pytest.raises(DataError, match="ch_2.flac cannot be decoded"):
         load_sequences(tiny_model, audio=root, mimi=mimi_ckpt, concat_chapters=True)
 
-    import fused_stream.data.dataset as data_module
+    import fused_stream.data.sources.audio as data_module  # the audio source encodes (data/sources/audio.py)
 
     real = data_module.encode_audio_file
 
@@ -268,7 +268,7 @@ def test_max_files_applies_before_sharding(tmp_path, tiny_model):
 def test_audio_ranks_encode_only_their_own_files(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
     root = tmp_path / "audio"
     _write_tree(root, {"a.wav": 1.0, "b.wav": 0.4, "c.wav": 0.8, "d.wav": 0.6, "e.flac": -1})
-    import fused_stream.data.dataset as data_module
+    import fused_stream.data.sources.audio as data_module  # the audio source encodes (data/sources/audio.py)
 
     encoded: list[str] = []
     real = data_module.encode_audio_file

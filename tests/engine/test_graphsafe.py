@@ -11,9 +11,11 @@ from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 from toy_layers import PythonSideTTT, RebindingTTT, Wrapped
 
+from fused_stream.core.runtime import inference_mode
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
-from fused_stream.engine.graphsafe import check_graph_safety
+from fused_stream.engine.graphsafe import check_stream
+from fused_stream.engine.stream import Stream
 from fused_stream.patches.state_snapshot import Finding, format_findings, harmless_reason, unsafe
 
 T = 20
@@ -84,6 +86,18 @@ class StatefulTTT(StreamingModule[_ToyState]):
             state.count += y.shape[1]
             state.fast = state.fast + y.mean(dim=(1, 2))
         return y
+
+
+def check_graph_safety(model, codes: torch.Tensor, *, chunk_size: int, steps: int) -> list[Finding]:
+    """What the driver does before its first capture: open a Stream on `codes` [B, K, T], `check_stream` it."""
+    B, _, T = codes.shape
+    with inference_mode(model):
+        stream = Stream(model, B, chunk_size, T, backend="torch")
+        try:
+            stream.load(codes, torch.full((B,), T, dtype=torch.long))
+            return check_stream(stream, steps)
+        finally:
+            stream.close()
 
 
 def _check(model, chunk_size: int = 1, steps: int = 3):

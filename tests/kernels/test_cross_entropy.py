@@ -286,16 +286,6 @@ def test_kernel_property(case):
     check_against_reference("triton", case)
 
 
-def test_backend_resolution():
-    cpu = torch.device("cpu")
-    assert ce.check_backend("auto", cpu) == "torch"
-    assert ce.check_backend("torch", cpu) == "torch"
-    with pytest.raises(ValueError, match="loss_backend"):
-        ce.check_backend("cuda", cpu)
-    if ce.triton_interpreted():
-        assert ce.check_backend("triton", cpu) == "triton"
-
-
 def test_triton_on_cpu_without_interpreter_says_how(tmp_path):
     import os
     import subprocess
@@ -303,8 +293,8 @@ def test_triton_on_cpu_without_interpreter_says_how(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "import torch\nfrom fused_stream.kernels.cross_entropy import check_backend\n"
-        "check_backend('triton', torch.device('cpu'))\n"
+        "import torch\nfrom fused_stream.kernels.backends import resolve_backend\n"
+        "resolve_backend('triton', torch.device('cpu'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr

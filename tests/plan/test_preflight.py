@@ -223,3 +223,18 @@ def test_available_bytes_cuda():
     available, source = available_bytes(torch.device("cuda"))
     assert source == "cuda_mem_get_info"
     assert 0 < available <= torch.cuda.mem_get_info()[1]
+
+
+def test_torch_loss_on_cuda_is_counted(moshi_7b_meta):
+    """The loss path comes from the run's backend, not its device: the torch twin on CUDA allocates its fp32
+    log-softmax of every logit and an fp32 copy of the bf16 logits, which the Triton kernel does not."""
+    m, B, C = moshi_7b_meta, 4, 64
+    kernel = estimate_run_bytes(m, B, C, 3000, loss_backend="triton")  # a meta model: planned for CUDA
+    twin = estimate_run_bytes(m, B, C, 3000, device="cuda", loss_backend="torch")
+    logits = B * C * (m.text_card + m.dep_q * m.card)
+    # At B * C = 256 the output phase is the step's largest: bf16 text logits, the audio logits twice, then the
+    # twin's 4 + 4 bytes per logit.
+    output = B * C * (m.text_card + 2 * m.dep_q * m.card) * 2
+    assert twin.activations == output + logits * 8 + RUNTIME_OVERHEAD
+    assert kernel.activations < twin.activations  # its output phase lacks the 8 bytes per logit: another phase leads
+    assert twin.run_bytes - kernel.run_bytes == twin.activations - kernel.activations

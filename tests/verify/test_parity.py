@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import torch
 
 from fused_stream.core.config import EvalConfig
 from fused_stream.engine.driver import StreamingEvaluator
@@ -20,19 +21,14 @@ from fused_stream.verify.reference import batch_losses, float32_reference
 from fused_stream.verify.verification import verification_prefix
 
 
-def check_parity(  # the comparison the verification makes, after the fact (a test helper)
-    model, sequences, result, *, frames: int = 256, max_sequences: int = 4
-) -> ParityReport:
-    """After the fact: `result` (streamed over `sequences`, each [K, T_i]) against `batch_losses` on the first
-    `frames` frames of the first `max_sequences` sequences."""
-    if frames < 1:
-        raise ValueError(f"the parity prefix must be >= 1 frame, got {frames}")
+def check_parity(model, sequences: list[torch.Tensor], result, *, frames: int, max_sequences: int = 4) -> ParityReport:
+    """After the fact, as the driver's verification does during a run: `result` against `batch_losses` on the first
+    `frames` frames of the first `max_sequences` sequences (against the float32 forward too in half precision)."""
     chosen = list(range(min(max_sequences, len(sequences))))
     prefixes = [sequences[i][:, :frames] for i in chosen]
-    reference = batch_losses(model, prefixes)
     exact = float32_reference(model, prefixes) if half_precision(model) else None
-    report, _ = compare(model, select_rows(result, chosen), reference, chosen, [p.shape[1] for p in prefixes],
-                        exact=exact)
+    report, _ = compare(model, select_rows(result, chosen), batch_losses(model, prefixes), chosen,
+                        [p.shape[1] for p in prefixes], exact=exact)
     return report
 
 
