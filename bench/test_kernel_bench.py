@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fused_stream.gpu_check.kernel_timing import loss_step_inputs, plain_torch_step, time_per_call
-from fused_stream.kernels import cross_entropy as ce
+from fused_stream.kernels import backends
 
 DEP_Q = 8
 SHAPES = [(8, 1), (8, 16)]  # (B, C)
@@ -41,7 +41,7 @@ def test_step_loss(benchmark, path, B, C):
     text, audio = args[0], args[1]
     if path == "fused":
         backend = "triton" if device.type == "cuda" else "torch"  # CPU: the twin (the interpreter is not a speed path)
-        call = lambda: ce.step_cross_entropy_(*args, lead=1, backend=backend)  # noqa: E731
+        call = lambda: backends.step_cross_entropy_(*args, lead=1, backend=backend)  # noqa: E731
     else:
         backend = "plain"
         call = lambda: plain_torch_step(*args, lead=1)  # noqa: E731

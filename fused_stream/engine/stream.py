@@ -22,7 +22,8 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..core.alignment import delayed_sequence, scored_delays
-from ..kernels.cross_entropy import N_COUNTERS, advance_, step_cross_entropy_
+from ..kernels.backends import step_cross_entropy_
+from ..kernels.cross_entropy import N_COUNTERS, advance_
 from ..patches.attention_step import AttentionStep
 from ..patches.depformer import StackedDepformer, prepare_depformer, stacked_bytes, unsupported_reason
 from ..patches.patch_probe import PATCHES, Verdict, accept_attention_step, accept_ring_cut, accept_stacked_depformer

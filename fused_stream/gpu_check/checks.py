@@ -28,7 +28,7 @@ from ..core.config import EvalConfig
 from ..data.codes import generate_codes
 from ..data.models import load_model
 from ..engine.driver import StreamingEvaluator
-from ..kernels import cross_entropy as ce
+from ..kernels import backends
 from ..measure.throughput import flops_per_frame, gpu_spec
 from ..patches.ring_attention import fill_buckets
 from .kernel_timing import loss_step_inputs, plain_torch_step, time_per_call  # noqa: F401 - the bench imports them here
@@ -206,7 +206,8 @@ def check_loss_kernel(ctx: Context, budget: float) -> tuple[str, dict]:
     backend = "triton" if ctx.cuda else "torch"
     for B, C in shapes:
         args = loss_step_inputs(B, C, device, small=not ctx.cuda)
-        fused, calls = time_per_call(lambda args=args: ce.step_cross_entropy_(*args, lead=1, backend=backend), device)
+        fused, calls = time_per_call(
+            lambda args=args: backends.step_cross_entropy_(*args, lead=1, backend=backend), device)
         plain, _ = time_per_call(lambda args=args: plain_torch_step(*args, lead=1), device)
         logit_bytes = args[0].numel() * args[0].element_size() + args[1].numel() * args[1].element_size()
         row = {"B": B, "C": C, "backend": backend, "logit_bytes": logit_bytes, "fused_s": fused, "plain_s": plain,

@@ -167,28 +167,7 @@ def _warps(block: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher and functional API
 # ---------------------------------------------------------------------------------------------------------------
-def step_cross_entropy_(
-    text_logits: torch.Tensor,  # [B, 1, C, V_text]
-    audio_logits: torch.Tensor,  # [B, dep_q, C, V_audio]
-    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, channel order (text first)
-    delays: torch.Tensor,  # [1 + dep_q] int64, device
-    lengths: torch.Tensor,  # [B] int64, device: frames of each sequence
-    offset: torch.Tensor,  # [] int64, device: delayed step index of frame 0 of the chunk
-    out: torch.Tensor,  # [B, 1 + dep_q, T_out] float32, device: written at lead + t
-    counts: torch.Tensor,  # [3] int64, device: accumulated
-    lead: int,
-    backend: str = "torch",
-) -> None:
-    """Score one step in place with the registered loss backend `backend` (kernels/backends). Never reads a device
-    value on the host."""
-    from .backends import loss_backend  # the registry imports this module: looked up here, not at import
-
-    step = loss_backend(backend).step  # before the checks: an unknown name is the first thing to say
-    _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-    step(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
-
-
-def _check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
+def check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead: int) -> None:
     """Shapes, dtypes and devices only (host metadata, graph-safe): a mismatch would make the kernel read or
     write past its buffers silently."""
     if audio_logits.dim() != 4 or text_logits.dim() != 4:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fused_stream.kernels import backends
 from fused_stream.kernels import cross_entropy as ce
 
 NAN = float("nan")
@@ -34,7 +35,7 @@ def run_step(backend, text, audio, targets, delays, lengths, offset, T_out, lead
     out = torch.full((audio.shape[0], 1 + audio.shape[1], T_out), SENTINEL, device=device) if out is None else out
     counts = torch.zeros(ce.N_COUNTERS, dtype=torch.long, device=device) if counts is None else counts
     offset = torch.tensor(offset, device=device) if not isinstance(offset, torch.Tensor) else offset
-    ce.step_cross_entropy_(
+    backends.step_cross_entropy_(
         text.to(device), audio.to(device), targets.to(device), torch.tensor(delays, device=device),
         torch.tensor(lengths, device=device), offset, out, counts, lead, backend,
     )
@@ -222,7 +223,7 @@ def test_twin_never_reads_the_device_on_the_host(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    ce.step_cross_entropy_(*args, lead=1, backend="torch")
+    backends.step_cross_entropy_(*args, lead=1, backend="torch")
     monkeypatch.undo()
     assert args[-1].tolist()[0] > 0
 
@@ -357,20 +358,20 @@ def test_kernel_step_replays_in_a_cuda_graph():
 
     out_e, counts_e, offset_e = buffers()
     for _ in range(2):
-        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_e, out_e, counts_e, 1, "triton")
+        backends.step_cross_entropy_(text, audio, targets, delays, lengths, offset_e, out_e, counts_e, 1, "triton")
         ce.advance_(offset_e, 4)
     out_g, counts_g, offset_g = buffers()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (compilation) outside the capture, then reset the buffers
-        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
+        backends.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
     torch.cuda.current_stream().wait_stream(stream)
     out_g.fill_(SENTINEL)
     counts_g.zero_()
     offset_g.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ce.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
+        backends.step_cross_entropy_(text, audio, targets, delays, lengths, offset_g, out_g, counts_g, 1, "triton")
         ce.advance_(offset_g, 4)
     out_g.fill_(SENTINEL)
     counts_g.zero_()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cross_entropy import check_step_args
+
 # (text_logits [B, 1, C, V_text], audio_logits [B, dep_q, C, V_audio], targets, delays, lengths, offset, out,
 # counts, lead) -> None: the contract of kernels/cross_entropy.py's module docstring, arguments already checked.
 StepFn = Callable[..., None]
@@ -125,3 +127,22 @@ def _auto_resolves(device_type: str) -> bool:
 
 for _module in pkgutil.iter_modules(__path__):  # the built-in backends: every module of this folder
     importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def step_cross_entropy_(
+    text_logits: torch.Tensor,  # [B, 1, C, V_text]
+    audio_logits: torch.Tensor,  # [B, dep_q, C, V_audio]
+    targets: torch.Tensor,  # [B, 1 + dep_q, C] int64, channel order (text first)
+    delays: torch.Tensor,  # [1 + dep_q] int64, device
+    lengths: torch.Tensor,  # [B] int64, device: frames of each sequence
+    offset: torch.Tensor,  # [] int64, device: delayed step index of frame 0 of the chunk
+    out: torch.Tensor,  # [B, 1 + dep_q, T_out] float32, device: written at lead + t
+    counts: torch.Tensor,  # [3] int64, device: accumulated
+    lead: int,
+    backend: str = "torch",
+) -> None:
+    """Score one step in place with the registered loss backend `backend` (below). Never reads a device
+    value on the host."""
+    step = loss_backend(backend).step  # before the checks: an unknown name is the first thing to say
+    check_step_args(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
+    step(text_logits, audio_logits, targets, delays, lengths, offset, out, counts, lead)
