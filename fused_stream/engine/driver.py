@@ -44,7 +44,7 @@ from ..plan.chunk_choice import resolve_chunk_size
 from ..plan.preflight import available_bytes, check_fits, estimate_run_bytes, pick_batch_size
 from ..verify.verification import Verification
 from .checkpoint import Checkpointer, StreamCheckpoints, continue_saved, saved_batch_first, sequence_digest
-from .run_streams import RunStreams
+from .stream import RunStreams
 
 __all__ = ["BatchHook", "ConstantMemoryError", "StreamingEvaluator"]
 
