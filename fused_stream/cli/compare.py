@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import FusedStreamError
 from ..metrics import position_means
 from ..report.environment import environment_info
 from ..report.model_run import ModelRun
@@ -36,7 +37,7 @@ from .uncertainty import (
 )
 
 
-class CompareError(ValueError):
+class CompareError(FusedStreamError, ValueError):
     """Runs that cannot be compared: one line naming what and how to fix it."""
 
 

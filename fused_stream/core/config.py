@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
+from ..errors import FusedStreamError
 from ..kernels.cross_entropy import LOSS_BACKENDS, check_backend
 from .graphs import GRAPH_MODES, graphs_wanted
 from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
 
 
-class ConfigError(ValueError):
+class ConfigError(FusedStreamError, ValueError):
     """A bad option value, from any source (keyword, config file, command line): the message names the option."""
 
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 from moshi.models.lm import LMModel
 
+from ..errors import FusedStreamError
 from ..kernels.cross_entropy import N_COUNTERS
 from ..measure.chunk_choice import resolve_chunk_size
 from ..measure.monitor import Monitor
@@ -68,7 +69,7 @@ class BatchHook(Protocol):
     def report(self) -> dict: ...  # at the end of the run: the one host copy
 
 
-class ConstantMemoryError(AssertionError):
+class ConstantMemoryError(FusedStreamError, AssertionError):
     """assert_constant_memory=True and memory grew with the frames processed."""
 
 

@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass
 import torch
 from moshi.models.lm import LMModel
 
+from ..errors import FusedStreamError
 from .alignment import scored_delays
 from .reference import batch_losses
 from .result import EvalResult
@@ -144,7 +145,7 @@ def stream_name(channel: int) -> str:
     return "text" if channel == 0 else f"audio codebook {channel - 1}"
 
 
-class ParityError(AssertionError):
+class ParityError(FusedStreamError, AssertionError):
     """The streamed losses differ from the batch path's (`LMModel.forward`) on a verified prefix.
 
     `sequence` indexes the evaluated list, `stream` names the loss channel ("text", "audio codebook 3"), `position`

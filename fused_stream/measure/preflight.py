@@ -19,6 +19,7 @@ from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTran
 
 from ..core.alignment import scored_delays
 from ..core.depformer import depformer_stack_bytes
+from ..errors import FusedStreamError
 
 GiB = 1024**3
 # Per-run fixed cost outside any tensor we can name: compute-library workspaces. On CPU the first gemm of each
@@ -52,7 +53,7 @@ class MemoryEstimate:
         return asdict(self) | {"total": self.total, "run_bytes": self.run_bytes}
 
 
-class PreflightError(MemoryError):
+class PreflightError(FusedStreamError, MemoryError):
     """The run would not fit in the memory that is free; the message says what to change."""
 
 
