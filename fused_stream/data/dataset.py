@@ -1,7 +1,7 @@
 """The sequences of one run: from exactly one source (codes files, audio through Mimi, or random codes), checked,
 cropped and shared out between ranks.
 
-`load_dataset` is where the options a user gives (`--max-files`, `--min-frames`, `--max-frames`, `--concat-chapters`,
+`load_dataset` is where the options a user gives (`max_files`, `min_frames`, `max_frames`, `concat_chapters`,
 a rank's shard) meet the sources, so each applies the same way to every source: `max_files` to the full list, shards
 balanced by length estimated from file headers before anything is encoded (a rank encodes only its own audio), and a
 bad file either raising or, with on_error="collect", recorded in `Dataset.failed` with its reason while the run goes
@@ -111,10 +111,10 @@ def load_dataset(
     the text and the model's audio streams the zero token, or masked) fails with "nothing to score".
     """
     if sum(x is not None for x in (codes, audio, generate)) != 1:
-        raise DataError("give exactly one of --codes, --audio, --generate")
-    for flag, value in (("--max-frames", max_frames), ("--max-files", max_files), ("--min-frames", min_frames)):
+        raise DataError("give exactly one of codes, audio, generate (--codes, --audio, --generate)")
+    for name, value in (("max_frames", max_frames), ("max_files", max_files), ("min_frames", min_frames)):
         if value is not None and value < 1:
-            raise DataError(f"{flag} must be >= 1, got {value}")
+            raise DataError(f"{_option(name)} must be >= 1, got {value}")
     if on_error not in ("raise", "collect"):
         raise DataError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
@@ -127,9 +127,9 @@ def load_dataset(
     load: _Loader
     if generate is not None:
         if frames is None:
-            raise DataError("--generate needs --frames: the length of each generated sequence")
+            raise DataError(f"{_option('generate')} needs {_option('frames')}: the length of each generated sequence")
         if generate < 1 or frames < 1:
-            raise DataError(f"--generate needs >= 1 sequences of >= 1 frames, got {generate} x {frames}")
+            raise DataError(f"{_option('generate')} needs >= 1 sequences of >= 1 frames, got {generate} x {frames}")
         batch = generate_codes(model, generate, frames, seed=seed)[:max_files]  # all of it: identical on every rank
         items = [_Item(i, f"generated_{i}", [], frames) for i in range(len(batch))]
 
@@ -146,14 +146,15 @@ def load_dataset(
             return laid, [str(file)]
     else:
         if mimi is None:
-            raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
+            raise DataError(f"{_option('audio')} needs {_option('mimi')}: a Mimi .safetensors file or checkpoint "
+                            "directory")
         items, load = _audio_items(model, Path(audio), mimi, max_frames, min_frames, max_files, concat_chapters,
                                    cache_dir, device, fill, selection)
     duplicates = [] if allow_duplicates else same_content(items)
     for item, first in duplicates:
-        log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; --allow-duplicates "
-                    "evaluates both", item.name, first.name, ", ".join(map(str, item.files)),
-                    ", ".join(map(str, first.files)))
+        log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; %s evaluates "
+                    "both", item.name, first.name, ", ".join(map(str, item.files)),
+                    ", ".join(map(str, first.files)), _option("allow_duplicates"))
     left_out = {item.index for item, _ in duplicates}
     owned = [it for it in items if it.index not in left_out]
     if shard is not None:  # balance what evaluation will cost: the lengths after the max_frames crop
@@ -176,7 +177,7 @@ def load_dataset(
                 if invalid_tokens == "raise":
                     check_tokens(model, seq, ", ".join(map(str, item.files)) or item.name)
                 short = seq.shape[1] < min_frames
-                reason = f"{seq.shape[1]} frames, shorter than --min-frames {min_frames}" if short else None
+                reason = f"{seq.shape[1]} frames, shorter than {_option('min_frames')} {min_frames}" if short else None
                 if reason is None and not scores_anything(model, crop_frames(seq, max_frames)):
                     reason = (f"nothing to score: every token of the text and the model's audio streams "
                               f"(1..{model.dep_q}) is the zero token {model.zero_token_id} or out of range")
@@ -195,6 +196,12 @@ def load_dataset(
             done += len(item.files)
             bar.update(done - bar.n)  # a book that failed or was cut short still counts all its chapters
     return dataset
+
+
+def _option(name: str) -> str:
+    """An option as both the library and the command line name it, `max_frames (--max-frames)`: the messages of
+    `load_dataset` reach API callers and CLI users alike."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def scores_anything(model: LMModel, codes: torch.Tensor) -> bool:
