@@ -6,7 +6,6 @@ The public names are below; the README's "Layout" section maps the package and a
 import importlib
 from typing import Any
 
-from . import cli  # noqa: F401 - first: under `python -m fused_stream.eval` a Ctrl-C while importing exits quietly
 from .version import __version__
 
 # Public name -> the module that defines it, imported on first use (PEP 562): importing the package itself imports
