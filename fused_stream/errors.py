@@ -13,6 +13,8 @@ and is reported as one, with its traceback (`fused_stream.cli.crash`).
 
 from __future__ import annotations
 
+import sys
+
 
 class FusedStreamError(Exception):
     """An error this package raises on purpose, for a user's input or a verdict: its message is one line naming
@@ -21,6 +23,16 @@ class FusedStreamError(Exception):
 
 class DataError(FusedStreamError, ValueError):
     """A problem with the data to evaluate: the message names the file and what is wrong, on one line."""
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether `exc` is a fault the GPU or its driver reported (a device-side assert, an illegal memory access, a
+    failed launch): no input file or option explains it, so a handler that would blame the input must let it pass.
+    Running out of memory is not one (that is the run's size, handled where it happens)."""
+    accelerator_error = getattr(sys.modules.get("torch"), "AcceleratorError", None)  # torch >= 2.8; never imported here
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")  # how older torch words them
 
 
 def one_line(exc: BaseException) -> str:

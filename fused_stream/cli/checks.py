@@ -143,6 +143,8 @@ def _device(s: Settings, world: World) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {s.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):  # the memory checks and the engine know these two
+        raise ConfigError(f"--device {s.device}: fused_stream runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {s.device}: CUDA is not available on this machine")

@@ -85,11 +85,11 @@ class StreamingEvaluator:
         self.config = config or EvalConfig()
         self.config.validate()  # a config mutated after construction
         if model.fuser is not None or model.condition_provider is not None:
-            raise ValueError("conditioned LMModels (fuser / condition_provider) are not supported")
+            raise ConfigError("conditioned LMModels (fuser / condition_provider) are not supported")
         if model.dep_q < 1:
-            raise ValueError("the model has no depformer (dep_q = 0): there are no audio losses to evaluate")
+            raise ConfigError("the model has no depformer (dep_q = 0): there are no audio losses to evaluate")
         if model.context is None:
-            raise ValueError("the model has no attention context (context=None): streaming needs a finite one")
+            raise ConfigError("the model has no attention context (context=None): streaming needs a finite one")
         dtype = self.config.torch_dtype()
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)

@@ -25,7 +25,7 @@ from moshi.models.lm import LMModel
 from ..core.alignment import valid_masks
 from ..core.config import EvalConfig
 from ..core.inputs import INVALID_TOKEN_POLICIES, check_tokens, crop_frames, layout_codes
-from ..errors import DataError, one_line
+from ..errors import DataError, is_device_fault, one_line
 from .audio import encode_audio_file
 from .codes import EvalSequence, codes_file_frames, codes_files, generate_codes, load_codes_file
 from .librilight import audio_files, group_chapters, natural_key, relative_name
@@ -293,6 +293,8 @@ def _audio_items(
             except (DataError, OSError, MemoryError, torch.cuda.OutOfMemoryError):
                 raise  # memory, or a cache dir that cannot be written, is the run's problem, not this file's
             except Exception as exc:  # Mimi failing on one file is that file's problem: named, and collectable
+                if is_device_fault(exc):
+                    raise  # unless the GPU failed: that is no file's fault, and every later file would fail too
                 reason = f"{type(exc).__name__}: {one_line(exc)}"
                 raise DataError(f"audio file {chapter} cannot be encoded: {reason}") from exc
             bar.update(1)
