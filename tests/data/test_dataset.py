@@ -203,6 +203,23 @@ def test_collect_skips_bad_audio_and_fails_the_whole_book(tiny_model, mimi_ckpt,
         f"audio file {root / '2/bk/ch_1.wav'} cannot be encoded: RuntimeError: shape mismatch in conv")
 
 
+def test_a_gpu_fault_while_encoding_is_raised_not_blamed_on_the_file(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
+    """A device-side assert is no file's fault (and every later file would fail too): it is not collected."""
+    import fused_stream.data.dataset as data_module
+
+    root = tmp_path / "ll"
+    _write_tree(root, {"1/bk/ch_1.wav": 0.3, "2/bk/ch_1.wav": 0.3})
+    fault = RuntimeError("CUDA error: device-side assert triggered")
+
+    def device_fails(mimi, path, **kw):
+        raise fault
+
+    monkeypatch.setattr(data_module, "encode_audio_file", device_fails)
+    with pytest.raises(RuntimeError) as info:
+        load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, on_error="collect")
+    assert info.value is fault
+
+
 def test_min_frames_past_max_frames_encodes_far_enough(tiny_model, mimi_ckpt, tmp_path):
     root = tmp_path / "ll"
     _write_tree(root, {"1/bk/ch_1.wav": 0.4, "1/bk/ch_2.wav": 0.5, "2/bk/ch_1.wav": 0.4})  # 5 + 7 and 5 frames
