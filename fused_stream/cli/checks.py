@@ -26,6 +26,7 @@ import torch
 from moshi.models import loaders
 
 from ..core.config import ConfigError, make_plan
+from ..core.driver import unstreamable
 from ..data.checkpoints import HubCheckpoint, ResolvedHub, is_hub_spec
 from ..data.codes import CODES_SUFFIXES, codes_files
 from ..data.librilight import audio_files
@@ -186,9 +187,13 @@ def _model(entry: str, s: Settings, device: torch.device) -> ModelInfo:
         config = dict(loaders._lm_kwargs) if lm_kwargs is None else lm_kwargs  # no config.json: moshi's 7B
     try:  # the config must build an LMModel at all; on the meta device that costs no memory and ~1 s for a 7B
         base = {k: v for k, v in config.items() if not k.startswith("lora")}  # fused LoRA adds no parameters
-        parameters = count_parameters(loaders.get_moshi_lm(None, lm_kwargs=base, device="meta"))
+        built = loaders.get_moshi_lm(None, lm_kwargs=base, device="meta")
     except Exception as exc:  # noqa: BLE001 - whatever moshi's constructor says about a bad config
         raise ConfigError(f"--model {entry}: its config does not build a moshi LMModel: {one_line(exc)}") from None
+    refusal = unstreamable(built)
+    if refusal is not None:
+        raise ConfigError(f"--model {entry}: {refusal}")
+    parameters = count_parameters(built)
     config = _LM_DEFAULTS | config
     num_layers, dep_q, card = config.get("num_layers"), config["dep_q"], config["card"]
     for key, value in (("num_layers", num_layers), ("dep_q", dep_q), ("card", card)):

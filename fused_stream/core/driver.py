@@ -73,6 +73,18 @@ class ConstantMemoryError(FusedStreamError, AssertionError):
     """assert_constant_memory=True and memory grew with the frames processed."""
 
 
+def unstreamable(model: LMModel) -> str | None:
+    """Why this evaluator cannot stream `model` at all, or None. Read from its structure only, so the CLI asks it of
+    the model a config builds on the meta device, before any weight loads."""
+    if model.fuser is not None or model.condition_provider is not None:
+        return "conditioned LMModels (fuser / condition_provider) are not supported"
+    if model.dep_q < 1:
+        return "the model has no depformer (dep_q = 0): there are no audio losses to evaluate"
+    if model.context is None:
+        return "the model has no attention context (context=None): streaming needs a finite one"
+    return None
+
+
 class StreamingEvaluator:
     """Teacher-forced per-position losses of a moshi `LMModel`, streamed with constant memory.
 
@@ -84,12 +96,9 @@ class StreamingEvaluator:
     ) -> None:
         self.config = config or EvalConfig()
         self.config.validate()  # a config mutated after construction
-        if model.fuser is not None or model.condition_provider is not None:
-            raise ConfigError("conditioned LMModels (fuser / condition_provider) are not supported")
-        if model.dep_q < 1:
-            raise ConfigError("the model has no depformer (dep_q = 0): there are no audio losses to evaluate")
-        if model.context is None:
-            raise ConfigError("the model has no attention context (context=None): streaming needs a finite one")
+        refusal = unstreamable(model)
+        if refusal is not None:
+            raise ConfigError(refusal)
         dtype = self.config.torch_dtype()
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)

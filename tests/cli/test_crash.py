@@ -17,6 +17,7 @@ from fused_stream.cli.crash import INTERNAL_ERROR
 from fused_stream.cli.main import main
 from fused_stream.cli.uncertainty import BootstrapSettings, ModelSequences, bootstrap_models, unit_ids
 from fused_stream.core.config import ConfigError
+from fused_stream.core.driver import StreamingEvaluator
 from fused_stream.data.models import load_model, preset_config, save_checkpoint
 
 RUN = ["--generate", "1", "--frames", "8", "--no-verify", "-q"]
@@ -62,14 +63,18 @@ def test_a_users_mistake_is_still_one_line_and_exit_2(tmp_path, capsys, argv, ma
     assert err.splitlines() == [err] and err.startswith("error:") and match in err
 
 
-def test_a_model_the_engine_cannot_stream_is_bad_input_not_an_internal_error(tmp_path, capsys):
-    """The driver's refusal of a model without a finite attention context reached main as a bare ValueError; it is
-    the package's ConfigError now, so the CLI still says it in one line, exit 2."""
+def test_a_model_the_engine_cannot_stream_is_bad_input_not_an_internal_error(tmp_path, capsys, no_model_load):
+    """The driver's refusal of a model without a finite attention context reached main as a bare ValueError after
+    the model loaded; it is the package's ConfigError now, and the checks ask it of the config before any load."""
     config = preset_config("tiny") | {"context": None}
     ckpt = save_checkpoint(load_model("tiny", device="cpu", seed=0), tmp_path / "ckpt", config)
-    assert main(["--model", str(ckpt), *RUN, "--out", str(tmp_path / "out")]) == 2
+    with pytest.raises(ConfigError, match="context=None"):
+        StreamingEvaluator(load_model(ckpt, device="cpu"))
+    out = tmp_path / "out"
+    assert main(["--model", str(ckpt), *RUN, "--out", str(out)]) == 2  # no_model_load: refused before any load
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "context=None" in err and "Traceback" not in err
+    assert err.splitlines() == [err] and err.startswith(f"error: --model {ckpt}: ") and "context=None" in err
+    assert not out.exists()
 
 
 def test_compare_reports_an_internal_error_as_one(tmp_path, capsys, monkeypatch):
