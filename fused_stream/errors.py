@@ -17,8 +17,8 @@ import sys
 
 
 class FusedStreamError(Exception):
-    """An error this package raises on purpose, for a user's input or a verdict: its message is one line naming
-    what is wrong and how to fix it. Anything else that escapes the package is a bug, not the user's mistake."""
+    """An error this package raises on purpose, for a user's input or a verdict: its message names what is wrong
+    (and, for input, the fix). Anything else that escapes the package is a bug, not the user's mistake."""
 
 
 class DataError(FusedStreamError, ValueError):
