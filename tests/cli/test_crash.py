@@ -17,7 +17,8 @@ from fused_stream.cli.crash import INTERNAL_ERROR
 from fused_stream.cli.main import main
 from fused_stream.cli.uncertainty import BootstrapSettings, ModelSequences, bootstrap_models, unit_ids
 from fused_stream.core.config import ConfigError
-from fused_stream.core.driver import StreamingEvaluator
+from fused_stream.core.driver import ConstantMemoryError, StreamingEvaluator
+from fused_stream.core.graphs import GraphMismatchError
 from fused_stream.data.models import load_model, preset_config, save_checkpoint
 
 RUN = ["--generate", "1", "--frames", "8", "--no-verify", "-q"]
@@ -51,6 +52,20 @@ def test_an_error_deep_in_the_run_prints_its_traceback_and_versions_and_exits_3(
     _assert_internal_error(err, exc, "fused_stream.eval")
     assert "fill_rows" in err  # the traceback reaches the line that failed
     assert not (out / ".lock").exists() and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("verdict", [ConstantMemoryError("memory grew by 3.00 MiB over the run"),
+                                     GraphMismatchError("CUDA graph replay differs from eager at (batch 0, text, 3)")],
+                         ids=lambda e: type(e).__name__)
+def test_a_verdict_on_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, verdict):
+    """Memory that grew under --assert-constant-memory, a graph replay unlike eager: the run's numbers are not to be
+    trusted, as when the verification fails: exit 1 and the verdict, not an internal error."""
+    def judge(*args, **kwargs):
+        raise verdict
+
+    monkeypatch.setattr(driver_module, "fill_rows", judge)
+    assert main([*RUN, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {verdict}"
 
 
 @pytest.mark.parametrize("argv,match", [
