@@ -6,7 +6,6 @@ The public names are below; the README's "Layout" section maps the package and a
 import importlib
 from typing import Any
 
-from . import cli  # noqa: F401 - first: under `python -m fused_stream.eval` a Ctrl-C while importing exits quietly
 from .version import __version__
 
 # Public name -> the module that defines it, imported on first use (PEP 562): importing the package itself imports
@@ -25,6 +24,7 @@ _PUBLIC = {
     "naive_streaming_losses": ".verify.reference",
     "EvalResult": ".core.result",
     "CheckpointError": ".data.checkpoints",
+    "FusedStreamError": ".errors",
     "load_model": ".data.models",
     "load_model_and_mimi": ".data.models",
     "PreflightError": ".plan.preflight",
@@ -49,6 +49,7 @@ __all__ = [
     "ConstantMemoryError",
     "EvalConfig",
     "EvalResult",
+    "FusedStreamError",
     "GraphCaptureError",
     "GraphMismatchError",
     "PaperMetricsEvaluator",

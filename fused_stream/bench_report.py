@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import FusedStreamError
+
 MISSING = "—"
 NAIVE_PATH = "naive_streaming"  # the seed's per-frame loop (bench/test_driver_bench.py)
 LMGEN_PREFIX = "lmgen"  # moshi's own LMGen loop, the anchor a Moshi user would pick today
@@ -39,7 +41,7 @@ COLUMNS = [
 ]
 
 
-class BenchReportError(ValueError):
+class BenchReportError(FusedStreamError, ValueError):
     """A results file that is missing or not a pytest-benchmark JSON document."""
 
 

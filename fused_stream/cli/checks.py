@@ -31,6 +31,7 @@ from ..data.codes import CODES_SUFFIXES, codes_files
 from ..data.librilight import audio_files
 from ..data.mimi import MimiCheckpoint, hub_mimi, mimi_checkpoint
 from ..data.models import PRESETS, count_parameters, default_device, default_dtype, preset_config, resolve_checkpoint
+from ..engine.driver import unstreamable
 from ..errors import DataError, one_line
 from ..options.settings import Settings, model_label, model_spec, parse_ttt
 from ..plan.preflight import available_bytes
@@ -143,6 +144,8 @@ def _device(s: Settings, world: World) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {s.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):  # the memory checks and the engine know these two
+        raise ConfigError(f"--device {s.device}: fused_stream runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {s.device}: CUDA is not available on this machine")
@@ -184,9 +187,13 @@ def _model(entry: str, s: Settings, device: torch.device) -> ModelInfo:
         config = dict(loaders._lm_kwargs) if lm_kwargs is None else lm_kwargs  # no config.json: moshi's 7B
     try:  # the config must build an LMModel at all; on the meta device that costs no memory and ~1 s for a 7B
         base = {k: v for k, v in config.items() if not k.startswith("lora")}  # fused LoRA adds no parameters
-        parameters = count_parameters(loaders.get_moshi_lm(None, lm_kwargs=base, device="meta"))
+        built = loaders.get_moshi_lm(None, lm_kwargs=base, device="meta")
     except Exception as exc:  # noqa: BLE001 - whatever moshi's constructor says about a bad config
         raise ConfigError(f"--model {entry}: its config does not build a moshi LMModel: {one_line(exc)}") from None
+    refusal = unstreamable(built)
+    if refusal is not None:
+        raise ConfigError(f"--model {entry}: {refusal}")
+    parameters = count_parameters(built)
     config = _LM_DEFAULTS | config
     num_layers, dep_q, card = config.get("num_layers"), config["dep_q"], config["card"]
     for key, value in (("num_layers", num_layers), ("dep_q", dep_q), ("card", card)):

@@ -7,7 +7,8 @@ refused, named, unless `--intersect` compares the sequences all models have (and
 The metrics, error bars and comparisons are then computed exactly as one run evaluating all the models together
 computes them (the same sums added in the same data order, the same units, the same resamples), and written to
 `--out` in the same files: results.json, per_position.csv, per_sequence.csv, per_window.csv, loss_curve.png.
-Exit codes: 0 done; 2 bad input (a folder without results, sequences that do not match, a bad option).
+Exit codes: 0 done; 2 bad input (a folder without results, sequences that do not match, a bad option); 3 an internal
+error (its traceback and the versions are printed: please report it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import FusedStreamError
 from ..metrics import position_means
 from ..report.environment import environment_info
 from ..report.model_run import ModelRun
@@ -25,6 +27,7 @@ from ..report.results import RESULTS_JSON, write_reports
 from ..report.summary import summary_table
 from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
 from ..stats.units import CLUSTERS
+from .crash import report_internal_error
 from .partials import partial_dir, read_saved
 from .uncertainty import (
     BootstrapSettings,
@@ -36,7 +39,7 @@ from .uncertainty import (
 )
 
 
-class CompareError(ValueError):
+class CompareError(FusedStreamError, ValueError):
     """Runs that cannot be compared: one line naming what and how to fix it."""
 
 
@@ -106,6 +109,15 @@ def load_runs(paths: list[str], *, intersect: bool) -> tuple[list[ModelSequences
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; its exit status: the package's own errors are one line and exit 2, anything else is a bug,
+    reported as one (`crash`: traceback, versions, exit 3)."""
+    try:
+        return _main(argv)
+    except Exception as exc:  # noqa: BLE001 - not the package's own error: reported as the bug it is
+        return report_internal_error(exc, "fused_stream.compare")
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.bootstrap < 0:
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         models, runs, data, matched = load_runs(args.runs, intersect=args.intersect)
         settings = BootstrapSettings(args.cluster, args.bootstrap, args.bootstrap_seed, args.baseline)
         info = bootstrap_models(models, data, settings)
-    except (CompareError, ValueError, FileNotFoundError) as exc:
+    except FusedStreamError as exc:  # CompareError, or a bad --baseline / --cluster (ConfigError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if any(matched["dropped"].values()):

@@ -13,10 +13,11 @@ Every sequence is saved as soon as its batch is done, and the batch in progress 
 seconds: --resume continues an interrupted run where it was saved; torchrun shards files.
 Every input is checked before the first model loads (models, --ttt layers, codebook weights, data, a writable
 --out, --resume against what the saved results were made with), and a run holds OUT/.lock while it writes there.
-Exit codes: 0 done; 1 a model streams unlike its forward (the verification failed: nothing of it is reported) or
-some files failed (0 with --keep-going); 2 bad input, or --out in use by another run (nothing is written to --out
-then); 130/143 interrupted by SIGINT/SIGTERM in any phase (the message says what is saved; rerun with
---resume).
+Exit codes: 0 done; 1 a model streams unlike its forward (the verification failed: nothing of it is reported),
+a CUDA graph replay differs from eager, memory grew under --assert-constant-memory, or some files failed (0 with
+--keep-going); 2 bad input, or --out in use by another run (nothing is written to --out then); 3 an internal error
+(not the input: a bug, a CUDA or device fault; its traceback and the versions are printed: please report it);
+130/143 interrupted by SIGINT/SIGTERM in any phase (the message says what is saved; rerun with --resume).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from moshi.models.loaders import DEFAULT_REPO
 
 from ..core.config import ConfigError
 from ..data.models import PRESETS
-from ..engine.graphs import GraphCaptureError
-from ..errors import DataError, one_line
+from ..engine.driver import ConstantMemoryError
+from ..engine.graphs import GraphMismatchError
+from ..errors import FusedStreamError, one_line
 from ..options.settings import DEMO_SEQUENCES, EVAL_OPTIONS, resolve
-from ..plan.preflight import PreflightError
 from ..report.environment import available_cpus, environment_info, idle_cpus
 from ..report.results import write_reports
 from ..report.summary import summary_table
@@ -49,8 +50,9 @@ from ..stats.analysis import DEFAULT_B, DEFAULT_SEED
 from ..stats.units import CLUSTERS
 from ..verify.parity import ParityError
 from .checks import check_run
+from .crash import report_internal_error
 from .distributed import World, gather, init_world
-from .outlock import OutputLockedError, output_lock
+from .outlock import output_lock
 from .partials import describe_saved
 from .run import evaluate_run
 
@@ -177,12 +179,22 @@ def _argument(f: Field) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; its exit status. The package's own errors (`FusedStreamError`) exit with their documented
+    status and one line; any other exception is a bug or a fault, never bad input: its traceback, the versions and
+    exit 3 (`crash`)."""
+    try:
+        return _main(argv)
+    except Exception as exc:  # noqa: BLE001 - not the package's own error: reported as the bug it is
+        return report_internal_error(exc, "fused_stream.eval")
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # -q / -v come from the command line only: logging is set before the config file is read, which logs its keys
     _setup_logging(0 if args.verbosity is None else args.verbosity)
     try:
         settings = resolve(args)
-    except ConfigError as exc:
+    except FusedStreamError as exc:
         return _fail(exc)
     if not settings.enabled:
         print("long-context evaluation disabled by the config (enabled: false)")
@@ -212,11 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"interrupted ({name}): {describe_saved(settings.out)}", file=sys.stderr)
         return 128 + signum
-    except ParityError as exc:  # the model streams unlike its forward: no number of it is reported
-        print(f"error: {exc}", file=sys.stderr)
+    except (ParityError, GraphMismatchError, ConstantMemoryError) as exc:  # a verdict: the run is not to be trusted
+        print(f"error: {exc}", file=sys.stderr)  # (a model streaming unlike its forward: no number of it reported)
         return 1
-    except (DataError, PreflightError, GraphCaptureError, ConfigError, OutputLockedError, FileNotFoundError,
-            ValueError, RuntimeError) as exc:  # bad input, a run that cannot fit, a model that cannot be captured
+    except FusedStreamError as exc:  # bad input, a run that cannot fit, a model that cannot be captured, --out in use
         return _fail(exc)
     finally:
         world.close()

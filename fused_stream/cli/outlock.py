@@ -22,12 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import FusedStreamError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(FusedStreamError, RuntimeError):
     """Another run holds the output folder."""
 
 

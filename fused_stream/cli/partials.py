@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..errors import one_line
+from ..errors import FusedStreamError, one_line
 from ..jsonio import atomic_write, to_jsonable
 from ..metrics import PositionSums
 from .fingerprints import sources_fingerprint
@@ -48,7 +48,7 @@ STREAM_NOTE = "batch_in_progress.json"  # what STREAM_FILE holds, readable witho
 SESSIONS = "sessions"
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(FusedStreamError, ValueError):
     """--resume found partial results made with other settings or inputs."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.config import ConfigError
 from ..metrics import PositionSums, compute_metrics
 from ..stats.analysis import DEFAULT_B, DEFAULT_SEED, ModelSample, analyse, annotate
 from ..stats.units import CLUSTERS
@@ -61,7 +62,7 @@ def unit_ids(data: list[dict[str, Any]], cluster: str | None) -> tuple[list[str]
     if cluster is None:
         cluster = "book" if any(d.get("book") for d in data) else "file"
     if cluster not in CLUSTERS:
-        raise ValueError(f"--cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
+        raise ConfigError(f"--cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
     ids, alone = [], 0
     for d in data:
         if cluster == "file":
@@ -113,7 +114,7 @@ def bootstrap_models(models: list[ModelSequences], data: list[dict[str, Any]], s
     labels = [m.label for m in models]
     baseline = settings.baseline or labels[0]
     if baseline not in labels:
-        raise ValueError(f"--baseline {baseline!r} is not a model of this run (models: {', '.join(labels)})")
+        raise ConfigError(f"--baseline {baseline!r} is not a model of this run (models: {', '.join(labels)})")
     info: dict[str, Any] = {"B": settings.B, "seed": settings.seed, "baseline": baseline, "comparisons": []}
     present = [[d for d in data if m.has(d)] for m in models]
     common = [d for d in data if all(m.has(d) for m in models)]

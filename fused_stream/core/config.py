@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from ..errors import FusedStreamError
 from ..kernels.backends import LOSS_BACKENDS, backends_help, resolve_backend
 from .inputs import INVALID_TOKEN_POLICIES, OTHER_FILLS, TEXT_FILLS
 
 
-class ConfigError(ValueError):
+class ConfigError(FusedStreamError, ValueError):
     """A bad option value, from any source (keyword, config file, command line): the message names the option."""
 
 

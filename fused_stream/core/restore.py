@@ -29,7 +29,8 @@ _ABSENT = object()
 
 class ModelChangedError(RuntimeError):
     """A tensor of one of moshi's modules was written during an evaluation, so the model is not handed back as it
-    came (a bug or a moshi change: not the user's input)."""
+    came (a bug or a moshi change: not the user's input). Deliberately not a `FusedStreamError`: the command line
+    reports it as an internal error, with its traceback and the versions, for a bug report."""
 
 
 @dataclass

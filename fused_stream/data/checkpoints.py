@@ -43,7 +43,7 @@ import huggingface_hub
 from huggingface_hub import errors as hub_errors
 from moshi.models import loaders
 
-from ..errors import one_line
+from ..errors import FusedStreamError, one_line
 
 __all__ = ["HUB_PREFIX", "CheckpointError", "HubCheckpoint", "ResolvedHub", "is_hub_spec"]
 
@@ -57,7 +57,7 @@ HUB_PROBE_SECONDS = 3.0  # a hub that does not accept a connection this fast is 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # the hub may be reachable only through one
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FusedStreamError, ValueError):
     """A model checkpoint that cannot be resolved or does not go together; one line naming what and where."""
 
 

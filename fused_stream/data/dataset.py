@@ -1,7 +1,7 @@
 """The sequences of one run: from exactly one source (codes files, audio through Mimi, or random codes), checked,
 cropped and shared out between ranks.
 
-`load_dataset` is where the options a user gives (`--max-files`, `--min-frames`, `--max-frames`, `--concat-chapters`,
+`load_dataset` is where the options a user gives (`max_files`, `min_frames`, `max_frames`, `concat_chapters`,
 a rank's shard) meet the sources, so each applies the same way to every source: `max_files` to the full list, shards
 balanced by length estimated from file headers before anything is encoded (a rank encodes only its own audio), and a
 bad file either raising or, with on_error="collect", recorded in `Dataset.failed` with its reason while the run goes
@@ -30,7 +30,7 @@ from .codes import EvalSequence
 from .librilight import natural_key
 from .mimi import MimiCheckpoint, file_sha256
 from .selection import BookSelection
-from .sources import SOURCES, Item, Request
+from .sources import SOURCES, Item, Request, option_name
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,11 @@ def load_dataset(
         raise TypeError(f"load_dataset() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     chosen = [source for name, source in SOURCES.items() if given.get(name) is not None]
     if len(chosen) != 1:
-        raise DataError(f"give exactly one of {', '.join('--' + name for name in SOURCES)}")
+        raise DataError(f"give exactly one of {', '.join(option_name(name) for name in SOURCES)}")
     (source,) = chosen
-    for flag, value in (("--max-frames", max_frames), ("--max-files", max_files), ("--min-frames", min_frames)):
+    for name, value in (("max_frames", max_frames), ("max_files", max_files), ("min_frames", min_frames)):
         if value is not None and value < 1:
-            raise DataError(f"{flag} must be >= 1, got {value}")
+            raise DataError(f"{option_name(name)} must be >= 1, got {value}")
     if on_error not in ("raise", "collect"):
         raise DataError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
@@ -125,9 +125,9 @@ def load_dataset(
     items, load = source.open(request)
     duplicates = [] if allow_duplicates else same_content(items)
     for item, first in duplicates:
-        log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; --allow-duplicates "
-                    "evaluates both", item.name, first.name, ", ".join(map(str, item.files)),
-                    ", ".join(map(str, first.files)))
+        log.warning("%s has the same content as %s (identical files: %s and %s): evaluated once; %s evaluates "
+                    "both", item.name, first.name, ", ".join(map(str, item.files)),
+                    ", ".join(map(str, first.files)), option_name("allow_duplicates"))
     left_out = {item.index for item, _ in duplicates}
     owned = [it for it in items if it.index not in left_out]
     if shard is not None:  # balance what evaluation will cost: the lengths after the max_frames crop
@@ -150,7 +150,8 @@ def load_dataset(
                 if invalid_tokens == "raise":
                     check_tokens(model, seq, ", ".join(map(str, item.files)) or item.name)
                 short = seq.shape[1] < min_frames
-                reason = f"{seq.shape[1]} frames, shorter than --min-frames {min_frames}" if short else None
+                reason = (f"{seq.shape[1]} frames, shorter than {option_name('min_frames')} {min_frames}" if short
+                          else None)
                 if reason is None and not scores_anything(model, crop_frames(seq, max_frames)):
                     reason = (f"nothing to score: every token of the text and the model's audio streams "
                               f"(1..{model.dep_q}) is the zero token {model.zero_token_id} or out of range")

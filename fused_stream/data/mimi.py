@@ -21,7 +21,7 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
 from ..core.runtime import inference_mode
-from ..errors import DataError, one_line
+from ..errors import DataError, is_device_fault, one_line
 
 MIMI_WEIGHTS = "mimi.safetensors"  # default weights file name of a Mimi checkpoint directory
 
@@ -159,6 +159,8 @@ def load_mimi(source: str | Path | MimiCheckpoint, num_codebooks: int,
     try:
         mimi = loaders.get_mimi(checkpoint.weights, checkpoint.config, device=device, num_codebooks=num_codebooks)
     except Exception as exc:  # a corrupt file, or weights that do not match the config
+        if is_device_fault(exc):
+            raise  # the GPU's fault, not the file's
         raise DataError(f"could not load Mimi {checkpoint.weights}: {one_line(exc)}") from exc
     return mimi.eval(), checkpoint.digest
 

@@ -20,8 +20,8 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
-from ..errors import one_line
-from .checkpoints import HUB_KEYS, HubCheckpoint, ResolvedHub, is_hub_spec
+from ..errors import is_device_fault, one_line
+from .checkpoints import HUB_KEYS, CheckpointError, HubCheckpoint, ResolvedHub, is_hub_spec
 from .mimi import hub_mimi, load_mimi
 
 # moshi's flags (`python -m moshi.server`), as `load_model` keywords: the repository and HubCheckpoint's overrides.
@@ -189,10 +189,12 @@ def open_model(source: str | Path | HubCheckpoint | ResolvedHub, device: str | t
     try:
         model = load()
     except Exception as exc:  # a corrupt file, a config that does not match the weights, LoRA keys that do not fit
+        if is_device_fault(exc):
+            raise  # the GPU's fault, not the checkpoint's
         lora = source.info.lora_weights if isinstance(source, ResolvedHub) else None
         reason = (_shape_mismatch(weights, lm_kwargs) or (lora and _missing_adapters(Path(lora), lm_kwargs))
                   or one_line(exc))
-        raise ValueError(f"could not load the moshi checkpoint {name!r}: {reason}") from exc
+        raise CheckpointError(f"could not load the moshi checkpoint {name!r}: {reason}") from exc
     return model.eval()
 
 

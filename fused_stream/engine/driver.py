@@ -35,6 +35,7 @@ from ..core.config import ConfigError, EvalConfig, Plan, make_plan
 from ..core.inputs import batches_by_length, check_codes, pad_batch
 from ..core.result import EvalResult, empty_result, fill_rows
 from ..core.runtime import inference_mode
+from ..errors import FusedStreamError
 from ..kernels.cross_entropy import N_COUNTERS
 from ..measure.monitor import Monitor
 from ..measure.progress import Progress, mib
@@ -63,8 +64,20 @@ class BatchHook(Protocol):
     def report(self) -> dict: ...  # at the end of the run: the one host copy
 
 
-class ConstantMemoryError(AssertionError):
+class ConstantMemoryError(FusedStreamError, AssertionError):
     """assert_constant_memory=True and memory grew with the frames processed."""
+
+
+def unstreamable(model: LMModel) -> str | None:
+    """Why this evaluator cannot stream `model` at all, or None. Read from its structure only, so the CLI asks it of
+    the model a config builds on the meta device, before any weight loads."""
+    if model.fuser is not None or model.condition_provider is not None:
+        return "conditioned LMModels (fuser / condition_provider) are not supported"
+    if model.dep_q < 1:
+        return "the model has no depformer (dep_q = 0): there are no audio losses to evaluate"
+    if model.context is None:
+        return "the model has no attention context (context=None): streaming needs a finite one"
+    return None
 
 
 class StreamingEvaluator:
@@ -78,12 +91,9 @@ class StreamingEvaluator:
     ) -> None:
         self.config = config or EvalConfig()
         self.config.validate()  # a config mutated after construction
-        if model.fuser is not None or model.condition_provider is not None:
-            raise ValueError("conditioned LMModels (fuser / condition_provider) are not supported")
-        if model.dep_q < 1:
-            raise ValueError("the model has no depformer (dep_q = 0): there are no audio losses to evaluate")
-        if model.context is None:
-            raise ValueError("the model has no attention context (context=None): streaming needs a finite one")
+        refusal = unstreamable(model)
+        if refusal is not None:
+            raise ConfigError(refusal)
         dtype = self.config.torch_dtype()
         if self.config.device is not None or dtype is not None:
             model.to(device=self.config.device, dtype=dtype)

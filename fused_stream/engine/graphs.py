@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..errors import FusedStreamError
 from ..patches.state_snapshot import Finding, compare, format_findings, harmless_reason, leaf_of, snapshot
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,12 @@ log = logging.getLogger(__name__)
 WARMUP_CALLS = 3  # eager calls before capture: Triton autotune/compile, cuBLAS handles, inductor's lazy compile
 
 
-class GraphCaptureError(RuntimeError):
+class GraphCaptureError(FusedStreamError, RuntimeError):
     """cuda_graphs="on" (or "rehearse") and the step could not be captured, or a rehearsed replay found a tensor
     moved or a Python value changed that a real replay would not follow."""
 
 
-class GraphMismatchError(AssertionError):
+class GraphMismatchError(FusedStreamError, AssertionError):
     """verify_graph found a replayed loss that differs from the eager one."""
 
 

@@ -8,8 +8,12 @@ import sys
 
 from .bootstrap import prepare
 
-prepare(sys.argv[1:])
 
-from .run import main  # noqa: E402 - after the bootstrap made moshi importable
+def _main() -> int:
+    prepare(sys.argv[1:])
+    from .run import main  # noqa: PLC0415 - after the bootstrap made moshi importable, on purpose
 
-sys.exit(main())
+    return main()
+
+
+sys.exit(_main())

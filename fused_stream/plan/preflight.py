@@ -17,6 +17,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from ..core.alignment import scored_delays
+from ..errors import FusedStreamError
 from ..kernels import backends as loss_backends
 from ..patches.depformer import depformer_stack_bytes
 from ..patches.streaming import predicted_state_bytes
@@ -53,7 +54,7 @@ class MemoryEstimate:
         return asdict(self) | {"total": self.total, "run_bytes": self.run_bytes}
 
 
-class PreflightError(MemoryError):
+class PreflightError(FusedStreamError, MemoryError):
     """The run would not fit in the memory that is free; the message says what to change."""
 
 

@@ -58,6 +58,7 @@ from moshi.models.lm import LMModel
 
 from ..core.alignment import scored_delays
 from ..core.result import EvalResult
+from ..errors import FusedStreamError
 
 __all__ = ["ParityError", "ParityReport", "compare", "half_precision",
            "likely_cause", "parity_tolerance", "stream_name"]
@@ -127,7 +128,7 @@ def stream_name(channel: int) -> str:
     return "text" if channel == 0 else f"audio codebook {channel - 1}"
 
 
-class ParityError(AssertionError):
+class ParityError(FusedStreamError, AssertionError):
     """The streamed losses differ from the batch path's (`LMModel.forward`) on a verified prefix.
 
     `sequence` indexes the evaluated list, `stream` names the loss channel ("text", "audio codebook 3"), `position`

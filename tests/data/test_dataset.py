@@ -23,9 +23,9 @@ def test_generated_sequences(tiny_model):
     assert [s.name for s in sequences] == ["generated_0", "generated_1", "generated_2"]
     assert all(torch.equal(s.codes, reference[i, :, :15]) for i, s in enumerate(sequences))
     assert len(load_sequences(tiny_model, generate=3, frames=20, max_files=2)) == 2
-    with pytest.raises(DataError, match="--max-files must be >= 1"):
+    with pytest.raises(DataError, match=r"max_files \(--max-files\) must be >= 1"):
         load_sequences(tiny_model, generate=3, max_files=0)
-    with pytest.raises(DataError, match="--max-frames must be >= 1"):
+    with pytest.raises(DataError, match=r"max_frames \(--max-frames\) must be >= 1"):
         load_sequences(tiny_model, generate=3, max_frames=0)
 
 
@@ -34,7 +34,7 @@ def test_exactly_one_source(tiny_model, tmp_path):
         load_sequences(tiny_model)
     with pytest.raises(DataError, match="exactly one of"):
         load_sequences(tiny_model, generate=1, codes=tmp_path)
-    with pytest.raises(DataError, match="--audio needs --mimi PATH"):
+    with pytest.raises(DataError, match=r"audio \(--audio\) needs mimi \(--mimi\)"):
         load_sequences(tiny_model, audio=tmp_path)
     with pytest.raises(DataError, match="codes path .* does not exist"):
         load_sequences(tiny_model, codes=tmp_path / "missing")
@@ -135,7 +135,7 @@ def test_configuration_errors_raise_in_collect_mode(tmp_path, tiny_model):
     save_codes(tmp_path / "a.pt", audio_codes(), "pt")
     for options, message in [({"codes": tmp_path / "missing"}, "does not exist"),
                              ({"codes": tmp_path, "text_fill": "blank"}, "text fill"),
-                             ({"codes": tmp_path, "min_frames": 0}, "--min-frames must be >= 1"),
+                             ({"codes": tmp_path, "min_frames": 0}, r"min_frames \(--min-frames\) must be >= 1"),
                              ({"codes": tmp_path, "shard": (2, 2)}, "0 <= rank < world_size"),
                              ({"generate": 2, "shard": (0, 0)}, "0 <= rank < world_size")]:
         with pytest.raises(DataError, match=message):
@@ -152,11 +152,11 @@ def test_min_frames_counts_before_the_crop(tmp_path, tiny_model):
     data = load_dataset(tiny_model, codes=tmp_path, min_frames=60, max_frames=20, on_error="collect")
     assert [(s.name, s.frames) for s in data.sequences] == [("s0", 20), ("s2", 20)]  # 60 frames pass, then cropped
     assert data.failed == [{"index": 1, "name": "s1", "sources": [str(tmp_path / "s1.npy")],
-                            "reason": "30 frames, shorter than --min-frames 60"}]
-    with pytest.raises(DataError, match=r"^s1 \(.*s1.npy\): 30 frames, shorter than --min-frames 60$"):
+                            "reason": "30 frames, shorter than min_frames (--min-frames) 60"}]
+    with pytest.raises(DataError, match=r"^s1 \(.*s1.npy\): 30 frames, shorter than min_frames \(--min-frames\) 60$"):
         load_sequences(tiny_model, codes=tmp_path, min_frames=60)
     assert len(load_sequences(tiny_model, generate=2, frames=5, min_frames=5)) == 2
-    with pytest.raises(DataError, match="generated_0 .*4 frames, shorter than --min-frames 5"):
+    with pytest.raises(DataError, match=r"generated_0 .*4 frames, shorter than min_frames \(--min-frames\) 5"):
         load_sequences(tiny_model, generate=2, frames=4, min_frames=5)
 
 
@@ -203,6 +203,23 @@ def test_collect_skips_bad_audio_and_fails_the_whole_book(tiny_model, mimi_ckpt,
         f"audio file {root / '2/bk/ch_1.wav'} cannot be encoded: RuntimeError: shape mismatch in conv")
 
 
+def test_a_gpu_fault_while_encoding_is_raised_not_blamed_on_the_file(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
+    """A device-side assert is no file's fault (and every later file would fail too): it is not collected."""
+    import fused_stream.data.dataset as data_module
+
+    root = tmp_path / "ll"
+    _write_tree(root, {"1/bk/ch_1.wav": 0.3, "2/bk/ch_1.wav": 0.3})
+    fault = RuntimeError("CUDA error: device-side assert triggered")
+
+    def device_fails(mimi, path, **kw):
+        raise fault
+
+    monkeypatch.setattr(data_module, "encode_audio_file", device_fails)
+    with pytest.raises(RuntimeError) as info:
+        load_dataset(tiny_model, audio=root, mimi=mimi_ckpt, on_error="collect")
+    assert info.value is fault
+
+
 def test_min_frames_past_max_frames_encodes_far_enough(tiny_model, mimi_ckpt, tmp_path):
     root = tmp_path / "ll"
     _write_tree(root, {"1/bk/ch_1.wav": 0.4, "1/bk/ch_2.wav": 0.5, "2/bk/ch_1.wav": 0.4})  # 5 + 7 and 5 frames
@@ -210,7 +227,8 @@ def test_min_frames_past_max_frames_encodes_far_enough(tiny_model, mimi_ckpt, tm
                          on_error="collect")
     (book,) = books.sequences
     assert book.name == "1/bk" and book.frames == 3 and book.sources == [str(root / "1/bk/ch_1.wav")]
-    assert books.failed[0]["name"] == "2/bk" and books.failed[0]["reason"] == "5 frames, shorter than --min-frames 8"
+    assert books.failed[0]["name"] == "2/bk"
+    assert books.failed[0]["reason"] == "5 frames, shorter than min_frames (--min-frames) 8"
 
 
 # ------------------------------------------------------------------------------------------------ sharding

@@ -265,6 +265,27 @@ def test_corrupt_weights_raise_value_error_naming_the_file(tiny, tmp_path):
             load_model(spec, device="cpu", dtype=torch.float32)
 
 
+def test_a_checkpoint_that_cannot_load_is_a_checkpoint_error_but_a_gpu_fault_is_not(tiny, tmp_path, monkeypatch):
+    """A corrupt file is the user's input (CheckpointError: one line, exit 2 in the CLI); a CUDA error while loading
+    is the device's, and passes unchanged (the CLI reports it as an internal error)."""
+    from fused_stream.data.checkpoints import CheckpointError
+
+    directory = save_checkpoint(tiny, tmp_path / "ckpt", preset_config("tiny"))
+    (directory / "model.safetensors").write_bytes(random.Random(1).randbytes(4096))
+    with pytest.raises(CheckpointError, match="could not load the moshi checkpoint"):
+        load_model(directory, device="cpu", dtype=torch.float32)
+    save_checkpoint(tiny, directory, preset_config("tiny"))
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def device_fails(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(loaders, "get_moshi_lm", device_fails)
+    with pytest.raises(RuntimeError) as info:
+        load_model(directory, device="cpu", dtype=torch.float32)
+    assert info.value is fault
+
+
 def test_config_that_does_not_match_the_weights_raises_value_error(tiny, tmp_path):
     directory = save_checkpoint(tiny, tmp_path / "ckpt", preset_config("tiny") | {"dim": 48})
     with pytest.raises(ValueError, match=re.escape(str(directory / "model.safetensors"))):

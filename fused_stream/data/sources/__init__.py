@@ -74,5 +74,11 @@ def unregister(name: str) -> None:
     del SOURCES[name]
 
 
+def option_name(name: str) -> str:
+    """An option as both the library and the command line name it, `max_frames (--max-frames)`: the messages of
+    the data layer reach API callers and CLI users alike."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 for _module in pkgutil.iter_modules(__path__):  # the built-in sources: every module of this folder
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -10,18 +10,19 @@ from typing import Any
 import torch
 
 from ...core.inputs import layout_codes
-from ...errors import DataError, one_line
+from ...errors import DataError, is_device_fault, one_line
 from ..audio import encode_audio_file
 from ..librilight import audio_files, group_chapters, relative_name
 from ..mimi import load_mimi, mimi_checkpoint
-from . import DataSource, Item, Loader, Request, register
+from . import DataSource, Item, Loader, Request, option_name, register
 
 
 def open_audio(request: Request) -> tuple[list[Item], Loader]:
     """The audio sequences to be, with lengths from file headers (nothing encoded yet), and how to encode one."""
     model, options = request.model, request.options
     if options["mimi"] is None:
-        raise DataError("--audio needs --mimi PATH (a Mimi .safetensors file or checkpoint directory)")
+        raise DataError(f"{option_name('audio')} needs {option_name('mimi')}: a Mimi .safetensors file or checkpoint "
+                        "directory")
     root = Path(request.value)
     files = audio_files(root)
     base = root if root.is_dir() else root.parent
@@ -66,6 +67,8 @@ def open_audio(request: Request) -> tuple[list[Item], Loader]:
             except (DataError, OSError, MemoryError, torch.cuda.OutOfMemoryError):
                 raise  # memory, or a cache dir that cannot be written, is the run's problem, not this file's
             except Exception as exc:  # Mimi failing on one file is that file's problem: named, and collectable
+                if is_device_fault(exc):
+                    raise  # unless the GPU failed: that is no file's fault, and every later file would fail too
                 reason = f"{type(exc).__name__}: {one_line(exc)}"
                 raise DataError(f"audio file {chapter} cannot be encoded: {reason}") from exc
             bar.update(1)
