@@ -93,20 +93,24 @@ def evaluate_long_context_loss(
     world = current_world() if distributed is not False else World()
     mine = assign_shards([s.shape[1] for s in sequences], [str(i) for i in range(len(sequences))],
                          world.size)[world.rank]
-    return evaluate_share(model, [sequences[i] for i in mine], config, world)
+    return evaluate_share(model, [sequences[i] for i in mine], config, world, indices=mine)
 
 
-def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalConfig, world: World) -> dict[str, Any]:
-    """`evaluate_long_context_loss` of this rank's share `sequences` (laid out, maybe none), the sums added over
-    `world`'s ranks: what `compat` calls after each rank encoded only its own books."""
+def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalConfig, world: World,
+                   indices: list[int] | None = None) -> dict[str, Any]:
+    """`evaluate_long_context_loss` of this rank's share `sequences` (laid out, maybe none; `indices`: their places
+    in the whole data, default 0, 1, ...), the sums added over `world`'s ranks: what `compat` calls after each rank
+    encoded only its own books. The bootstrap's units are put back in data order, so every world size resamples
+    the same units the same way."""
+    indices = list(range(len(sequences))) if indices is None else list(indices)
     error: Exception | None = None
-    rows: list[PositionSums] = []  # each sequence's own sums: the units of the `_stderr` bootstrap
+    rows: list[tuple[int, PositionSums]] = []  # (data index, each sequence's own sums): the `_stderr` bootstrap's units
     try:
         with preserved_model_state(model):
             if sequences:
                 result = StreamingEvaluator(model, config, hooks=ttt_hooks(model)).evaluate(sequences)
                 sums, report = PositionSums.from_result(result), result.report
-                rows = [PositionSums.from_result(result.row(i)) for i in range(len(sequences))
+                rows = [(indices[i], PositionSums.from_result(result.row(i))) for i in range(len(sequences))
                         if i not in result.failed]
             else:  # more ranks than sequences
                 sums, report = PositionSums.empty(_stream_names(model)), {"skipped": "no sequence for this rank"}
@@ -117,10 +121,12 @@ def evaluate_share(model: LMModel, sequences: list[torch.Tensor], config: EvalCo
     if world.size > 1:
         _agree_on_failure(error, world)
         rows = [row for part in gather(rows, world) for row in part]
+    rows.sort(key=lambda row: row[0])
     sums = all_reduce_sums(sums, world)
     weights = config.weights_for(model.dep_q)
     metrics, curves = metrics_of(sums, context=model.context, window=config.window, weights=weights)
-    flat_stderr(rows, [str(i) for i in range(len(rows))], metrics, codebook_weights=weights)  # adds `{key}_stderr`
+    flat_stderr([row for _, row in rows], [str(i) for i, _ in rows], metrics,
+                codebook_weights=weights)  # adds `{key}_stderr`
     return {
         **metrics["flat"],
         PER_POSITION: curves_as_lists(curves),

@@ -103,7 +103,8 @@ class PaperMetricsLibriLight:
             self._announced = True
         codes = [self._codes_of(groups[i][1], model.dep_q) for i in mine]  # this rank's books only are encoded
         config = check_config(model, self.config, {})
-        result = evaluate_share(model, prepare_codes(model, codes, config) if codes else [], config, world)
+        result = evaluate_share(model, prepare_codes(model, codes, config) if codes else [], config, world,
+                                indices=mine)
         warn_memory_growth(result["report"], type(model).__name__, self.settings.memory_check)
         return dict(result["metrics"]["flat"])
 

@@ -89,3 +89,16 @@ def mimi_setup(tmp_path_factory):
     mimi = random_mimi(config, seed=0)
     return mimi, save_mimi_checkpoint(mimi, tmp_path_factory.mktemp("mimi") / "ckpt", config)
 
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """The CLI configures the root logger (`basicConfig(force=True)`, level ERROR with -q): put it back after each
+    test, so a later test's caplog sees the warnings it asserts whatever ran before it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers

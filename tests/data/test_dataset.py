@@ -205,7 +205,7 @@ def test_collect_skips_bad_audio_and_fails_the_whole_book(tiny_model, mimi_ckpt,
 
 def test_a_gpu_fault_while_encoding_is_raised_not_blamed_on_the_file(tiny_model, mimi_ckpt, tmp_path, monkeypatch):
     """A device-side assert is no file's fault (and every later file would fail too): it is not collected."""
-    import fused_stream.data.dataset as data_module
+    import fused_stream.data.sources.audio as data_module  # the audio source encodes (data/sources/audio.py)
 
     root = tmp_path / "ll"
     _write_tree(root, {"1/bk/ch_1.wav": 0.3, "2/bk/ch_1.wav": 0.3})

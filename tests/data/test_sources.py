@@ -52,7 +52,7 @@ def test_a_registered_source_gets_the_common_handling(planted, tiny_model):
     assert [s.name for s in data.sequences] == ["a", "d"] and data.total == 4
     assert torch.equal(data.sequences[1].codes, codes[3, :, :20])  # cropped by load_dataset, not by the source
     assert [(f["name"], f["reason"]) for f in data.failed] == [
-        ("b", "5 frames, shorter than --min-frames 10"), ("c", "c is poisoned")]
+        ("b", "5 frames, shorter than min_frames (--min-frames) 10"), ("c", "c is poisoned")]
     # max_files reaches the source; a rank loads its own share only (balanced by the estimates).
     assert [s.name for s in load_dataset(tiny_model, planted=table, poison=None, max_files=1).sequences] == ["a"]
     planted.clear()

@@ -111,9 +111,10 @@ def test_a_state_saved_from_another_stream_shape_is_refused_before_anything_is_w
     one = Stream(tiny_model, 2, 1, 20, "torch")
     try:
         one.load(codes, lengths)
-        for _ in range(5):
-            one.step()
-            one.calls_done += 1
+        with torch.no_grad():  # as the driver streams (runtime.inference_mode)
+            for _ in range(5):
+                one.step()
+                one.calls_done += 1
         state = capture_state(one, ["a", "b"])
     finally:
         one.close()

@@ -18,7 +18,7 @@ from fused_stream.core.config import EvalConfig
 from fused_stream.core.runtime import inference_mode
 from fused_stream.data.codes import generate_codes
 from fused_stream.data.models import load_model
-from fused_stream.engine import driver
+from fused_stream.engine import stream as stream_module
 from fused_stream.engine.driver import StreamingEvaluator
 from fused_stream.engine.stream import Stream
 from fused_stream.patches import attention_step
@@ -50,7 +50,7 @@ def _patches(shared: bool) -> frozenset[str]:
 
 
 def _evaluate(model, codes, shared: bool, monkeypatch, **config):
-    monkeypatch.setattr(driver, "Stream", functools.partial(Stream, patches=_patches(shared)))
+    monkeypatch.setattr(stream_module, "Stream", functools.partial(Stream, patches=_patches(shared)))  # RunStreams'
     result = StreamingEvaluator(model, EvalConfig(**config)).evaluate(codes)
     assert result.report["patches"]["attention_step"]["installed"] is shared
     return result
