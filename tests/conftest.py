@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when fused_stream.kernels is first imported: it
@@ -91,14 +92,17 @@ def mimi_setup(tmp_path_factory):
 
 
 
+_ROOT_LEVEL = logging.getLogger().level  # the root logger's level when the session starts
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
-    """The CLI configures the root logger (`basicConfig(force=True)`, level ERROR with -q): put it back after each
-    test, so a later test's caplog sees the warnings it asserts whatever ran before it."""
-    import logging
-
+    """The CLI configures the root logger (`basicConfig(force=True)`, level ERROR with -q), also from module-scoped
+    fixtures that run before this one: every test starts at the session's level, and the root's handlers are put
+    back after it, so a test's caplog sees the warnings it asserts whatever ran before it."""
     root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    handlers = list(root.handlers)
+    root.setLevel(_ROOT_LEVEL)
     yield
-    root.setLevel(level)
+    root.setLevel(_ROOT_LEVEL)
     root.handlers[:] = handlers
