@@ -116,6 +116,7 @@ def test_nothing_saved_yet_is_said_plainly(audio_run, tmp_path, monkeypatch, cap
     assert "nothing was saved yet" in err and "with --resume to continue" not in err
 
 
+@pytest.mark.slow
 def test_a_crash_mid_batch_loses_only_what_streamed_since_the_last_save(tmp_path):
     """SIGKILL (no handler runs) in the middle of the run's one batch: --resume continues from the saved state."""
     import subprocess

@@ -280,6 +280,7 @@ def _codes_dir(tmp_path, model, make_codes, lengths):
     return directory
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model, make_codes):
     import os
     import signal

@@ -17,7 +17,8 @@ from fused_stream.verify.reference import batch_losses
 
 CHUNKS = [1, 3, 8, 32]
 # The fused loss kernel runs here under Triton's interpreter (set in conftest); the GPU tests cover it compiled.
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreted(), reason="interpreter"))]
+BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.skipif(not triton_interpreted(), reason="interpreter"),
+                                                     pytest.mark.slow])]  # the interpreter: 10-25 s a case
 
 
 def evaluate(model, codes, **config):

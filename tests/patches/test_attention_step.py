@@ -83,7 +83,7 @@ def test_tiny_is_bit_identical_with_and_without_sharing(tiny_model, frames, chun
     _check(tiny_model, ragged, monkeypatch, chunk_size=chunk, cuda_graphs=graphs, verify_graph=2)
 
 
-@pytest.mark.parametrize("graphs", ["off", "rehearse"])
+@pytest.mark.parametrize("graphs", ["off", pytest.param("rehearse", marks=pytest.mark.slow)])  # rehearse: 17-38 s
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_moshi_7b_structure_is_bit_identical_with_and_without_sharing(moshi_7b_structure, chunk, graphs,
                                                                       monkeypatch):
